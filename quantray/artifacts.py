@@ -1,0 +1,120 @@
+"""The run directory: staged writes committed by one rename, the manifest, loading a model back.
+
+Layout (a contract other tools rely on):
+    manifest.json        spec, versions, workers, shard map, stage timings, sha256 of every file
+    job.toml             the job file as given
+    model_int8.pth       INT8 state_dict, loadable with the seed's prepare/convert/load_state_dict
+    model_int8.pt        TorchScript of the INT8 model (torch.jit.load, no quantray needed)
+    qparams.parquet      one row per activation observer
+    metrics.json         fp32/int8 top1, top5, latency_ms, size_mb; agreement
+    predictions.parquet  one row per test sample
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from .errors import QuantrayError, SpecError
+
+__all__ = ["RunDir", "load_quantized", "read_manifest", "sha256_file", "QPARAMS_SCHEMA", "PREDICTIONS_SCHEMA"]
+
+QPARAMS_SCHEMA = pa.schema([
+    ("name", pa.string()), ("aliases", pa.list_(pa.string())), ("observer", pa.string()), ("dtype", pa.string()),
+    ("min", pa.float64()), ("max", pa.float64()), ("scale", pa.float64()), ("zero_point", pa.int64()),
+    ("count", pa.int64()),
+])
+PREDICTIONS_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("label", pa.int64()), ("fp32_pred", pa.int64()), ("int8_pred", pa.int64()),
+])
+
+
+class RunDir:
+    """Files are written into a hidden staging folder beside `final`, renamed into place by `commit`.
+
+    A run that fails or is killed never leaves a half-written `final`; `abort` (or leaving the
+    `with` block on an exception) removes the staging folder.
+    """
+
+    def __init__(self, final: str | Path):
+        self.final = Path(final).absolute()
+        if self.final.exists() and not (self.final.is_dir() and not any(self.final.iterdir())):
+            raise SpecError(f"--out {self.final}: already exists and is not empty; choose another --out or remove it")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+
+    def path(self, name: str) -> Path:
+        return self.staging / name
+
+    def write_bytes(self, name: str, payload: bytes) -> Path:
+        self.path(name).write_bytes(payload)
+        return self.path(name)
+
+    def write_json(self, name: str, obj) -> Path:
+        return self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_parquet(self, name: str, rows: list[dict], schema: pa.Schema) -> Path:
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), self.path(name))
+        return self.path(name)
+
+    def commit(self, manifest: dict) -> Path:
+        """Record every file's sha256 in manifest.json, then rename the folder into place."""
+        manifest = dict(manifest, files={p.name: sha256_file(p) for p in sorted(self.staging.iterdir())})
+        self.write_json("manifest.json", manifest)
+        os.chmod(self.staging, 0o755)  # mkdtemp makes it 0700
+        os.rename(self.staging, self.final)  # atomic; replaces an empty folder given as --out
+        return self.final
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise SpecError(f"{run_dir}: not a quantray run directory (no manifest.json)")
+    return json.loads(path.read_text())
+
+
+def load_quantized(run_dir: str | Path) -> torch.nn.Module:
+    """The INT8 model of a run, rebuilt with the seed's recipe: FP32 model, prepare_fx, convert_fx,
+    load_state_dict(model_int8.pth). The FP32 model's factory or checkpoint must be reachable."""
+    from .calibration import convert, prepare
+    from .models import build_model
+    from .spec import ModelSpec
+
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    weights = run_dir / "model_int8.pth"
+    if sha256_file(weights) != manifest["files"]["model_int8.pth"]:
+        raise QuantrayError(f"{weights}: sha256 differs from the manifest's; the file was changed or truncated")
+    model_spec = dict(manifest["spec"]["model"])
+    if model_spec["checkpoint"] is not None:
+        model_spec["checkpoint"] = Path(model_spec["checkpoint"])
+    fp32 = build_model(ModelSpec(**model_spec), job_path=manifest["job"]["path"])
+    int8 = convert(prepare(fp32, manifest["backend"], torch.zeros(manifest["input_shape"])))
+    int8.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return int8

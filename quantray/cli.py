@@ -1,0 +1,52 @@
+"""Command line: argument parsing and exit codes only (0 ok, 1 run failed, 2 bad input).
+
+    quantray run jobs/digits.toml [--workers N] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from .errors import QuantrayError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="quantray", description="Distributed, bit-exact INT8 post-training quantization on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="calibrate, convert and evaluate one job file")
+    run.add_argument("job", help="job spec (TOML), e.g. jobs/digits.toml")
+    run.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
+    run.add_argument("--out", help="run directory to create (default: runs/NAME-TIMESTAMP)")
+    args = parser.parse_args(argv)
+
+    # torch.ao.quantization warns on every call that FX quantization moved to torchao; say it once, in the README.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(quantize_per_tensor|TypedStorage).*")
+    try:
+        from .job import run_job
+        from .spec import load_spec
+
+        spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
+        run_job(spec, workers=args.workers, out=args.out)
+    except QuantrayError as e:
+        print(f"quantray: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("quantray: interrupted; no run directory was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

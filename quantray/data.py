@@ -1,0 +1,156 @@
+"""Datasets by source, and the deterministic plan of samples, batches and shards.
+
+Determinism is by sample index: the same spec picks the same samples, in ascending index order,
+cut into the same batches; shards are whole batches, never re-batched per worker (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import random
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from .errors import DataError, SpecError
+from .spec import DataSpec
+
+__all__ = ["build_dataset", "digits", "sample_indices", "make_batches", "assign_shards",
+           "load_batch", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the seed article has 0.465 for 0.456: a typo
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+def build_dataset(spec: DataSpec, where: str = "job") -> Dataset:
+    """The dataset a `[calibration]` or `[test]` section names. `where` prefixes error messages."""
+    if spec.source == "digits":
+        return digits(spec.split)
+    if spec.source == "imagefolder":
+        import torchvision.datasets
+
+        try:
+            return torchvision.datasets.ImageFolder(str(spec.root), transform=_transform(spec.transform))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise SpecError(f"{where} root = {str(spec.root)!r}: not an ImageFolder layout (root/CLASS/IMAGE): {e}") from None
+    if spec.source == "torchvision":
+        return _torchvision_dataset(spec, where)
+    from .models import resolve_callable
+
+    fn = resolve_callable(spec.factory, f"{where} factory")
+    kwargs = dict(spec.kwargs)
+    if spec.split is not None:
+        kwargs["split"] = spec.split
+    dataset = fn(**kwargs)
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise SpecError(f"{where} factory = {spec.factory!r} returned {type(dataset).__name__}, "
+                        "expected a map-style torch Dataset (with __getitem__ and __len__)")
+    return dataset
+
+
+@functools.lru_cache(maxsize=4)
+def digits(split: str = "all") -> TensorDataset:
+    """scikit-learn's 1,797 real 8x8 digits as (1, 8, 8) float tensors in [0, 1], with a fixed split."""
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    x = torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(raw.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    n_test = round(len(y) * DIGITS_TEST_FRACTION)
+    chosen = {"test": order[:n_test], "train": order[n_test:], "all": order}[split].sort().values
+    return TensorDataset(x[chosen], y[chosen])
+
+
+def sample_indices(n: int, samples: int | None, seed: int) -> list[int]:
+    """`samples` distinct indices of range(n) drawn with `seed`, ascending; all of them if None."""
+    if samples is None or samples == n:
+        return list(range(n))
+    if samples > n:
+        raise ValueError(f"asked for {samples} samples but the split has only {n}")
+    return sorted(random.Random(seed).sample(range(n), samples))
+
+
+def make_batches(indices: list[int], batch_size: int) -> list[list[int]]:
+    """Cut the canonical sample order into fixed batches, once, for every worker count."""
+    return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+
+
+def assign_shards(n_batches: int, workers: int) -> list[list[int]]:
+    """Contiguous, near-equal blocks of batch ids, one per worker (no empty shard)."""
+    workers = max(1, min(workers, n_batches))
+    base, extra = divmod(n_batches, workers)
+    shards, start = [], 0
+    for w in range(workers):
+        size = base + (1 if w < extra else 0)
+        shards.append(list(range(start, start + size)))
+        start += size
+    return shards
+
+
+def load_batch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack samples `indices` into (inputs, labels); a sample that fails names its index and file."""
+    xs, ys = [], []
+    for i in indices:
+        try:
+            x, y = dataset[i]
+        except Exception as e:
+            raise DataError(f"sample {i}{_sample_path(dataset, i)} failed to load: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        xs.append(x)
+        ys.append(int(y))
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def _sample_path(dataset, i: int) -> str:
+    for attr in ("samples", "imgs", "_image_files"):
+        items = getattr(dataset, attr, None)
+        if isinstance(items, (list, tuple)) and i < len(items):
+            item = items[i]
+            return f" ({item[0] if isinstance(item, tuple) else item})"
+    return ""
+
+
+def _transform(preset: str | None):
+    import torchvision.transforms as T
+
+    if preset in (None, "none"):
+        return None
+    if preset == "to_tensor":
+        return T.ToTensor()
+    # The seed article's eval transform, with the standard ImageNet mean.
+    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def _torchvision_dataset(spec: DataSpec, where: str) -> Dataset:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, spec.dataset)
+    params = inspect.signature(cls).parameters
+    kwargs = dict(spec.kwargs)
+    kwargs["transform"] = _transform(spec.transform)
+    if spec.split is not None:
+        if "split" in params:
+            kwargs["split"] = spec.split
+        elif "train" in params and spec.split in ("train", "test"):
+            kwargs["train"] = spec.split == "train"
+        else:
+            raise SpecError(f"{where} split = {spec.split!r}: torchvision.datasets.{spec.dataset} takes no split; "
+                            "leave split out or pass its own argument under kwargs")
+    if "download" in params:
+        kwargs["download"] = spec.download
+    elif spec.download:
+        raise SpecError(f"{where} download: torchvision.datasets.{spec.dataset} cannot download")
+    try:
+        if "root" in params:
+            kwargs["root"] = str(spec.root)
+        return cls(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"{where} kwargs: torchvision.datasets.{spec.dataset} rejected them: {e}") from None
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise SpecError(f"{where} root = {str(Path(spec.root))!r}: torchvision.datasets.{spec.dataset} "
+                        f"cannot read it: {str(e).splitlines()[0]}") from None

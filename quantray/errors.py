@@ -1,0 +1,23 @@
+"""The small error hierarchy: what the CLI turns into one line and an exit code."""
+
+__all__ = ["QuantrayError", "SpecError", "DataError", "CalibrationError"]
+
+
+class QuantrayError(Exception):
+    """A failure a person can act on: printed as one line, exit code `exit_code`."""
+
+    exit_code = 1
+
+
+class SpecError(QuantrayError):
+    """Bad user input (job file, CLI arguments, checkpoint): found before any work starts."""
+
+    exit_code = 2
+
+
+class DataError(QuantrayError):
+    """A sample or an activation that cannot be used (fails to load, NaN/Inf)."""
+
+
+class CalibrationError(QuantrayError):
+    """Calibration could not produce exact statistics (a worker died, a range was violated)."""

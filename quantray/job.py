@@ -1,0 +1,165 @@
+"""One quantization job, end to end: spec -> model, data -> Ray calibration -> INT8 -> evaluation -> files.
+
+    run_dir = run_job(load_spec("jobs/digits.toml"), workers=2)
+
+Everything that can be wrong with the input is checked before Ray starts and before the run
+directory exists; the run directory appears, whole, only when the job succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from . import __version__, observers, runner
+from .artifacts import PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, RunDir
+from .calibration import convert, prepare, set_engine
+from .data import assign_shards, build_dataset, load_batch, make_batches, sample_indices
+from .errors import QuantrayError, SpecError
+from .evaluation import accuracy_metrics, measure_latency, merge_results, state_dict_bytes
+from .models import build_model
+from .report import make_progress, print_summary
+from .spec import JobSpec
+
+__all__ = ["run_job"]
+
+
+def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None = None,
+            address: str | None = None, console: Console | None = None, shard_order=None) -> Path:
+    """Run `spec`; returns the committed run directory. `shard_order` is for equivalence tests."""
+    console = console or Console(stderr=True)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(name):
+        t = time.perf_counter()
+        yield
+        timings[name] = round(time.perf_counter() - t, 4)
+
+    with stage("load"):
+        fp32 = build_model(spec.model, spec.path)
+        calib_ds = build_dataset(spec.calibration, f"{spec.path}: [calibration]")
+        test_ds = build_dataset(spec.test, f"{spec.path}: [test]")
+        calib_idx = _indices(calib_ds, spec, "calibration")
+        test_idx = _indices(test_ds, spec, "test")
+        example = load_batch(calib_ds, calib_idx[:1])[0]
+    with stage("prepare"):
+        try:
+            prepared = prepare(fp32, spec.quantization.backend, example)
+        except QuantrayError:
+            raise
+        except Exception as e:  # most often: the model is not symbolically traceable
+            raise SpecError(f"{spec.path}: [model] prepare_fx failed: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        signature = observers.observer_signature(prepared)
+    requested = workers or spec.run.workers
+    out = Path(out) if out else Path("runs") / f"{spec.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    threads = spec.run.threads
+    batches = make_batches(calib_idx, spec.calibration.batch_size)
+    test_batches = make_batches(test_idx, spec.test.batch_size)
+
+    with RunDir(out) as run:
+        with contextlib.ExitStack() as ray_scope:
+            with stage("ray_start"):  # timed apart: a fixed cost, not calibration
+                cluster = ray_scope.enter_context(runner.Cluster(address))
+            n = requested or cluster.cpus
+            shards = assign_shards(len(batches), n)
+            if len(shards) < n:
+                console.print(f"[yellow]{len(batches)} calibration batches: using {len(shards)} workers, not {n}[/]")
+            with make_progress(console) as progress:
+                with stage("calibrate"):
+                    ranges, hists = runner.calibrate(cluster, fp32, example, spec.quantization.backend,
+                                                     spec.calibration, batches, shards, threads, signature,
+                                                     progress, order=shard_order)
+                with stage("convert"):
+                    observers.load_merged(prepared, ranges, hists)
+                    int8 = convert(prepared)
+                    scripted = torch.jit.script(int8)
+                    script = io.BytesIO()
+                    torch.jit.save(scripted, script)
+                with stage("evaluate"):
+                    n_tasks = min(len(test_batches), 2 * cluster.cpus)
+                    task_batches = [list(range(i, len(test_batches), n_tasks)) for i in range(n_tasks)]
+                    groups = [[test_batches[b] for b in ids] for ids in task_batches]
+                    merged = merge_results(runner.evaluate(fp32, script.getvalue(), spec.quantization.backend,
+                                                           spec.test, groups, threads, progress))
+        with stage("latency"):
+            latency = _latencies(fp32, int8, scripted, example, spec)
+        with stage("write"):
+            int8_bytes = state_dict_bytes(int8)
+            run.write_bytes("model_int8.pth", int8_bytes)
+            run.write_bytes("model_int8.pt", script.getvalue())
+            run.write_bytes("job.toml", spec.path.read_bytes())
+            run.write_parquet("qparams.parquet", observers.qparam_rows(prepared, hists), QPARAMS_SCHEMA)
+            run.write_parquet("predictions.parquet", [
+                {"index": i, "label": y, "fp32_pred": a, "int8_pred": b}
+                for i, y, a, b in zip(merged.index, merged.label, merged.fp32_pred, merged.int8_pred)],
+                PREDICTIONS_SCHEMA)
+            metrics = accuracy_metrics(merged.counts)
+            metrics["fp32"].update(latency_ms=latency["fp32"], size_mb=len(state_dict_bytes(fp32)) / 1e6)
+            metrics["int8"].update(latency_ms=latency["int8"], size_mb=len(int8_bytes) / 1e6,
+                                   torchscript_latency_ms=latency["int8_torchscript"])
+            metrics["latency"] = {"batch_size": 1, "warmup": spec.run.latency_warmup,
+                                  "iters": spec.run.latency_iters, "threads": threads}
+            run.write_json("metrics.json", metrics)
+        manifest = {
+            "quantray": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+            "job": {"name": spec.name, "path": str(spec.path), "base_dir": str(spec.path.resolve().parent)},
+            "spec": spec.to_dict(), "versions": _versions(), "backend": spec.quantization.backend,
+            "input_shape": list(example.shape), "workers": len(shards), "threads": threads,
+            "calibration": {"samples": len(calib_idx), "batches": batches, "shards": shards},
+            "evaluation": {"samples": len(test_idx), "batches": test_batches,
+                           "tasks": task_batches},
+            "qparams_digest": observers.state_digest(prepared),
+            "fp32_state_sha256": _sha256(state_dict_bytes(fp32)),
+            "timings_s": timings, "wall_s": round(time.perf_counter() - started, 4),
+        }
+        run_dir = run.commit(manifest)
+    print_summary(Console(), metrics, manifest, run_dir)
+    return run_dir
+
+
+def _indices(dataset, spec: JobSpec, section: str) -> list[int]:
+    d = getattr(spec, section)
+    try:
+        return sample_indices(len(dataset), d.samples, d.seed)
+    except ValueError as e:
+        raise SpecError(f"{spec.path}: [{section}] samples = {d.samples}: {e}") from None
+
+
+def _latencies(fp32, int8, scripted, example, spec: JobSpec) -> dict[str, float]:
+    """Batch-1 latency on the driver, with the spec's thread count, after Ray's work is done."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(spec.run.threads)
+    try:
+        set_engine(spec.quantization.backend)
+        x = example[:1]
+        args = (spec.run.latency_warmup, spec.run.latency_iters)
+        return {"fp32": measure_latency(fp32, x, *args), "int8": measure_latency(int8, x, *args),
+                "int8_torchscript": measure_latency(scripted, x, *args)}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _versions() -> dict:
+    import pyarrow
+    import ray
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
+            "quantray": __version__, "machine": platform.machine()}
+
+
+def _sha256(payload: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(payload).hexdigest()

@@ -1,0 +1,254 @@
+"""Job specs: frozen dataclasses, loaded strictly from TOML.
+
+    spec = load_spec("jobs/digits.toml")
+
+Everything is checked before any work starts: an unknown key, a wrong type, a missing file, an
+unknown architecture, dataset class or backend raises `SpecError` with one line naming the file,
+the key and what would be valid. Relative paths resolve against the job file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import SpecError
+
+__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "load_spec", "parse_spec"]
+
+SOURCES = ("digits", "torchvision", "imagefolder", "factory")
+TRANSFORMS = ("imagenet_eval", "to_tensor", "none")
+BACKENDS = ("x86", "qnnpack")
+DIGITS_SPLITS = ("train", "test", "all")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A torchvision architecture by name, or a `module.path:function` factory; optional checkpoint."""
+
+    arch: str | None = None
+    num_classes: int | None = None
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    checkpoint: Path | None = None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """One dataset (calibration or test) and how to draw samples and batches from it."""
+
+    source: str = "digits"
+    split: str | None = None
+    dataset: str | None = None
+    root: Path | None = None
+    transform: str | None = None
+    factory: str | None = None
+    kwargs: dict = field(default_factory=dict)
+    download: bool = False
+    samples: int | None = None
+    seed: int = 0
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    backend: str = "x86"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    workers: int | None = None
+    threads: int = 1
+    latency_warmup: int = 10
+    latency_iters: int = 100
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    path: Path
+    model: ModelSpec
+    calibration: DataSpec
+    test: DataSpec
+    quantization: QuantSpec = QuantSpec()
+    run: RunSpec = RunSpec()
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (paths as strings), as recorded in the manifest."""
+        return _jsonable(dataclasses.asdict(self))
+
+
+_SECTIONS = {"model": ModelSpec, "calibration": DataSpec, "test": DataSpec,
+             "quantization": QuantSpec, "run": RunSpec}
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job file. Raises SpecError (one line) on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: job file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    return parse_spec(raw, path)
+
+
+def parse_spec(raw: dict, path: Path, base_dir: Path | None = None) -> JobSpec:
+    """Validate an already-parsed TOML table; `base_dir` resolves relative paths (default: the file's folder)."""
+    ctx = _Context(Path(path), Path(base_dir) if base_dir else Path(path).resolve().parent)
+    valid_top = ["name", *_SECTIONS]
+    for key in raw:
+        if key not in valid_top:
+            ctx.fail(None, key, f"unknown key{_suggest(key, valid_top)}; valid top-level keys: {', '.join(valid_top)}")
+    for section in ("model", "calibration", "test"):
+        if section not in raw:
+            ctx.fail(None, section, f"missing section [{section}]; see jobs/digits.toml for an example")
+    name = raw.get("name", ctx.path.stem)
+    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+        ctx.fail(None, "name", f"= {name!r}: must be a string of letters, digits, '_', '-' or '.'")
+    built = {s: _build(cls, raw.get(s, {}), s, ctx) for s, cls in _SECTIONS.items()}
+    _check_model(built["model"], ctx)
+    for section in ("calibration", "test"):
+        built[section] = _check_data(built[section], section, ctx)
+    _check_quant(built["quantization"], ctx)
+    _check_run(built["run"], ctx)
+    return JobSpec(name=name, path=ctx.path, **built)
+
+
+class _Context:
+    def __init__(self, path: Path, base_dir: Path):
+        self.path, self.base_dir = path, base_dir
+
+    def fail(self, section: str | None, key: str, message: str) -> typing.NoReturn:
+        where = f"[{section}] {key}" if section else key
+        raise SpecError(f"{self.path}: {where} {message}")
+
+
+def _build(cls, table, section: str, ctx: _Context):
+    if not isinstance(table, dict):
+        ctx.fail(None, section, "must be a table, e.g. [" + section + "]")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            ctx.fail(section, key, f"unknown key{_suggest(key, names)}; valid keys: {', '.join(names)}")
+        values[key] = _coerce(value, hints[key], section, key, ctx)
+    return cls(**values)
+
+
+def _coerce(value, hint, section: str, key: str, ctx: _Context):
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in allowed:
+        if t is type(None):
+            continue
+        if t is Path and isinstance(value, str):
+            p = Path(value).expanduser()
+            return p if p.is_absolute() else (ctx.base_dir / p).resolve()
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t in (str, bool, dict) and isinstance(value, t):
+            return value
+    wanted = " or ".join("a path string" if t is Path else f"a {t.__name__}" for t in allowed if t is not type(None))
+    ctx.fail(section, key, f"= {value!r}: wrong type ({type(value).__name__}); expected {wanted}")
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_model(m: ModelSpec, ctx: _Context) -> None:
+    if (m.arch is None) == (m.factory is None):
+        ctx.fail("model", "arch", "/ factory: give exactly one: arch = \"resnet18\" (torchvision) "
+                                  "or factory = \"package.module:function\"")
+    if m.arch is not None:
+        import torchvision
+        archs = torchvision.models.list_models()
+        if m.arch not in archs:
+            ctx.fail("model", "arch", f"= {m.arch!r}: unknown torchvision architecture{_suggest(m.arch, archs)}; "
+                                      f"valid: any name in torchvision.models.list_models() ({len(archs)} names, "
+                                      f"e.g. resnet18, resnet50, mobilenet_v3_large)")
+    if m.factory is not None and not _FACTORY.match(m.factory):
+        ctx.fail("model", "factory", f"= {m.factory!r}: expected \"package.module:function\"")
+    if m.num_classes is not None and m.num_classes < 1:
+        ctx.fail("model", "num_classes", f"= {m.num_classes}: must be at least 1")
+    if m.checkpoint is not None and not m.checkpoint.is_file():
+        ctx.fail("model", "checkpoint", f"= {str(m.checkpoint)!r}: file not found (paths are relative to the job file)")
+
+
+def _check_data(d: DataSpec, section: str, ctx: _Context) -> DataSpec:
+    if d.source not in SOURCES:
+        ctx.fail(section, "source", f"= {d.source!r}: unknown source{_suggest(d.source, SOURCES)}; valid: {', '.join(SOURCES)}")
+    uses = {"digits": {"split"},
+            "torchvision": {"dataset", "root", "split", "transform", "kwargs", "download"},
+            "imagefolder": {"root", "transform"},
+            "factory": {"factory", "split", "kwargs"}}[d.source]
+    for key in ("split", "dataset", "root", "transform", "factory", "download"):
+        default = False if key == "download" else None
+        if getattr(d, key) != default and key not in uses:
+            ctx.fail(section, key, f"is not used by source = {d.source!r}; keys it takes: {', '.join(sorted(uses))}")
+    if d.kwargs and "kwargs" not in uses:
+        ctx.fail(section, "kwargs", f"is not used by source = {d.source!r}")
+    if d.source == "digits":
+        split = d.split or ("train" if section == "calibration" else "test")
+        if split not in DIGITS_SPLITS:
+            ctx.fail(section, "split", f"= {split!r}: digits splits are {', '.join(DIGITS_SPLITS)}")
+        d = dataclasses.replace(d, split=split)
+    if d.source == "torchvision":
+        if d.dataset is None:
+            ctx.fail(section, "dataset", "is required for source = \"torchvision\" (a class in torchvision.datasets, e.g. \"Flowers102\")")
+        import torch.utils.data
+        import torchvision.datasets
+        cls = getattr(torchvision.datasets, d.dataset, None)
+        if not (isinstance(cls, type) and issubclass(cls, torch.utils.data.Dataset)):
+            names = [n for n in dir(torchvision.datasets) if isinstance(getattr(torchvision.datasets, n), type)]
+            ctx.fail(section, "dataset", f"= {d.dataset!r}: not a dataset class in torchvision.datasets"
+                                         f"{_suggest(d.dataset, names)}; e.g. Flowers102, CIFAR10, ImageNet")
+    if d.source in ("torchvision", "imagefolder"):
+        takes_root = d.source == "imagefolder" or "root" in inspect.signature(cls).parameters
+        if takes_root and d.root is None:
+            ctx.fail(section, "root", f"is required for source = {d.source!r} (the dataset's folder)")
+        if takes_root and not d.download and not d.root.is_dir():
+            hint = " (or set download = true on a machine with internet)" if d.source == "torchvision" else ""
+            ctx.fail(section, "root", f"= {str(d.root)!r}: folder not found{hint}")
+        transform = d.transform or "imagenet_eval"
+        if transform not in TRANSFORMS:
+            ctx.fail(section, "transform", f"= {transform!r}: unknown preset{_suggest(transform, TRANSFORMS)}; valid: {', '.join(TRANSFORMS)}")
+        d = dataclasses.replace(d, transform=transform)
+    if d.source == "factory" and (d.factory is None or not _FACTORY.match(d.factory)):
+        ctx.fail(section, "factory", f"= {d.factory!r}: expected \"package.module:function\" returning a torch Dataset")
+    if d.samples is not None and d.samples < 1:
+        ctx.fail(section, "samples", f"= {d.samples}: must be at least 1 (leave it out to use the whole split)")
+    if d.batch_size < 1:
+        ctx.fail(section, "batch_size", f"= {d.batch_size}: must be at least 1")
+    return d
+
+
+def _check_quant(q: QuantSpec, ctx: _Context) -> None:
+    if q.backend not in BACKENDS:
+        ctx.fail("quantization", "backend", f"= {q.backend!r}: unknown backend{_suggest(q.backend, BACKENDS)}; valid: {', '.join(BACKENDS)}")
+
+
+def _check_run(r: RunSpec, ctx: _Context) -> None:
+    for key, low in (("workers", 1), ("threads", 1), ("latency_warmup", 0), ("latency_iters", 1)):
+        value = getattr(r, key)
+        if value is not None and value < low:
+            ctx.fail("run", key, f"= {value}: must be at least {low}")
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj
