@@ -25,7 +25,18 @@ from . import observers
 from .errors import CalibrationError, DataError, QuantrayError
 from .spec import DataSpec
 
-__all__ = ["prepare", "convert", "set_engine", "CalibrationWorker", "calibrate_serial"]
+__all__ = ["prepare", "convert", "set_engine", "quiet_torch_warnings", "CalibrationWorker", "calibrate_serial"]
+
+# Warnings torch 2.14 prints on every FX-quantization or TorchScript call, in every process; the
+# README says once that FX quantization is deprecated upstream (torchao PT2E is the successor).
+_KNOWN_WARNINGS = (".*quant_min and quant_max.*", ".*torch.jit.* is deprecated.*", ".*quantize_per_tensor.*",
+                   ".*TypedStorage is deprecated.*", ".*TorchScript type system.*", ".*torchao.*")
+
+
+def quiet_torch_warnings() -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+    for message in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 def set_engine(backend: str) -> None:
@@ -65,6 +76,7 @@ class CalibrationWorker:
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor, backend: str, data: DataSpec,
                  threads: int, signature: list | None = None, shard: int = 0):
+        quiet_torch_warnings()
         # Same intra-op thread count for every worker count: reduction order may depend on it.
         torch.set_num_threads(threads)
         self._shard = shard
@@ -95,7 +107,7 @@ class CalibrationWorker:
 
     def _forward(self, batch_id: int, indices: list[int]) -> None:
         x = self._batches.get(batch_id)
-        where = f"shard {self._shard}, batch {batch_id} (samples {indices[0]}..{indices[-1]})"
+        where = f"shard {self._shard}, batch {batch_id}, samples {indices[0]}..{indices[-1]}"
         try:
             if x is None:
                 x = self._batches[batch_id] = data_mod.load_batch(self._dataset, indices)[0]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 from .errors import QuantrayError
 
@@ -23,11 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", help="run directory to create (default: runs/NAME-TIMESTAMP)")
     args = parser.parse_args(argv)
 
-    # torch.ao.quantization warns on every call that FX quantization moved to torchao; say it once, in the README.
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=".*(quantize_per_tensor|TypedStorage).*")
     try:
+        from .calibration import quiet_torch_warnings
         from .job import run_job
+
+        quiet_torch_warnings()
         from .spec import load_spec
 
         spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts

@@ -24,9 +24,9 @@ def comparison_table(metrics: dict) -> Table:
     for key, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy")):
         table.add_row(label, f"{fp32[key]:.2%}", f"{int8[key]:.2%}", f"{(int8[key] - fp32[key]) * 100:+.2f} pt")
     table.add_row("latency, batch 1", f"{fp32['latency_ms']:.3f} ms", f"{int8['latency_ms']:.3f} ms",
-                  f"{fp32['latency_ms'] / int8['latency_ms']:.2f}x faster")
+                  _ratio(fp32["latency_ms"], int8["latency_ms"], "faster", "slower"))
     table.add_row("size", f"{fp32['size_mb']:.3f} MB", f"{int8['size_mb']:.3f} MB",
-                  f"{fp32['size_mb'] / int8['size_mb']:.2f}x smaller")
+                  _ratio(fp32["size_mb"], int8["size_mb"], "smaller", "larger"))
     table.add_row("top-1 agreement", "", f"{metrics['agreement']:.2%}", "")
     return table
 
@@ -37,3 +37,7 @@ def print_summary(console: Console, metrics: dict, manifest: dict, run_dir) -> N
     console.print(f"{manifest['workers']} calibration workers, {manifest['threads']} thread(s) each; "
                   f"wall {manifest['wall_s']:.1f}s ({timings})")
     console.print(f"qparams digest {manifest['qparams_digest'][:16]}  run directory {run_dir}")
+
+
+def _ratio(fp32: float, int8: float, better: str, worse: str) -> str:
+    return f"{fp32 / int8:.2f}x {better}" if int8 <= fp32 else f"{int8 / fp32:.2f}x {worse}"

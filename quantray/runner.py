@@ -14,7 +14,7 @@ import ray
 import torch
 
 from . import observers
-from .calibration import CalibrationWorker, set_engine
+from .calibration import CalibrationWorker, quiet_torch_warnings, set_engine
 from .data import build_dataset
 from .errors import CalibrationError, QuantrayError
 from .evaluation import evaluate_shard
@@ -33,7 +33,9 @@ class Cluster:
 
     def __enter__(self) -> "Cluster":
         if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
+            # C++-side deprecation notices from quantized kernels bypass Python's warning filters.
+            ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}})
             self._started = True
         return self
 
@@ -83,6 +85,7 @@ def evaluate(fp32, int8_script: bytes, backend, data, groups, threads, progress=
 
 
 def _evaluate_task(fp32, int8_script, backend, data, batches, threads):
+    quiet_torch_warnings()
     torch.set_num_threads(threads)
     set_engine(backend)
     int8 = torch.jit.load(io.BytesIO(int8_script))

@@ -1,0 +1,47 @@
+"""Shared fixtures: one Ray cluster for the whole session, a tiny model, the digits data."""
+
+import os
+import tempfile
+
+# Before ray or quantray are imported: a loopback test cluster without token auth (DESIGN.md), and
+# the demo checkpoint cached in a temporary folder rather than the user's home.
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("QUANTRAY_CACHE", tempfile.mkdtemp(prefix="quantray-test-cache-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from quantray import data  # noqa: E402
+from quantray.calibration import quiet_torch_warnings  # noqa: E402
+from quantray.demo import DigitsCNN  # noqa: E402
+from quantray.spec import DataSpec  # noqa: E402
+
+quiet_torch_warnings()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session: a ray.init per test costs 5x more (DESIGN.md)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_model():
+    """An untrained DigitsCNN with fixed weights: shared pooling observers, conv+relu fusions."""
+    torch.manual_seed(0)
+    return DigitsCNN().eval()
+
+
+@pytest.fixture
+def digits_plan():
+    """The calibration plan the exactness tests share: 200 train digits in batches of 32."""
+    spec = DataSpec(source="digits", split="train", samples=200, batch_size=32, seed=0)
+    dataset = data.digits("train")
+    indices = data.sample_indices(len(dataset), spec.samples, spec.seed)
+    batches = data.make_batches(indices, spec.batch_size)
+    example = data.load_batch(dataset, indices[:1])[0]
+    return spec, dataset, batches, example

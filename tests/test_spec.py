@@ -1,0 +1,99 @@
+"""Strict job loading: every mistake is one line naming the file, the key and what is valid."""
+
+from pathlib import Path
+
+import pytest
+
+from quantray.errors import SpecError
+from quantray.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+MINIMAL = """
+[model]
+factory = "quantray.demo:digits_cnn"
+[calibration]
+samples = 64
+[test]
+"""
+
+
+def _job(tmp_path, text, name="job.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _error(tmp_path, text) -> str:
+    path = _job(tmp_path, text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(str(path))
+    return message
+
+
+def test_demo_job_loads_with_defaults():
+    spec = load_spec(ROOT / "jobs" / "digits.toml")
+    assert spec.name == "digits" and spec.model.factory == "quantray.demo:digits_cnn"
+    assert (spec.calibration.split, spec.test.split) == ("train", "test")
+    assert spec.quantization.backend == "x86" and spec.run.latency_iters == 100
+
+
+def test_minimal_job_fills_split_defaults_from_the_section(tmp_path):
+    spec = load_spec(_job(tmp_path, MINIMAL))
+    assert spec.name == "job" and spec.calibration.split == "train" and spec.test.split == "test"
+    assert spec.calibration.samples == 64 and spec.test.samples is None
+
+
+def test_unknown_key_names_section_key_suggestion_and_valid_keys(tmp_path):
+    message = _error(tmp_path, MINIMAL.replace("samples = 64", "sample = 64"))
+    assert "[calibration] sample unknown key (did you mean 'samples'?); valid keys: source, split" in message
+
+
+def test_unknown_top_level_key(tmp_path):
+    assert "quantisation unknown key (did you mean 'quantization'?)" in _error(tmp_path, MINIMAL + "[quantisation]\n")
+
+
+def test_wrong_type_names_expected_type(tmp_path):
+    message = _error(tmp_path, MINIMAL.replace("samples = 64", 'samples = "64"'))
+    assert "[calibration] samples = '64': wrong type (str); expected a int" in message
+
+
+def test_missing_checkpoint_is_resolved_against_the_job_folder(tmp_path):
+    message = _error(tmp_path, MINIMAL.replace("[calibration]", 'checkpoint = "ckpt/model.pth"\n[calibration]'))
+    assert f"[model] checkpoint = '{tmp_path / 'ckpt' / 'model.pth'}': file not found" in message
+
+
+def test_unknown_architecture_suggests_the_close_one(tmp_path):
+    message = _error(tmp_path, MINIMAL.replace('factory = "quantray.demo:digits_cnn"', 'arch = "resnet19"'))
+    assert "[model] arch = 'resnet19': unknown torchvision architecture (did you mean 'resnet18'?)" in message
+    assert "torchvision.models.list_models()" in message
+
+
+def test_model_needs_exactly_one_of_arch_and_factory(tmp_path):
+    message = _error(tmp_path, MINIMAL.replace("[calibration]", 'arch = "resnet18"\n[calibration]'))
+    assert "[model] arch / factory: give exactly one" in message
+
+
+def test_unknown_dataset_class_and_missing_root(tmp_path):
+    text = MINIMAL.replace("samples = 64", 'source = "torchvision"\ndataset = "Flowers101"\nroot = "."')
+    assert "[calibration] dataset = 'Flowers101': not a dataset class in torchvision.datasets (did you mean 'Flowers102'?)" in _error(tmp_path, text)
+    text = MINIMAL.replace("samples = 64", 'source = "imagefolder"\nroot = "nowhere"')
+    assert "[calibration] root = '" in _error(tmp_path, text) and "folder not found" in _error(tmp_path, text)
+
+
+def test_key_not_used_by_the_source_is_an_error(tmp_path):
+    message = _error(tmp_path, MINIMAL.replace("samples = 64", 'samples = 64\nroot = "."'))
+    assert "[calibration] root is not used by source = 'digits'" in message
+
+
+def test_unknown_backend_and_bad_values(tmp_path):
+    assert "[quantization] backend = 'fbgemm2': unknown backend" in _error(tmp_path, MINIMAL + '[quantization]\nbackend = "fbgemm2"\n')
+    assert "[run] threads = 0: must be at least 1" in _error(tmp_path, MINIMAL + "[run]\nthreads = 0\n")
+    assert "[calibration] samples = 0: must be at least 1" in _error(tmp_path, MINIMAL.replace("samples = 64", "samples = 0"))
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    assert "not valid TOML" in _error(tmp_path, "[model\n")
+    with pytest.raises(SpecError, match="job file not found"):
+        load_spec(tmp_path / "absent.toml")
