@@ -76,7 +76,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                 console.print(f"[yellow]{len(batches)} calibration batches: using {len(shards)} workers, not {n}[/]")
             with make_progress(console) as progress:
                 with stage("calibrate"):
-                    ranges, hists = runner.calibrate(cluster, fp32, example, spec.quantization.backend,
+                    ranges, hists, calibrate_timings = runner.calibrate(cluster, fp32, example, spec.quantization.backend,
                                                      spec.calibration, batches, shards, threads, signature,
                                                      progress, order=shard_order)
                 with stage("convert"):
@@ -120,7 +120,8 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                            "tasks": task_batches},
             "qparams_digest": observers.state_digest(prepared),
             "fp32_state_sha256": _sha256(state_dict_bytes(fp32)),
-            "timings_s": timings, "wall_s": round(time.perf_counter() - started, 4),
+            "timings_s": timings, "calibrate_timings_s": calibrate_timings,
+            "wall_s": round(time.perf_counter() - started, 4),
         }
         run_dir = run.commit(manifest)
     print_summary(Console(), metrics, manifest, run_dir)

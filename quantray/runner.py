@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import time
 
 import ray
 import torch
@@ -33,9 +35,12 @@ class Cluster:
 
     def __enter__(self) -> "Cluster":
         if not ray.is_initialized():
+            # A local cluster needs no dashboard (3 s less); an existing one keeps its own settings.
+            local = self.address is None and not os.environ.get("RAY_ADDRESS")
             # C++-side deprecation notices from quantized kernels bypass Python's warning filters.
-            ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}})
+            ray.init(address=self.address, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}},
+                     **({"include_dashboard": False} if local else {}))
             self._started = True
         return self
 
@@ -50,30 +55,49 @@ class Cluster:
 
 def calibrate(cluster: Cluster, model, example_inputs, backend, data, batches, shards, threads,
               signature, progress=None, order=None):
-    """The two-pass exact protocol on one actor per shard; returns merged (ranges, histograms).
+    """The two-pass exact protocol on one actor per shard.
 
+    Returns merged (ranges, histograms) and the seconds spent starting actors and in each pass.
     `order` permutes the order in which shards are handed out (tests: the result must not change).
     """
     # With more workers than CPUs, actors share CPUs instead of waiting forever for a free one.
     num_cpus = min(1.0, cluster.cpus / len(shards))
-    worker_cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(CalibrationWorker)
+    worker_cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(_CalibrationActor)
     order = list(order) if order is not None else list(range(len(shards)))
     model_ref = ray.put(model)
     actors = {s: worker_cls.remote(model_ref, example_inputs, backend, data, threads, signature, shard=s)
               for s in order}
+    timings, t = {}, time.perf_counter()
     try:
+        _gather({actors[s].setup.remote(): s for s in order}, None, "")
+        timings["actors_start"], t = round(time.perf_counter() - t, 4), time.perf_counter()
         refs = {actors[s].ranges.remote(b, batches[b]): s for s in order for b in shards[s]}
         ranges = observers.merge_ranges(_gather(refs, progress, "calibrate: ranges"))
+        timings["pass1_ranges"], t = round(time.perf_counter() - t, 4), time.perf_counter()
         ranges_ref = ray.put(ranges)
         for s in order:
             actors[s].begin_histograms.remote(ranges_ref)  # actor calls run in submission order
         refs = {actors[s].histograms.remote(b, batches[b]): s for s in order for b in shards[s]}
         _gather(refs, progress, "calibrate: histograms")
         refs = {actors[s].collect.remote(): s for s in order}
-        return ranges, observers.merge_histograms(_gather(refs, None, ""))
+        histograms = observers.merge_histograms(_gather(refs, None, ""))
+        timings["pass2_histograms"] = round(time.perf_counter() - t, 4)
+        return ranges, histograms, timings
     finally:
         for actor in actors.values():
             ray.kill(actor)
+
+
+class _CalibrationActor(CalibrationWorker):
+    """Runs CalibrationWorker's constructor in `setup`: an exception raised in an actor's __init__
+    reaches the driver only as text, one raised in a method keeps its type and message."""
+
+    def __init__(self, *args, **kwargs):
+        self._init_args = (args, kwargs)
+
+    def setup(self) -> None:
+        args, kwargs = self._init_args
+        super().__init__(*args, **kwargs)
 
 
 def evaluate(fp32, int8_script: bytes, backend, data, groups, threads, progress=None):
@@ -124,8 +148,12 @@ def _quantray_cause(error: BaseException) -> QuantrayError | None:
     """The QuantrayError a remote call raised, if any, through Ray's wrappers."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, QuantrayError):
-            return error
         seen.add(id(error))
-        error = getattr(error, "cause", None) or error.__cause__
+        if isinstance(error, ray.exceptions.RayTaskError):
+            # Ray's copy subclasses the cause too, but its message is the remote traceback.
+            error = error.cause
+        elif isinstance(error, QuantrayError):
+            return error
+        else:
+            error = getattr(error, "cause", None) or error.__cause__
     return None
