@@ -38,19 +38,22 @@ def evaluate_shard(fp32: nn.Module, int8: nn.Module, dataset, indices: list[int]
         for batch in data_mod.make_batches(indices, batch_size):
             x, y = data_mod.load_batch(dataset, batch)
             fp32_logits, int8_logits = fp32(x), int8(x)
+            # Top-1 is argmax, the first of tied maxima, as the seed's torch.max: dequantized INT8
+            # logits tie often, and topk may order ties differently.
+            fp32_pred, int8_pred = fp32_logits.argmax(dim=1), int8_logits.argmax(dim=1)
             k = min(5, fp32_logits.shape[1])
             fp32_top, int8_top = fp32_logits.topk(k, dim=1).indices, int8_logits.topk(k, dim=1).indices
             c = result.counts
             c["n"] += len(batch)
-            c["fp32_top1"] += int((fp32_top[:, 0] == y).sum())
-            c["int8_top1"] += int((int8_top[:, 0] == y).sum())
+            c["fp32_top1"] += int((fp32_pred == y).sum())
+            c["int8_top1"] += int((int8_pred == y).sum())
             c["fp32_top5"] += int((fp32_top == y[:, None]).any(dim=1).sum())
             c["int8_top5"] += int((int8_top == y[:, None]).any(dim=1).sum())
-            c["agree"] += int((fp32_top[:, 0] == int8_top[:, 0]).sum())
+            c["agree"] += int((fp32_pred == int8_pred).sum())
             result.index += batch
             result.label += y.tolist()
-            result.fp32_pred += fp32_top[:, 0].tolist()
-            result.int8_pred += int8_top[:, 0].tolist()
+            result.fp32_pred += fp32_pred.tolist()
+            result.int8_pred += int8_pred.tolist()
     return result
 
 

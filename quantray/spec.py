@@ -53,6 +53,7 @@ class DataSpec:
     factory: str | None = None
     kwargs: dict = field(default_factory=dict)
     download: bool = False
+    verify: bool = True  # torchvision's own file checks (md5); false for a re-packed subset
     samples: int | None = None
     seed: int = 0
     batch_size: int = 32
@@ -190,12 +191,12 @@ def _check_data(d: DataSpec, section: str, ctx: _Context) -> DataSpec:
     if d.source not in SOURCES:
         ctx.fail(section, "source", f"= {d.source!r}: unknown source{_suggest(d.source, SOURCES)}; valid: {', '.join(SOURCES)}")
     uses = {"digits": {"split"},
-            "torchvision": {"dataset", "root", "split", "transform", "kwargs", "download"},
+            "torchvision": {"dataset", "root", "split", "transform", "kwargs", "download", "verify"},
             "imagefolder": {"root", "transform"},
             "factory": {"factory", "split", "kwargs"}}[d.source]
-    for key in ("split", "dataset", "root", "transform", "factory", "download"):
-        default = False if key == "download" else None
-        if getattr(d, key) != default and key not in uses:
+    defaults = {f.name: f.default for f in dataclasses.fields(DataSpec)}
+    for key in ("split", "dataset", "root", "transform", "factory", "download", "verify"):
+        if getattr(d, key) != defaults[key] and key not in uses:
             ctx.fail(section, key, f"is not used by source = {d.source!r}; keys it takes: {', '.join(sorted(uses))}")
     if d.kwargs and "kwargs" not in uses:
         ctx.fail(section, "kwargs", f"is not used by source = {d.source!r}")

@@ -1,0 +1,39 @@
+"""Small datasets in real on-disk layouts, for tests and benchmarks (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["write_flowers102"]
+
+
+def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=4, val=1, test=2,
+                     size=(500, 375)) -> Path:
+    """Write `root/flowers-102/` as torchvision's Flowers102 reads it: jpg/image_NNNNN.jpg,
+    imagelabels.mat (1-based labels) and setid.mat (trnid/valid/tstid image ids).
+
+    Its .mat files differ from the real ones, so torchvision's md5 check fails: load it with
+    `verify = false` in the job file. Images are smooth colour fields, one hue per class.
+    """
+    import numpy as np
+    from PIL import Image
+    from scipy.io import savemat
+
+    base = Path(root) / "flowers-102"
+    (base / "jpg").mkdir(parents=True, exist_ok=True)
+    labels, split_ids = [], {"trnid": [], "valid": [], "tstid": []}
+    rng = np.random.default_rng(0)
+    w, h = size
+    gradient = np.linspace(0, 1, w)[None, :, None] * np.linspace(0.4, 1, h)[:, None, None]
+    for label in classes:
+        for key, count in (("trnid", train), ("valid", val), ("tstid", test)):
+            for _ in range(count):
+                image_id = len(labels) + 1
+                colour = np.array([(label * 37) % 256, (label * 91) % 256, (label * 53) % 256])
+                pixels = gradient * colour + rng.normal(0, 12, (h, w, 3))
+                Image.fromarray(pixels.clip(0, 255).astype("uint8")).save(base / "jpg" / f"image_{image_id:05d}.jpg")
+                labels.append(label)
+                split_ids[key].append(image_id)
+    savemat(base / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
+    savemat(base / "setid.mat", {k: np.array([v], dtype=np.uint16) for k, v in split_ids.items()})
+    return Path(root)

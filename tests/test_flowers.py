@@ -1,0 +1,107 @@
+"""The seed article's job (Flowers102 + resnet18) through the CLI, on a Flowers102 folder in
+torchvision's real layout, and its INT8 file loaded back with the article's own recipe."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.ao.quantization import QConfigMapping, get_default_qconfig
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+import quantray
+from quantray import data
+from quantray.errors import SpecError
+from quantray.spec import DataSpec, load_spec
+from quantray.testing import write_flowers102
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "jobs" / "flowers102_resnet18.toml"
+
+
+def load_quantized_model(model_path):
+    """The article's recipe, as its readers have it: no quantray involved."""
+    model = torchvision.models.resnet18()
+    model.fc = nn.Linear(model.fc.in_features, 102)
+    model.eval()
+    qconfig_mapping = QConfigMapping().set_global(get_default_qconfig("x86"))
+    example_inputs = torch.randn(1, 3, 224, 224)
+    prepared = prepare_fx(model, qconfig_mapping, example_inputs)
+    quantized = convert_fx(prepared)
+    quantized.load_state_dict(torch.load(model_path))
+    return quantized
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("flowers")
+    write_flowers102(base / "data")
+    torch.manual_seed(0)
+    (base / "checkpoints").mkdir()
+    torch.save(torchvision.models.resnet18(num_classes=102).state_dict(), base / "checkpoints" / "resnet18.pth")
+    return base
+
+
+def _job_copy(flowers: Path) -> Path:
+    """The shipped job with this folder's data and checkpoint, fewer samples and latency runs."""
+    text = JOB.read_text()
+    for old, new in (('"../checkpoints/resnet18_flowers102.pth"', f'"{flowers / "checkpoints" / "resnet18.pth"}"'),
+                     ('root = "../data"', f'root = "{flowers / "data"}"\nverify = false'),
+                     ("samples = 100", "samples = 20"), ("latency_iters = 100", "latency_iters = 20")):
+        assert old in text
+        text = text.replace(old, new)
+    job = flowers / "flowers102_resnet18.toml"
+    job.write_text(text)
+    return job
+
+
+def test_shipped_job_is_the_articles_setup():
+    text = JOB.read_text()
+    for line in ('arch = "resnet18"', "num_classes = 102", 'dataset = "Flowers102"', "samples = 100",
+                 "batch_size = 10", 'backend = "x86"', 'transform = "imagenet_eval"', "download = false",
+                 "latency_iters = 100"):
+        assert line in text
+    with pytest.raises(SpecError, match=r"checkpoint = '.*resnet18_flowers102.pth': file not found"):
+        load_spec(JOB)  # no checkpoint ships with the repository
+
+
+def test_torchvision_flowers102_reads_the_written_layout(flowers):
+    spec = DataSpec(source="torchvision", dataset="Flowers102", root=flowers / "data", split="test",
+                    transform="imagenet_eval", verify=False)
+    dataset = data.build_dataset(spec)
+    x, y = data.load_batch(dataset, list(range(len(dataset))))
+    assert x.shape == (12, 3, 224, 224) and sorted(set(y.tolist())) == [0, 16, 39, 76, 100, 101]
+    with pytest.raises(SpecError, match="cannot read it: Dataset not found or corrupted"):
+        data.build_dataset(DataSpec(source="torchvision", dataset="Flowers102", root=flowers / "data", split="test"))
+
+
+def test_article_job_runs_through_the_cli_and_loads_with_the_articles_recipe(flowers):
+    out = flowers / "run"
+    exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
+    result = subprocess.run([exe, "run", str(_job_copy(flowers)), "--out", str(out), "--workers", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert metrics["samples"] == 12 and manifest["calibration"]["samples"] == 20
+    assert [len(b) for b in manifest["calibration"]["batches"]] == [10, 10]
+    assert manifest["input_shape"] == [1, 3, 224, 224]
+    assert metrics["int8"]["size_mb"] < metrics["fp32"]["size_mb"] / 3.5  # the article: about 4x smaller
+
+    test_set = data.build_dataset(DataSpec(source="torchvision", dataset="Flowers102", root=flowers / "data",
+                                           split="test", transform="imagenet_eval", verify=False))
+    x, _ = data.load_batch(test_set, list(range(len(test_set))))
+    article = load_quantized_model(out / "model_int8.pth")
+    ours = quantray.load_quantized(out)
+    scripted = torch.jit.load(str(out / "model_int8.pt"))
+    expected = ours(x)
+    assert torch.equal(article(x), expected) and torch.equal(scripted(x), expected)
+    predictions = pq.read_table(out / "predictions.parquet").to_pydict()
+    assert predictions["int8_pred"] == expected.argmax(1).tolist()  # what the Ray tasks saw
