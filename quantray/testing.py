@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["write_flowers102"]
+__all__ = ["write_flowers102", "article_job"]
 
 
 def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=4, val=1, test=2,
@@ -37,3 +37,29 @@ def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=
     savemat(base / "imagelabels.mat", {"labels": np.array([labels], dtype=np.uint8)})
     savemat(base / "setid.mat", {k: np.array([v], dtype=np.uint16) for k, v in split_ids.items()})
     return Path(root)
+
+
+def article_job(base: str | Path, *, samples: int = 20, latency_iters: int = 100, threads: int = 1,
+                classes=(1, 17, 40, 77, 101, 102)) -> Path:
+    """jobs/flowers102_resnet18.toml made runnable here: a written Flowers102 folder (see
+    `write_flowers102`, with `verify = false`), an untrained resnet18 checkpoint (seed 0), and the
+    given sample count, latency runs and threads. Returns the job file's path."""
+    import torch
+    import torchvision
+
+    base = Path(base)
+    write_flowers102(base / "data", classes=classes, train=max(4, -(-samples // len(classes))))
+    (base / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=102).state_dict(), base / "checkpoints" / "resnet18.pth")
+    text = (Path(__file__).resolve().parents[1] / "jobs" / "flowers102_resnet18.toml").read_text()
+    for old, new in (('"../checkpoints/resnet18_flowers102.pth"', f'"{base / "checkpoints" / "resnet18.pth"}"'),
+                     ('root = "../data"', f'root = "{base / "data"}"\nverify = false'),
+                     ("samples = 100", f"samples = {samples}"), ("latency_iters = 100", f"latency_iters = {latency_iters}"),
+                     ("threads = 1 ", f"threads = {threads} ")):
+        if old not in text:
+            raise ValueError(f"jobs/flowers102_resnet18.toml no longer contains {old!r}")
+        text = text.replace(old, new)
+    job = base / "flowers102_resnet18.toml"
+    job.write_text(text)
+    return job

@@ -20,7 +20,7 @@ import quantray
 from quantray import data
 from quantray.errors import SpecError
 from quantray.spec import DataSpec, load_spec
-from quantray.testing import write_flowers102
+from quantray.testing import article_job
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "flowers102_resnet18.toml"
@@ -41,25 +41,10 @@ def load_quantized_model(model_path):
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):
+    """The shipped job with a written Flowers102 folder, 20 calibration samples, 20 latency runs."""
     base = tmp_path_factory.mktemp("flowers")
-    write_flowers102(base / "data")
-    torch.manual_seed(0)
-    (base / "checkpoints").mkdir()
-    torch.save(torchvision.models.resnet18(num_classes=102).state_dict(), base / "checkpoints" / "resnet18.pth")
+    article_job(base, samples=20, latency_iters=20)
     return base
-
-
-def _job_copy(flowers: Path) -> Path:
-    """The shipped job with this folder's data and checkpoint, fewer samples and latency runs."""
-    text = JOB.read_text()
-    for old, new in (('"../checkpoints/resnet18_flowers102.pth"', f'"{flowers / "checkpoints" / "resnet18.pth"}"'),
-                     ('root = "../data"', f'root = "{flowers / "data"}"\nverify = false'),
-                     ("samples = 100", "samples = 20"), ("latency_iters = 100", "latency_iters = 20")):
-        assert old in text
-        text = text.replace(old, new)
-    job = flowers / "flowers102_resnet18.toml"
-    job.write_text(text)
-    return job
 
 
 def test_shipped_job_is_the_articles_setup():
@@ -85,7 +70,7 @@ def test_torchvision_flowers102_reads_the_written_layout(flowers):
 def test_article_job_runs_through_the_cli_and_loads_with_the_articles_recipe(flowers):
     out = flowers / "run"
     exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
-    result = subprocess.run([exe, "run", str(_job_copy(flowers)), "--out", str(out), "--workers", "2"],
+    result = subprocess.run([exe, "run", str(flowers / "flowers102_resnet18.toml"), "--out", str(out), "--workers", "2"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints ratios against its baseline measured in the same run."""
