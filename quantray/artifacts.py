@@ -104,7 +104,7 @@ def load_quantized(run_dir: str | Path) -> torch.nn.Module:
     load_state_dict(model_int8.pth). The FP32 model's factory or checkpoint must be reachable."""
     from .calibration import convert, prepare
     from .models import build_model
-    from .spec import ModelSpec
+    from .spec import ModelSpec, QuantSpec
 
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
@@ -115,6 +115,7 @@ def load_quantized(run_dir: str | Path) -> torch.nn.Module:
     if model_spec["checkpoint"] is not None:
         model_spec["checkpoint"] = Path(model_spec["checkpoint"])
     fp32 = build_model(ModelSpec(**model_spec), job_path=manifest["job"]["path"])
-    int8 = convert(prepare(fp32, manifest["backend"], torch.zeros(manifest["input_shape"])))
+    quant = QuantSpec(**manifest["spec"]["quantization"])
+    int8 = convert(prepare(fp32, quant, torch.zeros(manifest["input_shape"])))
     int8.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return int8

@@ -53,7 +53,9 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
         example = load_batch(calib_ds, calib_idx[:1])[0]
     with stage("prepare"):
         try:
-            prepared = prepare(fp32, spec.quantization.backend, example)
+            prepared = prepare(fp32, spec.quantization, example)
+        except SpecError as e:
+            raise SpecError(f"{spec.path}: {e}") from None
         except QuantrayError:
             raise
         except Exception as e:  # most often: the model is not symbolically traceable
@@ -63,6 +65,8 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
     requested = workers or spec.run.workers
     out = Path(out) if out else Path("runs") / f"{spec.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     threads = spec.run.threads
+    if not calib_idx:
+        raise SpecError(f"{spec.path}: [calibration] the calibration split is empty: nothing to calibrate on")
     batches = make_batches(calib_idx, spec.calibration.batch_size)
     test_batches = make_batches(test_idx, spec.test.batch_size)
 
@@ -76,11 +80,11 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                 console.print(f"[yellow]{len(batches)} calibration batches: using {len(shards)} workers, not {n}[/]")
             with make_progress(console) as progress:
                 with stage("calibrate"):
-                    ranges, hists, calibrate_timings = runner.calibrate(cluster, fp32, example, spec.quantization.backend,
-                                                     spec.calibration, batches, shards, threads, signature,
-                                                     progress, order=shard_order)
+                    logs, pass2, calibrate_stats = runner.calibrate(
+                        cluster, fp32, example, spec.quantization, spec.calibration, batches, shards, threads,
+                        signature, max_attempts=spec.run.max_attempts, progress=progress, order=shard_order)
                 with stage("convert"):
-                    observers.load_merged(prepared, ranges, hists)
+                    observers.load_merged(prepared, spec.quantization.mode, logs, pass2)
                     int8 = convert(prepared)
                     scripted = torch.jit.script(int8)
                     script = io.BytesIO()
@@ -98,7 +102,8 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
             run.write_bytes("model_int8.pth", int8_bytes)
             run.write_bytes("model_int8.pt", script.getvalue())
             run.write_bytes("job.toml", spec.path.read_bytes())
-            run.write_parquet("qparams.parquet", observers.qparam_rows(prepared, hists), QPARAMS_SCHEMA)
+            counts = pass2 if spec.quantization.mode == "exact" else None
+            run.write_parquet("qparams.parquet", observers.qparam_rows(prepared, counts), QPARAMS_SCHEMA)
             run.write_parquet("predictions.parquet", [
                 {"index": i, "label": y, "fp32_pred": a, "int8_pred": b}
                 for i, y, a, b in zip(merged.index, merged.label, merged.fp32_pred, merged.int8_pred)],
@@ -120,7 +125,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                            "tasks": task_batches},
             "qparams_digest": observers.state_digest(prepared),
             "fp32_state_sha256": _sha256(state_dict_bytes(fp32)),
-            "timings_s": timings, "calibrate_timings_s": calibrate_timings,
+            "timings_s": timings, "calibration_stats": calibrate_stats,
             "wall_s": round(time.perf_counter() - started, 4),
         }
         run_dir = run.commit(manifest)

@@ -1,17 +1,22 @@
-"""Observer statistics: record, merge exactly, load back. Pure torch, no Ray.
+"""Observer statistics: record on workers, merge on the driver, load back. Pure torch, no Ray.
 
-Accumulate, merge, derive, as three steps:
-- a worker replaces each observer of its prepared model by a `_Probe` that records, per batch,
-  the exact (min, max) its input reached (pass 1), then a histogram over the *global* range
-  fixed after pass 1 (pass 2), counted in float64;
-- `merge_ranges` (elementwise min/max) and `merge_histograms` (sums of integer counts) are
-  associative and commutative, so the result is the same for any worker count, shard order or
-  batch order: bit for bit;
-- `load_merged` writes the merged state into the driver's observers, which derive the qparams
-  once, in `convert_fx` (or `qparam_rows`).
+Accumulate, merge, derive, as three steps. A worker replaces each observer of its prepared model
+by a `_Probe`. Pass 1 logs, per batch and per call, the exact (min, max) each observer saw; every
+mode starts from these logs. Then, by merge mode:
 
-For a single batch the result equals torch's own HistogramObserver; for many it is the histogram
-torch would get if it saw all activations at once (torch's running re-binning is order-dependent).
+- exact: pass 2 counts each histogram observer's inputs into bins over the *global* range (float64
+  counts, exact); the driver sums them. Same result for any worker count, shard or batch order;
+  for one batch it equals torch's own HistogramObserver.
+- replay: from the logs the driver plans, for every call in canonical (batch id, call) order, the
+  running range torch's HistogramObserver would have; pass 2 computes each call's update histogram
+  with torch's own `histc`, and the driver replays torch's reset/add/combine steps in that order:
+  bit-identical to torch's single-process calibration over the same batches.
+- fast: one pass; each worker's own torch HistogramObserver runs over its shard and the driver
+  re-bins the shard histograms onto their union range. Approximate; depends on the worker count.
+
+Min/max observers (and the moving-average ones, whose EMA depends on order) never need pass 2:
+the driver replays their per-call log through the observer itself, in canonical order, which is
+exactly what torch's single-process calibration computes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from torch.ao.quantization.observer import (
     FixedQParamsObserver,
     HistogramObserver,
     MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
     NoopObserver,
     ObserverBase,
     PerChannelMinMaxObserver,
@@ -34,20 +41,22 @@ from torch.ao.quantization.observer import (
 
 from .errors import CalibrationError, DataError
 
-__all__ = ["find_observers", "observer_aliases", "observer_signature", "attach_probes", "start_batch",
-           "batch_ranges", "begin_histograms", "collect_histograms", "merge_ranges", "merge_histograms",
-           "load_merged", "qparam_rows", "state_digest"]
+__all__ = ["MODES", "find_observers", "observer_aliases", "observer_signature", "attach_probes",
+           "global_ranges", "replay_plan", "merge_counts", "load_merged", "qparam_rows", "state_digest"]
 
+MODES = ("exact", "replay", "fast")
 HISTOGRAM, MINMAX, STATELESS = "histogram", "minmax", "stateless"
-# Exact types, not isinstance: MovingAverageMinMaxObserver subclasses MinMaxObserver but its state
-# is an order-dependent EMA, which an elementwise min/max would silently get wrong.
+# Exact types, not isinstance: MovingAverageMinMaxObserver subclasses MinMaxObserver, and a
+# subclass we have not checked could hold state that our merge would silently get wrong.
 _KINDS = {HistogramObserver: HISTOGRAM, MinMaxObserver: MINMAX, PerChannelMinMaxObserver: MINMAX,
+          MovingAverageMinMaxObserver: MINMAX, MovingAveragePerChannelMinMaxObserver: MINMAX,
           FixedQParamsObserver: STATELESS, PlaceholderObserver: STATELESS, NoopObserver: STATELESS,
           ReuseInputObserver: STATELESS}
 HISTC_CHUNK = 1 << 24  # float32 histc counts stop being exact above 2**24 elements (DESIGN.md)
 
-Ranges = dict[str, tuple[torch.Tensor, torch.Tensor]]
-Histograms = dict[str, tuple[torch.Tensor, int]]  # float64 counts, number of values counted
+Range = tuple[torch.Tensor, torch.Tensor]
+BatchLog = dict[str, list[Range]]          # observer -> (min, max) of each call, in call order
+Counts = dict[str, tuple[torch.Tensor, int]]  # observer -> float64 bin counts, values counted
 
 
 def find_observers(model: nn.Module) -> dict[str, ObserverBase]:
@@ -83,57 +92,68 @@ def _kind(name: str, observer: ObserverBase) -> str:
     if kind is None:
         supported = ", ".join(sorted(t.__name__ for t in _KINDS))
         raise CalibrationError(f"observer {name} is a {type(observer).__name__}, which quantray cannot merge "
-                               f"exactly yet; supported: {supported}")
+                               f"exactly; supported: {supported}")
     return kind
 
 
 class _Probe(nn.Module):
-    """Stands in for one observer on a worker: pass 1 records exact ranges, pass 2 fixed-range counts."""
+    """Stands in for one observer on a worker. Phases: "log" (pass 1), "count" (exact pass 2),
+    "replay" (replay pass 2); with `run_observer`, histogram probes also feed torch's own observer
+    during "log" (fast mode)."""
 
     def __init__(self, name: str, observer: ObserverBase):
         super().__init__()
         self.name, self.kind = name, _kind(name, observer)
-        self.observer = observer  # min/max observers compute per-batch state with torch's own code
-        self.batch_min = self.batch_max = None
-        self.phase = 1
-        self.range = self.hist = None
-        self.count = 0
+        self.observer = observer  # this worker's copy: computes per-call min/max with torch's code
+        self.phase, self.run_observer = "log", False
+        self.calls: list[Range] = []
+        self.range, self.hist, self.count = None, None, 0
+        self.plan: list[Range] = []
+        self.updates: list[torch.Tensor] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == STATELESS or x.numel() == 0:
+        if self.kind == STATELESS or x.numel() == 0:  # torch's observers skip empty tensors too
             return x
         x_ = x.detach()
-        if self.phase == 1:
-            self._record_range(x_)
-        elif self.kind == HISTOGRAM:
-            if self.hist is None:
-                raise CalibrationError(f"{self.name} saw data in pass 2 but none in pass 1: "
-                                       "the forward pass is not deterministic here")
+        if self.phase == "log":
+            self._log(x_)
+        elif self.kind == HISTOGRAM and self.phase == "count":
             self._count(x_)
+        elif self.kind == HISTOGRAM and self.phase == "replay":
+            self._update(x_)
         return x
 
-    def _record_range(self, x: torch.Tensor) -> None:
+    def _log(self, x: torch.Tensor) -> None:
         if self.kind == HISTOGRAM:
             lo, hi = torch.aminmax(x)
-        else:
+        else:  # per-tensor or per-channel, exactly as this observer class reduces its input
             self.observer.reset_min_max_vals()
             self.observer(x)
             lo, hi = self.observer.min_val.clone(), self.observer.max_val.clone()
         if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             raise DataError(f"NaN or Inf in the activation observed by {self.name}")
-        if self.batch_min is None:
-            self.batch_min, self.batch_max = lo, hi
-        else:  # an observer shared by several nodes sees several tensors per batch
-            self.batch_min, self.batch_max = torch.minimum(self.batch_min, lo), torch.maximum(self.batch_max, hi)
+        self.calls.append((lo, hi))
+        if self.kind == HISTOGRAM and self.run_observer:
+            self.observer(x)
 
     def _count(self, x: torch.Tensor) -> None:
+        if self.hist is None:
+            raise CalibrationError(f"{self.name} saw data in pass 2 but none in pass 1: "
+                                   "the forward pass is not deterministic here")
         lo, hi = self.range
         flat = x.reshape(-1)
         for start in range(0, flat.numel(), HISTC_CHUNK):
             chunk = flat[start:start + HISTC_CHUNK]
-            # Same call as HistogramObserver.reset_histogram; counts are integers, exact in float64.
+            # The call HistogramObserver.reset_histogram makes; integer counts, exact in float64.
             self.hist += torch.histc(chunk, self.observer.bins, min=lo, max=hi).double()
             self.count += chunk.numel()
+
+    def _update(self, x: torch.Tensor) -> None:
+        if len(self.updates) >= len(self.plan):
+            raise CalibrationError(f"{self.name} was called more often in pass 2 than in pass 1")
+        lo, hi = self.plan[len(self.updates)]
+        # Exactly HistogramObserver.forward's call, on the whole tensor, over the running range.
+        self.updates.append(torch.histc(x, self.observer.bins, min=lo, max=hi))
 
 
 def attach_probes(model: nn.Module) -> dict[str, _Probe]:
@@ -149,28 +169,28 @@ def attach_probes(model: nn.Module) -> dict[str, _Probe]:
     return probes
 
 
-def start_batch(probes: dict[str, _Probe]) -> None:
+# --- worker side: one batch at a time ----------------------------------------------------------
+
+def start_log(probes: dict[str, _Probe], run_observer: bool = False) -> None:
     for probe in probes.values():
-        probe.batch_min = probe.batch_max = None
+        probe.phase, probe.run_observer, probe.calls = "log", run_observer, []
 
 
-def batch_ranges(probes: dict[str, _Probe]) -> Ranges:
-    """The exact (min, max) each data-carrying observer saw in the current batch."""
-    return {n: (p.batch_min, p.batch_max) for n, p in probes.items() if p.batch_min is not None}
+def batch_log(probes: dict[str, _Probe]) -> BatchLog:
+    return {n: p.calls for n, p in probes.items() if p.calls}
 
 
-def begin_histograms(probes: dict[str, _Probe], ranges: Ranges) -> None:
-    """Switch to pass 2: histogram probes count into bins over the merged global range."""
+def start_counts(probes: dict[str, _Probe], ranges: dict[str, Range]) -> None:
+    """Exact pass 2: histogram probes count into bins over the merged global range."""
     for name, probe in probes.items():
-        probe.phase = 2  # min/max observers are final after pass 1; pass 2 only counts histograms
+        probe.phase = "count"
         if probe.kind == HISTOGRAM and name in ranges:
             probe.range = ranges[name]
-            probe.hist = torch.zeros(probe.observer.bins, dtype=torch.float64)
-            probe.count = 0
+            probe.hist, probe.count = torch.zeros(probe.observer.bins, dtype=torch.float64), 0
 
 
-def collect_histograms(probes: dict[str, _Probe]) -> Histograms:
-    """Each histogram probe's counts; checks that no value fell outside the range (histc drops them)."""
+def collect_counts(probes: dict[str, _Probe]) -> Counts:
+    """Each histogram probe's counts; checks no value fell outside the range (histc drops them)."""
     out = {}
     for name, probe in probes.items():
         if probe.kind != HISTOGRAM or probe.hist is None:
@@ -184,20 +204,66 @@ def collect_histograms(probes: dict[str, _Probe]) -> Histograms:
     return out
 
 
-def merge_ranges(parts) -> Ranges:
-    """Elementwise min of mins and max of maxes: exact, in any order."""
-    merged: Ranges = {}
-    for part in parts:
-        for name, (lo, hi) in part.items():
-            if name in merged:
-                lo, hi = torch.minimum(merged[name][0], lo), torch.maximum(merged[name][1], hi)
-            merged[name] = (lo, hi)
-    return merged
+def start_replay(probes: dict[str, _Probe], plan: BatchLog) -> None:
+    """Replay pass 2 for one batch: each histogram probe gets the running range of each of its calls."""
+    for name, probe in probes.items():
+        probe.phase, probe.updates = "replay", []
+        probe.plan = plan.get(name, []) if probe.kind == HISTOGRAM else []
 
 
-def merge_histograms(parts) -> Histograms:
+def batch_updates(probes: dict[str, _Probe]) -> dict[str, list[torch.Tensor]]:
+    out = {}
+    for name, probe in probes.items():
+        if len(probe.updates) != len(probe.plan):
+            raise CalibrationError(f"{name} was called {len(probe.updates)} times in pass 2, {len(probe.plan)} in pass 1")
+        if probe.updates:
+            out[name] = probe.updates
+    return out
+
+
+def observer_states(probes: dict[str, _Probe]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Fast mode: each histogram observer's own (min, max, histogram) after this worker's shard."""
+    return {n: (p.observer.min_val.clone(), p.observer.max_val.clone(), p.observer.histogram.clone())
+            for n, p in probes.items() if p.kind == HISTOGRAM and torch.isfinite(p.observer.min_val).all()}
+
+
+# --- driver side: pure merges --------------------------------------------------------------------
+
+def _canonical(logs: dict[int, BatchLog]):
+    """Every (observer, (min, max)) call in canonical order: batch id, then call order."""
+    for batch_id in sorted(logs):
+        for name, calls in logs[batch_id].items():
+            for call in calls:
+                yield batch_id, name, call
+
+
+def global_ranges(logs: dict[int, BatchLog]) -> dict[str, Range]:
+    """Elementwise min of mins and max of maxes over every call: exact, in any order."""
+    ranges: dict[str, Range] = {}
+    for _, name, (lo, hi) in _canonical(logs):
+        if name in ranges:
+            lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+        ranges[name] = (lo, hi)
+    return ranges
+
+
+def replay_plan(logs: dict[int, BatchLog]) -> dict[int, BatchLog]:
+    """For each batch, the range each call's update histogram is taken over in torch's forward:
+    the call's own range for an observer's first call (reset_histogram), else the running
+    min/max including this call."""
+    running: dict[str, Range] = {}
+    plan: dict[int, BatchLog] = {b: {} for b in logs}
+    for batch_id, name, (lo, hi) in _canonical(logs):
+        if name in running:
+            lo, hi = torch.min(running[name][0], lo), torch.max(running[name][1], hi)
+        running[name] = (lo, hi)
+        plan[batch_id].setdefault(name, []).append((lo, hi))
+    return plan
+
+
+def merge_counts(parts) -> Counts:
     """Sums of integer counts held in float64 (exact below 2**53): the same in any order."""
-    merged: Histograms = {}
+    merged: Counts = {}
     for part in parts:
         for name, (hist, count) in part.items():
             if name in merged:
@@ -206,40 +272,102 @@ def merge_histograms(parts) -> Histograms:
     return merged
 
 
-def load_merged(model: nn.Module, ranges: Ranges, histograms: Histograms) -> None:
-    """Write merged statistics into the observers of the driver's prepared model (unseen ones are left)."""
-    for name, obs in find_observers(model).items():
-        kind = _kind(name, obs)
-        if kind == STATELESS or name not in ranges:
-            continue
-        lo, hi = ranges[name]
-        # Assigning through the buffer names keeps eps, bins and reduce_range untouched, and clones
-        # avoid aliasing tensors that other observers or callers hold.
-        obs.min_val, obs.max_val = lo.clone(), hi.clone()
-        if kind == HISTOGRAM:
-            if name not in histograms:
-                raise CalibrationError(f"{name}: a range but no histogram was gathered")
-            obs.histogram = histograms[name][0].to(torch.float32)
+def load_merged(model: nn.Module, mode: str, logs: dict[int, BatchLog], pass2=None) -> None:
+    """Write the merged statistics into the observers of the driver's prepared (uncalibrated) model.
+
+    `pass2` is, by mode: exact, the merged `Counts`; replay, {batch_id: {name: [update, ...]}};
+    fast, the list of per-shard `observer_states` in shard order. Unseen observers are left as is.
+    """
+    observers = find_observers(model)
+    for name, obs in observers.items():
+        if _kind(name, obs) == MINMAX:
+            _replay_minmax(obs, [call for _, n, call in _canonical(logs) if n == name])
+    histograms = [n for n, o in observers.items() if _kind(n, o) == HISTOGRAM]
+    if mode == "exact":
+        ranges = global_ranges(logs)
+        for name in histograms:
+            if name in ranges:
+                if name not in pass2:
+                    raise CalibrationError(f"{name}: a range but no histogram was gathered")
+                # Assigning through the buffer names keeps eps, bins and reduce_range; clones avoid
+                # aliasing tensors that callers still hold.
+                obs = observers[name]
+                obs.min_val, obs.max_val = ranges[name][0].clone(), ranges[name][1].clone()
+                obs.histogram = pass2[name][0].to(torch.float32)
+    elif mode == "replay":
+        plan = replay_plan(logs)
+        for name in histograms:
+            steps = [(plan[b][name][i], pass2[b][name][i]) for b in sorted(plan) if name in plan[b]
+                     for i in range(len(plan[b][name]))]
+            _replay_histogram(observers[name], steps)
+    elif mode == "fast":
+        for name in histograms:
+            states = [s[name] for s in pass2 if name in s]
+            if states:
+                _combine_shards(observers[name], states)
+    else:
+        raise ValueError(f"unknown merge mode {mode!r}; valid: {', '.join(MODES)}")
 
 
-def qparam_rows(model: nn.Module, histograms: Histograms | None = None) -> list[dict]:
+def _replay_minmax(obs: ObserverBase, calls: list[Range]) -> None:
+    """Feed each logged call through the observer as a tensor whose min and max are the call's:
+    the observer then does exactly the arithmetic it did in one process (for an EMA, too)."""
+    for lo, hi in calls:
+        obs(_two_point_input(obs, lo, hi))
+
+
+def _two_point_input(obs: ObserverBase, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    if lo.dim() == 0:
+        return torch.stack([lo, hi])
+    pair = torch.stack([lo, hi])  # (2, C): channels on dim 1
+    axis = obs.ch_axis
+    if axis == 0:
+        return pair.T.contiguous()
+    if axis in (1, -1):
+        return pair
+    return pair.reshape(2, *([1] * (axis - 1)), lo.numel())
+
+
+def _replay_histogram(obs: HistogramObserver, steps) -> None:
+    """HistogramObserver.forward's state updates, given each call's range and update histogram."""
+    for i, ((lo, hi), update) in enumerate(steps):
+        if i == 0:  # reset_histogram
+            obs.min_val, obs.max_val, obs.histogram = lo.clone(), hi.clone(), update.clone()
+        elif torch.equal(lo, obs.min_val) and torch.equal(hi, obs.max_val):
+            obs.histogram = obs.histogram + update
+        else:
+            obs.histogram = obs._combine_histograms(obs.histogram, obs.min_val, obs.max_val, update, lo, hi)
+            obs.min_val, obs.max_val = lo.clone(), hi.clone()
+
+
+def _combine_shards(obs: HistogramObserver, states) -> None:
+    """Fast mode: re-bin each shard's histogram onto the union range with torch's own re-binning."""
+    lo = torch.stack([s[0] for s in states]).min()
+    hi = torch.stack([s[1] for s in states]).max()
+    combined = torch.zeros(obs.bins)
+    for s_lo, s_hi, hist in states:
+        combined = obs._combine_histograms(hist, s_lo, s_hi, combined, lo, hi)
+    obs.min_val, obs.max_val, obs.histogram = lo.clone(), hi.clone(), combined
+
+
+def qparam_rows(model: nn.Module, counts: Counts | None = None) -> list[dict]:
     """One row per observer with data state: name, aliases, class, min, max, scale, zero_point, count."""
     rows, aliases = [], observer_aliases(model)
     for name, obs in find_observers(model).items():
         if _kind(name, obs) == STATELESS:
             continue
-        seen = bool(torch.isfinite(obs.min_val).all()) and obs.min_val.numel() > 0
+        seen = obs.min_val.numel() > 0 and bool(torch.isfinite(obs.min_val).all())
         with warnings.catch_warnings():  # an unseen observer warns and returns the default qparams
             warnings.simplefilter("ignore")
             scale, zero_point = obs.calculate_qparams()
         if scale.numel() != 1:
-            raise CalibrationError(f"{name}: per-channel activation observers are not supported yet")
+            raise CalibrationError(f"{name}: per-channel activation observers are not supported in qparams.parquet")
         rows.append({
             "name": name, "aliases": aliases.get(name, []), "observer": type(obs).__name__,
             "dtype": str(obs.dtype).removeprefix("torch."), "min": float(obs.min_val) if seen else None,
             "max": float(obs.max_val) if seen else None, "scale": float(scale.item()),
             "zero_point": int(zero_point.item()),
-            "count": int(histograms[name][1]) if histograms and name in histograms else None,
+            "count": int(counts[name][1]) if counts and name in counts else None,
         })
     return rows
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import time
 
 import ray
@@ -53,39 +54,61 @@ class Cluster:
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
-def calibrate(cluster: Cluster, model, example_inputs, backend, data, batches, shards, threads,
-              signature, progress=None, order=None):
-    """The two-pass exact protocol on one actor per shard.
+def calibrate(cluster: Cluster, model, example_inputs, quant, data, batches, shards, threads, signature, *,
+              max_attempts: int = 3, progress=None, order=None):
+    """Calibrate on one actor per shard with the spec's merge mode; survive lost workers.
 
-    Returns merged (ranges, histograms) and the seconds spent starting actors and in each pass.
+    Returns (logs, pass2, stats) for `observers.load_merged`; stats has the seconds spent starting
+    actors and in each pass, the bytes the workers sent back, and the attempts per shard.
     `order` permutes the order in which shards are handed out (tests: the result must not change).
     """
-    # With more workers than CPUs, actors share CPUs instead of waiting forever for a free one.
-    num_cpus = min(1.0, cluster.cpus / len(shards))
-    worker_cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(_CalibrationActor)
-    order = list(order) if order is not None else list(range(len(shards)))
-    model_ref = ray.put(model)
-    actors = {s: worker_cls.remote(model_ref, example_inputs, backend, data, threads, signature, shard=s)
-              for s in order}
-    timings, t = {}, time.perf_counter()
+    pool = _ShardPool(cluster, model, example_inputs, quant, data, threads, signature, shards, order,
+                      max_attempts, progress.console if progress else None)
+    mode, n = quant.mode, len(batches)
+    t = time.perf_counter()
+    stats = {"mode": mode}
+
+    def lap(name):
+        nonlocal t
+        stats[name], t = round(time.perf_counter() - t, 4), time.perf_counter()
+
     try:
-        _gather({actors[s].setup.remote(): s for s in order}, None, "")
-        timings["actors_start"], t = round(time.perf_counter() - t, 4), time.perf_counter()
-        refs = {actors[s].ranges.remote(b, batches[b]): s for s in order for b in shards[s]}
-        ranges = observers.merge_ranges(_gather(refs, progress, "calibrate: ranges"))
-        timings["pass1_ranges"], t = round(time.perf_counter() - t, 4), time.perf_counter()
-        ranges_ref = ray.put(ranges)
-        for s in order:
-            actors[s].begin_histograms.remote(ranges_ref)  # actor calls run in submission order
-        refs = {actors[s].histograms.remote(b, batches[b]): s for s in order for b in shards[s]}
-        _gather(refs, progress, "calibrate: histograms")
-        refs = {actors[s].collect.remote(): s for s in order}
-        histograms = observers.merge_histograms(_gather(refs, None, ""))
-        timings["pass2_histograms"] = round(time.perf_counter() - t, 4)
-        return ranges, histograms, timings
+        pool.run(lambda s, a: {}, None, "")  # start every actor (setup runs first on each)
+        lap("actors_start_s")
+        fast = mode == "fast"
+
+        def pass1(s, actor):
+            calls = {("log", b): actor.log.remote(b, batches[b], fast) for b in shards[s]}
+            if fast:  # the torch observers' state lives on the actor: a retry redoes the whole shard
+                calls[("states", s)] = actor.observer_states.remote()
+            return calls
+
+        results = pool.run(pass1, progress, "calibrate: pass 1", total=n)
+        logs = {key[1]: value for key, value in results.items() if key[0] == "log"}
+        lap("pass1_s")
+        if fast:
+            pass2 = [results[("states", s)] for s in pool.order]
+        elif mode == "replay":
+            plan = observers.replay_plan(logs)
+            results = pool.run(lambda s, a: {("replay", b): a.replay.remote(b, batches[b], plan[b]) for b in shards[s]},
+                               progress, "calibrate: pass 2", total=n)
+            pass2 = {key[1]: value for key, value in results.items()}
+        else:
+            ranges_ref = ray.put(observers.global_ranges(logs))
+
+            def pass2_calls(s, actor):
+                calls = {("start", s): actor.start_counts.remote(ranges_ref)}
+                calls.update({("count", b): actor.count.remote(b, batches[b]) for b in shards[s]})
+                calls[("collect", s)] = actor.collect_counts.remote()  # counts accumulate on the actor
+                return calls
+
+            results = pool.run(pass2_calls, progress, "calibrate: pass 2", total=n)
+            pass2 = observers.merge_counts(results[("collect", s)] for s in pool.order)
+        lap("pass2_s")
+        stats.update(bytes_from_workers=pool.bytes_received, attempts=pool.attempts)
+        return logs, pass2, stats
     finally:
-        for actor in actors.values():
-            ray.kill(actor)
+        pool.close()
 
 
 class _CalibrationActor(CalibrationWorker):
@@ -98,6 +121,88 @@ class _CalibrationActor(CalibrationWorker):
     def setup(self) -> None:
         args, kwargs = self._init_args
         super().__init__(*args, **kwargs)
+
+
+class _ShardPool:
+    """A driver-side table of one actor per shard and its in-flight calls. When an actor dies, its
+    shard's calls of the current pass are dropped and resubmitted, in order, to a new actor, up to
+    `max_attempts` per shard. (ActorPool would drop the actor and lose its items; `max_task_retries`
+    would also re-run deterministic crashes.) Errors raised by quantray code are not retried."""
+
+    def __init__(self, cluster, model, example_inputs, quant, data, threads, signature, shards, order,
+                 max_attempts, console):
+        # With more workers than CPUs, actors share CPUs instead of waiting forever for a free one.
+        num_cpus = min(1.0, cluster.cpus / len(shards))
+        self._cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(_CalibrationActor)
+        self._args = (ray.put(model), example_inputs, quant, data, threads, signature)
+        self.order = list(order) if order is not None else list(range(len(shards)))
+        self.max_attempts, self.console = max_attempts, console
+        self.attempts = {s: 1 for s in self.order}
+        self.bytes_received = 0
+        self.actors, self._setup = {}, {}
+        for s in self.order:
+            self._start(s)
+
+    def _start(self, s: int) -> None:
+        self.actors[s] = self._cls.remote(*self._args, shard=s)
+        self._setup[s] = self.actors[s].setup.remote()  # actor calls run in submission order
+
+    def run(self, calls, progress, label: str, total: int = 0) -> dict:
+        bar = progress.add_task(label, total=total) if progress is not None and label else None
+        in_flight, results, owner = {}, {}, {}
+
+        def submit(s):
+            if s in self._setup:
+                in_flight[self._setup.pop(s)] = (s, ("setup", s), self.attempts[s])
+            for key, ref in calls(s, self.actors[s]).items():
+                in_flight[ref] = (s, key, self.attempts[s])
+
+        for s in self.order:
+            submit(s)
+        while in_flight:
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            s, key, attempt = in_flight.pop(ref)
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayTaskError as e:
+                raise _quantray_cause(e) or e from None
+            except ray.exceptions.RayActorError as e:
+                if attempt != self.attempts[s]:
+                    continue  # a call to an actor already replaced
+                cause = _quantray_cause(e)
+                if cause is not None:
+                    raise cause from None
+                for r in [r for r, (s2, _, _) in in_flight.items() if s2 == s]:
+                    del in_flight[r]
+                for k in [k for k, s2 in owner.items() if s2 == s]:
+                    del results[k], owner[k]
+                if bar is not None:
+                    progress.update(bar, completed=sum(1 for k in results if k[0] in ("log", "count", "replay")))
+                self._replace(s, e)
+                submit(s)
+                continue
+            if key[0] != "setup":
+                results[key], owner[key] = value, s
+                self.bytes_received += len(pickle.dumps(value))
+                if bar is not None and key[0] in ("log", "count", "replay"):
+                    progress.advance(bar)
+        return results
+
+    def _replace(self, s: int, error: Exception) -> None:
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if self.attempts[s] >= self.max_attempts:
+            raise CalibrationError(f"calibration shard {s} failed on all {self.max_attempts} attempts "
+                                   f"([run] max_attempts); last cause: {type(error).__name__}: {cause}")
+        ray.kill(self.actors[s])
+        self.attempts[s] += 1
+        if self.console is not None:
+            self.console.print(f"[yellow]calibration worker for shard {s} died ({type(error).__name__}); "
+                               f"redoing the shard on a new worker, attempt {self.attempts[s]} of {self.max_attempts}[/]")
+        self._start(s)
+
+    def close(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor)
 
 
 def evaluate(fp32, int8_script: bytes, backend, data, groups, threads, progress=None):

@@ -26,6 +26,10 @@ __all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "load_spe
 SOURCES = ("digits", "torchvision", "imagefolder", "factory")
 TRANSFORMS = ("imagenet_eval", "to_tensor", "none")
 BACKENDS = ("x86", "qnnpack")
+MODES = ("exact", "replay", "fast")
+MAPPINGS = ("global", "default")
+ACTIVATIONS = ("histogram", "minmax", "moving_average")
+WEIGHTS = ("per_channel", "per_tensor")
 DIGITS_SPLITS = ("train", "test", "all")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -61,13 +65,23 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class QuantSpec:
+    """Backend, merge mode and qconfig choices. `module_types` / `module_names` map a torch.nn class
+    name / a module's qualified name to "fp32" (not quantized) or {activation = ..., weight = ...}."""
+
     backend: str = "x86"
+    mode: str = "exact"
+    mapping: str = "global"
+    activation: str | None = None
+    weight: str | None = None
+    module_types: dict = field(default_factory=dict)
+    module_names: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class RunSpec:
     workers: int | None = None
     threads: int = 1
+    max_attempts: int = 3
     latency_warmup: int = 10
     latency_iters: int = 100
 
@@ -236,12 +250,34 @@ def _check_data(d: DataSpec, section: str, ctx: _Context) -> DataSpec:
 
 
 def _check_quant(q: QuantSpec, ctx: _Context) -> None:
-    if q.backend not in BACKENDS:
-        ctx.fail("quantization", "backend", f"= {q.backend!r}: unknown backend{_suggest(q.backend, BACKENDS)}; valid: {', '.join(BACKENDS)}")
+    for key, valid in (("backend", BACKENDS), ("mode", MODES), ("mapping", MAPPINGS),
+                       ("activation", ACTIVATIONS), ("weight", WEIGHTS)):
+        value = getattr(q, key)
+        if value is not None and value not in valid:
+            ctx.fail("quantization", key, f"= {value!r}: unknown {key}{_suggest(value, valid)}; valid: {', '.join(valid)}")
+    import torch.nn
+
+    for table in ("module_types", "module_names"):
+        for name, value in getattr(q, table).items():
+            key = f"{table}.{name}"
+            if table == "module_types" and not (isinstance(getattr(torch.nn, name, None), type)
+                                                and issubclass(getattr(torch.nn, name), torch.nn.Module)):
+                classes = [n for n in dir(torch.nn) if isinstance(getattr(torch.nn, n), type)]
+                ctx.fail("quantization", key, f": not a torch.nn module class{_suggest(name, classes)}; e.g. Conv2d, Linear")
+            if value == "fp32":
+                continue
+            if not isinstance(value, dict):
+                ctx.fail("quantization", key, f"= {value!r}: expected \"fp32\" or a table {{ activation = ..., weight = ... }}")
+            for sub, sub_value in value.items():
+                valid = {"activation": ACTIVATIONS, "weight": WEIGHTS}.get(sub)
+                if valid is None:
+                    ctx.fail("quantization", f"{key}.{sub}", f"unknown key{_suggest(sub, ['activation', 'weight'])}; valid keys: activation, weight")
+                if sub_value not in valid:
+                    ctx.fail("quantization", f"{key}.{sub}", f"= {sub_value!r}: valid: {', '.join(valid)}")
 
 
 def _check_run(r: RunSpec, ctx: _Context) -> None:
-    for key, low in (("workers", 1), ("threads", 1), ("latency_warmup", 0), ("latency_iters", 1)):
+    for key, low in (("workers", 1), ("threads", 1), ("max_attempts", 1), ("latency_warmup", 0), ("latency_iters", 1)):
         value = getattr(r, key)
         if value is not None and value < low:
             ctx.fail("run", key, f"= {value}: must be at least {low}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["write_flowers102", "article_job"]
+__all__ = ["write_flowers102", "article_job", "digits_killer"]
 
 
 def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=4, val=1, test=2,
@@ -63,3 +63,31 @@ def article_job(base: str | Path, *, samples: int = 20, latency_iters: int = 100
     job = base / "flowers102_resnet18.toml"
     job.write_text(text)
     return job
+
+
+class _KillingDataset:
+    """Wraps a dataset; loading sample `kill_at` SIGKILLs the process (once, if `marker` is given:
+    the marker file is created first, so a retry on a new worker goes through)."""
+
+    def __init__(self, inner, kill_at: int, marker: str | None):
+        self.inner, self.kill_at, self.marker = inner, kill_at, marker
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if i == self.kill_at and (self.marker is None or not Path(self.marker).exists()):
+            import os
+            import signal
+
+            if self.marker is not None:
+                Path(self.marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.inner[i]
+
+
+def digits_killer(split: str = "train", kill_at: int = 0, marker: str | None = None):
+    """The digits split, with a process that dies loading sample `kill_at`: for fault-tolerance tests."""
+    from .data import digits
+
+    return _KillingDataset(digits(split), kill_at, marker)

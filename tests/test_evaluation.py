@@ -7,9 +7,9 @@ from quantray import calibration, data, evaluation
 
 def test_sharded_evaluation_merges_to_the_single_pass_result(tiny_model, digits_plan):
     spec, _, batches, example = digits_plan
-    ranges, hists = calibration.calibrate_serial(tiny_model, example, "x86", spec, batches, [list(range(len(batches)))])
+    logs, counts = calibration.calibrate_serial(tiny_model, example, "x86", spec, batches, [list(range(len(batches)))])
     prepared = calibration.prepare(tiny_model, "x86", example)
-    calibration.observers.load_merged(prepared, ranges, hists)
+    calibration.observers.load_merged(prepared, "exact", logs, counts)
     int8 = calibration.convert(prepared)
     test = data.digits("test")
     test_batches = data.make_batches(list(range(len(test))), 50)

@@ -72,10 +72,10 @@ def test_seed_recipe_torchscript_and_load_quantized_match_the_in_memory_int8_mod
     fp32 = digits_cnn()
     dataset = data.digits("train")
     example = data.load_batch(dataset, manifest["calibration"]["batches"][0][:1])[0]
-    ranges, hists = calibration.calibrate_serial(fp32, example, "x86", spec.calibration,
-                                                 manifest["calibration"]["batches"], manifest["calibration"]["shards"])
+    logs, counts = calibration.calibrate_serial(fp32, example, "x86", spec.calibration,
+                                                manifest["calibration"]["batches"], manifest["calibration"]["shards"])
     prepared = calibration.prepare(fp32, "x86", example)
-    observers.load_merged(prepared, ranges, hists)
+    observers.load_merged(prepared, "exact", logs, counts)
     assert observers.state_digest(prepared) == manifest["qparams_digest"]
     in_memory = calibration.convert(prepared)
 
