@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("job", help="job spec (TOML), e.g. jobs/digits.toml")
     run.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
     run.add_argument("--out", help="run directory to create (default: runs/NAME-TIMESTAMP)")
+    run.add_argument("--no-cache", action="store_true", help="recompute every calibration statistic")
     args = parser.parse_args(argv)
 
     try:
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         from .spec import load_spec
 
         spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
-        run_job(spec, workers=args.workers, out=args.out)
+        run_job(spec, workers=args.workers, out=args.out, use_cache=not args.no_cache)
     except QuantrayError as e:
         print(f"quantray: error: {e}", file=sys.stderr)
         return e.exit_code

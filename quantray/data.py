@@ -18,7 +18,7 @@ from .errors import DataError, SpecError
 from .spec import DataSpec
 
 __all__ = ["build_dataset", "digits", "sample_indices", "make_batches", "assign_shards",
-           "load_batch", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "load_batch", "sample_file", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the seed article has 0.465 for 0.456: a typo
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,20 +99,22 @@ def load_batch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torc
         try:
             x, y = dataset[i]
         except Exception as e:
-            raise DataError(f"sample {i}{_sample_path(dataset, i)} failed to load: "
+            path = sample_file(dataset, i)
+            raise DataError(f"sample {i}{f' ({path})' if path else ''} failed to load: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         xs.append(x)
         ys.append(int(y))
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
 
 
-def _sample_path(dataset, i: int) -> str:
+def sample_file(dataset, i: int) -> str | None:
+    """The file sample `i` is read from, where the dataset says (ImageFolder, Flowers102, ...)."""
     for attr in ("samples", "imgs", "_image_files"):
         items = getattr(dataset, attr, None)
-        if isinstance(items, (list, tuple)) and i < len(items):
+        if isinstance(items, (list, tuple)) and 0 <= i < len(items):
             item = items[i]
-            return f" ({item[0] if isinstance(item, tuple) else item})"
-    return ""
+            return str(item[0] if isinstance(item, tuple) else item)
+    return None
 
 
 def _transform(preset: str | None):

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cache import cache_dir
+
 __all__ = ["DigitsCNN", "digits_cnn", "train"]
 
 CHECKPOINT = "digits_cnn-v1.pth"
@@ -37,10 +39,6 @@ class DigitsCNN(nn.Module):
         x = self.pool(self.relu(self.conv2(x)))
         x = self.avg(self.relu(self.conv3(x)))
         return self.fc(torch.flatten(x, 1))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QUANTRAY_CACHE", Path.home() / ".cache" / "quantray"))
 
 
 def digits_cnn() -> DigitsCNN:

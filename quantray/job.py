@@ -20,6 +20,7 @@ from rich.console import Console
 
 from . import __version__, observers, runner
 from .artifacts import PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, RunDir
+from .cache import StatsCache, batch_identities, cache_dir
 from .calibration import convert, prepare, set_engine
 from .data import assign_shards, build_dataset, load_batch, make_batches, sample_indices
 from .errors import QuantrayError, SpecError
@@ -32,8 +33,10 @@ __all__ = ["run_job"]
 
 
 def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None = None,
-            address: str | None = None, console: Console | None = None, shard_order=None) -> Path:
-    """Run `spec`; returns the committed run directory. `shard_order` is for equivalence tests."""
+            address: str | None = None, console: Console | None = None, shard_order=None,
+            use_cache: bool = True) -> Path:
+    """Run `spec`; returns the committed run directory. `shard_order` is for equivalence tests;
+    `use_cache=False` (--no-cache) recomputes every statistic instead of reusing stored ones."""
     console = console or Console(stderr=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -80,9 +83,18 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                 console.print(f"[yellow]{len(batches)} calibration batches: using {len(shards)} workers, not {n}[/]")
             with make_progress(console) as progress:
                 with stage("calibrate"):
+                    cache = identities = None
+                    if use_cache and spec.run.cache:
+                        cache = StatsCache(spec.run.cache_dir or cache_dir() / "stats", fp32, spec.quantization, threads)
+                        identities = batch_identities(calib_ds, spec.calibration, batches)
                     logs, pass2, calibrate_stats = runner.calibrate(
                         cluster, fp32, example, spec.quantization, spec.calibration, batches, shards, threads,
-                        signature, max_attempts=spec.run.max_attempts, progress=progress, order=shard_order)
+                        signature, max_attempts=spec.run.max_attempts, progress=progress, order=shard_order,
+                        cache=cache, identities=identities)
+                    reused = {k: v for k, v in calibrate_stats.get("cached", {}).items() if v[0]}
+                    if reused:
+                        console.print("reused stored statistics: " + ", ".join(
+                            f"{k} {hit} of {total}" for k, (hit, total) in reused.items()) + f" (from {cache.root})")
                 with stage("convert"):
                     observers.load_merged(prepared, spec.quantization.mode, logs, pass2)
                     int8 = convert(prepared)

@@ -55,56 +55,92 @@ class Cluster:
 
 
 def calibrate(cluster: Cluster, model, example_inputs, quant, data, batches, shards, threads, signature, *,
-              max_attempts: int = 3, progress=None, order=None):
-    """Calibrate on one actor per shard with the spec's merge mode; survive lost workers.
+              max_attempts: int = 3, progress=None, order=None, cache=None, identities=None):
+    """Calibrate on one actor per shard with the spec's merge mode; survive lost workers; reuse
+    cached statistics (`cache`, with one identity per batch) and store new ones.
 
     Returns (logs, pass2, stats) for `observers.load_merged`; stats has the seconds spent starting
-    actors and in each pass, the bytes the workers sent back, and the attempts per shard.
+    actors and in each pass, the bytes workers sent back, attempts per shard and cache hits.
     `order` permutes the order in which shards are handed out (tests: the result must not change).
     """
-    pool = _ShardPool(cluster, model, example_inputs, quant, data, threads, signature, shards, order,
+    pool = _ShardPool(cluster, model, example_inputs, quant, data, threads, signature, len(shards), order,
                       max_attempts, progress.console if progress else None)
-    mode, n = quant.mode, len(batches)
-    t = time.perf_counter()
+    cache = cache if identities is not None else None
+    mode, t = quant.mode, time.perf_counter()
     stats = {"mode": mode}
 
     def lap(name):
         nonlocal t
         stats[name], t = round(time.perf_counter() - t, 4), time.perf_counter()
 
+    def cached_run(label, keys: dict, calls, unit_items):
+        """Look every unit up in the cache; run the misses' calls; store what they return."""
+        found = {u: cache.get(k) for u, k in keys.items()} if cache else {}
+        found = {u: v for u, v in found.items() if v is not None}
+        results = pool.run(lambda s: calls(s, found), progress, label,
+                           total=sum(len(unit_items(u)) for u in keys if u not in found))
+        stats.setdefault("cached", {})[label.split(": ")[-1].replace(" ", "")] = [len(found), len(keys)]
+        return found, results
+
     try:
-        pool.run(lambda s, a: {}, None, "")  # start every actor (setup runs first on each)
-        lap("actors_start_s")
-        fast = mode == "fast"
+        if mode == "fast":  # one pass; the torch observers' state lives on the actor: cache per shard
+            keys = {s: cache.key("fast", [identities[b] for b in shards[s]]) if cache else s for s in pool.order}
 
-        def pass1(s, actor):
-            calls = {("log", b): actor.log.remote(b, batches[b], fast) for b in shards[s]}
-            if fast:  # the torch observers' state lives on the actor: a retry redoes the whole shard
-                calls[("states", s)] = actor.observer_states.remote()
-            return calls
+            def calls(s, found):
+                if s in found:
+                    return []
+                return [(("log", b), "log", (b, batches[b], True)) for b in shards[s]] + [(("states", s), "observer_states", ())]
 
-        results = pool.run(pass1, progress, "calibrate: pass 1", total=n)
-        logs = {key[1]: value for key, value in results.items() if key[0] == "log"}
-        lap("pass1_s")
-        if fast:
-            pass2 = [results[("states", s)] for s in pool.order]
-        elif mode == "replay":
-            plan = observers.replay_plan(logs)
-            results = pool.run(lambda s, a: {("replay", b): a.replay.remote(b, batches[b], plan[b]) for b in shards[s]},
-                               progress, "calibrate: pass 2", total=n)
-            pass2 = {key[1]: value for key, value in results.items()}
+            found, results = cached_run("calibrate: pass 1", keys, calls, lambda s: shards[s])
+            for s in pool.order:
+                if s not in found:
+                    found[s] = ({b: results[("log", b)] for b in shards[s]}, results[("states", s)])
+                    if cache:
+                        cache.put(keys[s], found[s])
+            logs = {b: log for s in pool.order for b, log in found[s][0].items()}
+            pass2 = [found[s][1] for s in pool.order]
+            lap("pass1_s")
         else:
-            ranges_ref = ray.put(observers.global_ranges(logs))
+            keys = {b: cache.key("log", identities[b]) if cache else b for b in range(len(batches))}
+            found, results = cached_run("calibrate: pass 1", keys,
+                                        lambda s, found: [(("log", b), "log", (b, batches[b])) for b in shards[s] if b not in found],
+                                        lambda b: [b])
+            logs = {**found, **{key[1]: value for key, value in results.items()}}
+            if cache:
+                for key, value in results.items():
+                    cache.put(keys[key[1]], value)
+            lap("pass1_s")
+            if mode == "replay":
+                plan = observers.replay_plan(logs)
+                keys = {b: cache.key("replay", plan[b], identities[b]) if cache else b for b in range(len(batches))}
+                found, results = cached_run(
+                    "calibrate: pass 2", keys,
+                    lambda s, found: [(("replay", b), "replay", (b, batches[b], plan[b])) for b in shards[s] if b not in found],
+                    lambda b: [b])
+                pass2 = {**found, **{key[1]: value for key, value in results.items()}}
+                if cache:
+                    for key, value in results.items():
+                        cache.put(keys[key[1]], value)
+            else:
+                ranges = observers.global_ranges(logs)
+                ranges_ref = ray.put(ranges)
+                keys = {s: cache.key("count", ranges, [identities[b] for b in shards[s]]) if cache else s for s in pool.order}
 
-            def pass2_calls(s, actor):
-                calls = {("start", s): actor.start_counts.remote(ranges_ref)}
-                calls.update({("count", b): actor.count.remote(b, batches[b]) for b in shards[s]})
-                calls[("collect", s)] = actor.collect_counts.remote()  # counts accumulate on the actor
-                return calls
+                def calls(s, found):  # counts accumulate on the actor: a retry redoes the whole shard
+                    if s in found:
+                        return []
+                    return ([(("start", s), "start_counts", (ranges_ref,))]
+                            + [(("count", b), "count", (b, batches[b])) for b in shards[s]]
+                            + [(("collect", s), "collect_counts", ())])
 
-            results = pool.run(pass2_calls, progress, "calibrate: pass 2", total=n)
-            pass2 = observers.merge_counts(results[("collect", s)] for s in pool.order)
-        lap("pass2_s")
+                found, results = cached_run("calibrate: pass 2", keys, calls, lambda s: shards[s])
+                for s in pool.order:
+                    if s not in found:
+                        found[s] = results[("collect", s)]
+                        if cache:
+                            cache.put(keys[s], found[s])
+                pass2 = observers.merge_counts(found[s] for s in pool.order)
+            lap("pass2_s")
         stats.update(bytes_from_workers=pool.bytes_received, attempts=pool.attempts)
         return logs, pass2, stats
     finally:
@@ -124,38 +160,45 @@ class _CalibrationActor(CalibrationWorker):
 
 
 class _ShardPool:
-    """A driver-side table of one actor per shard and its in-flight calls. When an actor dies, its
-    shard's calls of the current pass are dropped and resubmitted, in order, to a new actor, up to
-    `max_attempts` per shard. (ActorPool would drop the actor and lose its items; `max_task_retries`
-    would also re-run deterministic crashes.) Errors raised by quantray code are not retried."""
+    """A driver-side table of one actor per shard (started on first use) and its in-flight calls.
 
-    def __init__(self, cluster, model, example_inputs, quant, data, threads, signature, shards, order,
+    When an actor dies, its shard's calls of the current pass are dropped and resubmitted, in order,
+    to a new actor, up to `max_attempts` per shard. (ActorPool would drop the actor and lose its
+    items; `max_task_retries` would also re-run deterministic crashes.) Errors raised by quantray
+    code are not retried: they would fail again.
+    """
+
+    def __init__(self, cluster, model, example_inputs, quant, data, threads, signature, n_shards, order,
                  max_attempts, console):
         # With more workers than CPUs, actors share CPUs instead of waiting forever for a free one.
-        num_cpus = min(1.0, cluster.cpus / len(shards))
+        num_cpus = min(1.0, cluster.cpus / n_shards)
         self._cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(_CalibrationActor)
         self._args = (ray.put(model), example_inputs, quant, data, threads, signature)
-        self.order = list(order) if order is not None else list(range(len(shards)))
+        self.order = list(order) if order is not None else list(range(n_shards))
         self.max_attempts, self.console = max_attempts, console
         self.attempts = {s: 1 for s in self.order}
         self.bytes_received = 0
         self.actors, self._setup = {}, {}
-        for s in self.order:
-            self._start(s)
 
     def _start(self, s: int) -> None:
         self.actors[s] = self._cls.remote(*self._args, shard=s)
         self._setup[s] = self.actors[s].setup.remote()  # actor calls run in submission order
 
     def run(self, calls, progress, label: str, total: int = 0) -> dict:
-        bar = progress.add_task(label, total=total) if progress is not None and label else None
+        """Submit `calls(shard)` -> [(key, method, args)] for every shard; return {key: result}."""
+        bar = progress.add_task(label, total=total) if progress is not None else None
         in_flight, results, owner = {}, {}, {}
 
         def submit(s):
+            todo = calls(s)
+            if not todo:
+                return
+            if s not in self.actors:
+                self._start(s)
             if s in self._setup:
                 in_flight[self._setup.pop(s)] = (s, ("setup", s), self.attempts[s])
-            for key, ref in calls(s, self.actors[s]).items():
-                in_flight[ref] = (s, key, self.attempts[s])
+            for key, method, args in todo:
+                in_flight[getattr(self.actors[s], method).remote(*args)] = (s, key, self.attempts[s])
 
         for s in self.order:
             submit(s)
@@ -177,14 +220,14 @@ class _ShardPool:
                 for k in [k for k, s2 in owner.items() if s2 == s]:
                     del results[k], owner[k]
                 if bar is not None:
-                    progress.update(bar, completed=sum(1 for k in results if k[0] in ("log", "count", "replay")))
+                    progress.update(bar, completed=sum(1 for k in results if k[0] in _PROGRESS))
                 self._replace(s, e)
                 submit(s)
                 continue
             if key[0] != "setup":
                 results[key], owner[key] = value, s
                 self.bytes_received += len(pickle.dumps(value))
-                if bar is not None and key[0] in ("log", "count", "replay"):
+                if bar is not None and key[0] in _PROGRESS:
                     progress.advance(bar)
         return results
 
@@ -203,6 +246,9 @@ class _ShardPool:
     def close(self) -> None:
         for actor in self.actors.values():
             ray.kill(actor)
+
+
+_PROGRESS = ("log", "count", "replay")  # the calls a progress bar counts: one per batch
 
 
 def evaluate(fp32, int8_script: bytes, backend, data, groups, threads, progress=None):

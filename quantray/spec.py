@@ -82,6 +82,8 @@ class RunSpec:
     workers: int | None = None
     threads: int = 1
     max_attempts: int = 3
+    cache: bool = True
+    cache_dir: Path | None = None
     latency_warmup: int = 10
     latency_iters: int = 100
 

@@ -55,10 +55,10 @@ def test_killed_worker_is_replaced_and_the_result_is_bit_identical(ray_cluster, 
     undisturbed_marker = tmp_path / "already-killed"
     undisturbed_marker.touch()  # the dataset only kills while the marker is absent
     undisturbed = run_job(load_spec(_killer_job(tmp_path, undisturbed_marker, mode)), workers=2,
-                          out=tmp_path / "undisturbed", console=quiet)
+                          out=tmp_path / "undisturbed", console=quiet, use_cache=False)
     log = io.StringIO()
     disturbed = run_job(load_spec(_killer_job(tmp_path, tmp_path / "kill-once", mode)), workers=2,
-                        out=tmp_path / "disturbed", console=Console(file=log, width=300))
+                        out=tmp_path / "disturbed", console=Console(file=log, width=300), use_cache=False)
     assert (tmp_path / "kill-once").exists()  # a worker really was killed
     assert "calibration worker for shard 1 died (ActorDiedError); redoing the shard" in log.getvalue()
     manifests = [json.loads((d / "manifest.json").read_text()) for d in (undisturbed, disturbed)]
