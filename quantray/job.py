@@ -52,6 +52,8 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
         calib_ds = build_dataset(spec.calibration, f"{spec.path}: [calibration]")
         test_ds = build_dataset(spec.test, f"{spec.path}: [test]")
         calib_idx = _indices(calib_ds, spec, "calibration")
+        if not calib_idx:
+            raise SpecError(f"{spec.path}: [calibration] the calibration split is empty: nothing to calibrate on")
         test_idx = _indices(test_ds, spec, "test")
         example = load_batch(calib_ds, calib_idx[:1])[0]
     with stage("prepare"):
@@ -68,8 +70,6 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
     requested = workers or spec.run.workers
     out = Path(out) if out else Path("runs") / f"{spec.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     threads = spec.run.threads
-    if not calib_idx:
-        raise SpecError(f"{spec.path}: [calibration] the calibration split is empty: nothing to calibrate on")
     batches = make_batches(calib_idx, spec.calibration.batch_size)
     test_batches = make_batches(test_idx, spec.test.batch_size)
 

@@ -67,6 +67,7 @@ def calibrate(cluster: Cluster, model, example_inputs, quant, data, batches, sha
                       max_attempts, progress.console if progress else None)
     cache = cache if identities is not None else None
     mode, t = quant.mode, time.perf_counter()
+    started = t
     stats = {"mode": mode}
 
     def lap(name):
@@ -141,7 +142,8 @@ def calibrate(cluster: Cluster, model, example_inputs, quant, data, batches, sha
                             cache.put(keys[s], found[s])
                 pass2 = observers.merge_counts(found[s] for s in pool.order)
             lap("pass2_s")
-        stats.update(bytes_from_workers=pool.bytes_received, attempts=pool.attempts)
+        stats.update(bytes_from_workers=pool.bytes_received, attempts=pool.attempts,
+                     actors_ready_s=round(pool.ready_at - started, 4) if pool.ready_at else 0.0)
         return logs, pass2, stats
     finally:
         pool.close()
@@ -179,6 +181,7 @@ class _ShardPool:
         self.attempts = {s: 1 for s in self.order}
         self.bytes_received = 0
         self.actors, self._setup = {}, {}
+        self.ready_at = None  # when the last actor finished its setup (start-up cost, for profiles)
 
     def _start(self, s: int) -> None:
         self.actors[s] = self._cls.remote(*self._args, shard=s)
@@ -224,7 +227,9 @@ class _ShardPool:
                 self._replace(s, e)
                 submit(s)
                 continue
-            if key[0] != "setup":
+            if key[0] == "setup":
+                self.ready_at = time.perf_counter()
+            else:
                 results[key], owner[key] = value, s
                 self.bytes_received += len(pickle.dumps(value))
                 if bar is not None and key[0] in _PROGRESS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["write_flowers102", "article_job", "digits_killer"]
+__all__ = ["write_flowers102", "article_job", "digits_killer", "random_images"]
 
 
 def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=4, val=1, test=2,
@@ -91,3 +91,26 @@ def digits_killer(split: str = "train", kill_at: int = 0, marker: str | None = N
     from .data import digits
 
     return _KillingDataset(digits(split), kill_at, marker)
+
+
+class _RandomImages:
+    """`n` reproducible random images (image i is drawn from a generator seeded with i)."""
+
+    def __init__(self, n: int, shape):
+        self.n, self.shape = n, tuple(shape)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        import torch
+
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(self.shape, generator=g), i % 10
+
+
+def random_images(n: int = 1000, shape=(3, 224, 224)):
+    """A dataset factory for benchmarks: decoding costs nothing, so timings measure calibration."""
+    return _RandomImages(n, shape)

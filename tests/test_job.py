@@ -16,7 +16,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 import quantray
 from quantray import calibration, data, observers
 from quantray.demo import digits_cnn
-from quantray.errors import DataError
+from quantray.errors import DataError, SpecError
 from quantray.job import run_job
 from quantray.spec import load_spec
 
@@ -119,3 +119,23 @@ def test_a_failing_run_leaves_no_run_directory(ray_cluster, tmp_path):
     with pytest.raises(DataError, match=r"NaN or Inf in the activation observed by activation_post_process_\d+ \(shard \d"):
         run_job(load_spec(job), workers=2, out=out, console=Console(file=io.StringIO()))
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_empty_calibration_split_is_a_spec_error_before_ray(tmp_path):
+    job = tmp_path / "empty.toml"
+    job.write_text((ROOT / "jobs" / "digits.toml").read_text().replace(
+        'source = "digits"\nsplit = "train"',
+        'source = "factory"\nfactory = "quantray.testing:random_images"\nkwargs = { n = 0, shape = [1, 8, 8] }'
+    ).replace("samples = 320\n", ""))
+    with pytest.raises(SpecError, match=r"\[calibration\] the calibration split is empty"):
+        run_job(load_spec(job), out=tmp_path / "run", console=Console(file=io.StringIO()))
+    assert not (tmp_path / "run").exists()
+
+
+def test_fewer_batches_than_workers_uses_fewer_workers_and_says_so(ray_cluster, tmp_path):
+    job = tmp_path / "small.toml"
+    job.write_text((ROOT / "jobs" / "digits.toml").read_text().replace("samples = 320", "samples = 64"))
+    log = io.StringIO()
+    run = run_job(load_spec(job), workers=3, out=tmp_path / "run", console=Console(file=log, width=300))
+    assert "2 calibration batches: using 2 workers, not 3" in log.getvalue()
+    assert json.loads((run / "manifest.json").read_text())["workers"] == 2

@@ -97,3 +97,25 @@ def test_not_toml_and_missing_file(tmp_path):
     assert "not valid TOML" in _error(tmp_path, "[model\n")
     with pytest.raises(SpecError, match="job file not found"):
         load_spec(tmp_path / "absent.toml")
+
+
+def test_quantization_choices_are_checked_by_name(tmp_path):
+    spec = load_spec(_job(tmp_path, MINIMAL + """[quantization]
+mode = "replay"
+mapping = "default"
+activation = "moving_average"
+weight = "per_tensor"
+module_types = { Linear = { weight = "per_channel" } }
+module_names = { conv1 = "fp32" }
+"""))
+    q = spec.quantization
+    assert (q.mode, q.mapping, q.activation, q.weight) == ("replay", "default", "moving_average", "per_tensor")
+    assert q.module_types == {"Linear": {"weight": "per_channel"}} and q.module_names == {"conv1": "fp32"}
+    assert "[quantization] mode = 'exakt': unknown mode (did you mean 'exact'?)" in _error(
+        tmp_path, MINIMAL + '[quantization]\nmode = "exakt"\n')
+    assert "[quantization] module_types.Conv2D : not a torch.nn module class (did you mean 'Conv2d'?)" in _error(
+        tmp_path, MINIMAL + '[quantization]\nmodule_types = { Conv2D = "fp32" }\n')
+    assert "[quantization] module_names.fc.weights unknown key (did you mean 'weight'?)" in _error(
+        tmp_path, MINIMAL + '[quantization]\nmodule_names = { fc = { weights = "per_tensor" } }\n')
+    assert "[quantization] module_names.fc = 'int4': expected \"fp32\" or a table" in _error(
+        tmp_path, MINIMAL + '[quantization]\nmodule_names = { fc = "int4" }\n')

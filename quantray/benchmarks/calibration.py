@@ -1,0 +1,124 @@
+"""Calibration wall time: quantray (exact and fast, 1 and 2 workers) vs the seed's single-process loop.
+
+    python -m quantray.benchmarks.calibration [--model resnet18|digits] [--images 1000] [--workers 1 2]
+
+The seed loop is the article's: prepare_fx with the x86 qconfig, forward passes over the batches
+(10 images each), convert_fx; it is timed at torch's default thread count and at one thread.
+quantray runs the same images in the same batches through `runner.calibrate` on Ray actors (one
+thread each), then load_merged and convert_fx; Ray's start-up is timed apart. resnet18 sees random
+224x224 images (untrained weights: speed does not depend on them); digits uses the demo CNN on
+real 8x8 digits. Ratios are against the seed loop measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def _setup(model_name: str, images: int):
+    from quantray.data import digits
+    from quantray.demo import digits_cnn
+    from quantray.spec import DataSpec
+
+    if model_name == "resnet18":
+        import torchvision
+
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=102).eval()
+        spec = DataSpec(source="factory", factory="quantray.testing:random_images", kwargs={"n": images},
+                        batch_size=10)
+    else:
+        model = digits_cnn()
+        spec = DataSpec(source="digits", split="train", batch_size=10)
+    from quantray.data import build_dataset
+
+    dataset = build_dataset(spec)
+    if images > len(dataset):
+        raise SystemExit(f"{model_name}: only {len(dataset)} images available")
+    return model, spec, dataset
+
+
+def _seed_loop(model, dataset, batches, threads) -> float:
+    """The article's calibration, single process: prepare_fx, forward over batches, convert_fx."""
+    from torch.ao.quantization import QConfigMapping, get_default_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from quantray.data import load_batch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        example = load_batch(dataset, batches[0][:1])[0]
+        prepared = prepare_fx(model, QConfigMapping().set_global(get_default_qconfig("x86")), (example,))
+        with torch.inference_mode():
+            for batch in batches:
+                prepared(load_batch(dataset, batch)[0])
+        convert_fx(prepared)
+        return time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _quantray(cluster, model, spec, dataset, batches, workers, mode):
+    from quantray import observers, runner
+    from quantray.calibration import convert, prepare
+    from quantray.data import assign_shards, load_batch
+    from quantray.spec import QuantSpec
+
+    quant = QuantSpec(mode=mode)
+    start = time.perf_counter()
+    example = load_batch(dataset, batches[0][:1])[0]
+    prepared = prepare(model, quant, example)
+    logs, pass2, stats = runner.calibrate(cluster, model, example, quant, spec, batches,
+                                          assign_shards(len(batches), workers), 1,
+                                          observers.observer_signature(prepared))
+    observers.load_merged(prepared, mode, logs, pass2)
+    convert(prepared)
+    return time.perf_counter() - start, stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["resnet18", "digits"], default="resnet18")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--modes", nargs="+", default=["exact", "fast"])
+    args = parser.parse_args()
+
+    from quantray.calibration import quiet_torch_warnings
+    from quantray.data import make_batches
+    from quantray.runner import Cluster
+
+    quiet_torch_warnings()
+    model, spec, dataset = _setup(args.model, args.images)
+    batches = make_batches(list(range(args.images)), 10)
+    default_threads = torch.get_num_threads()
+    _seed_loop(model, dataset, batches[:1], default_threads)  # warm-up: imports and first-call costs
+    seed = {t: _seed_loop(model, dataset, batches, t) for t in sorted({1, default_threads})}
+    print(f"{args.model}: {args.images} images, {len(batches)} batches of 10")
+    for t, s in seed.items():
+        print(f"  seed loop, {t} thread(s): {s:7.2f} s")
+    base = seed[default_threads]
+    start = time.perf_counter()
+    with Cluster() as cluster:
+        print(f"  Ray start-up ({cluster.cpus} CPUs): {time.perf_counter() - start:5.2f} s (not counted below)")
+        results = {}
+        for mode in args.modes:
+            for w in args.workers:
+                seconds, stats = _quantray(cluster, model, spec, dataset, batches, w, mode)
+                results[mode, w] = seconds
+                print(f"  quantray {mode:5} {w} worker(s): {seconds:7.2f} s  = {base / seconds:4.2f}x the seed loop "
+                      f"at {default_threads} threads ({seed[1] / seconds:4.2f}x at 1);  pass 1 {stats['pass1_s']:.1f} s"
+                      f" (actors ready after {stats['actors_ready_s']:.1f} s), pass 2 {stats.get('pass2_s', 0):.1f} s, "
+                      f"{stats['bytes_from_workers'] / 1e6:.2f} MB from workers")
+        for mode in args.modes:
+            if (mode, 1) in results and (mode, 2) in results:
+                print(f"  {mode}: scaling efficiency 1 -> 2 workers {results[mode, 1] / (2 * results[mode, 2]):.2f}")
+
+
+if __name__ == "__main__":
+    main()
