@@ -55,6 +55,8 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
         if not calib_idx:
             raise SpecError(f"{spec.path}: [calibration] the calibration split is empty: nothing to calibrate on")
         test_idx = _indices(test_ds, spec, "test")
+        if not test_idx:
+            raise SpecError(f"{spec.path}: [test] the test split is empty: nothing to evaluate on")
         example = load_batch(calib_ds, calib_idx[:1])[0]
     with stage("prepare"):
         try:

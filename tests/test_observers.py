@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from torch.ao.quantization import MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping
+from torch.ao.quantization import MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
 from torch.ao.quantization import default_per_channel_weight_observer
 from torch.ao.quantization.observer import HistogramObserver, ObserverBase
 from torch.ao.quantization.quantize_fx import prepare_fx
@@ -118,10 +118,10 @@ def test_minmax_and_moving_average_equal_torch_in_any_layout(tiny_model, digits_
         assert observers.state_digest(ours) == theirs
 
 
-def test_per_channel_moving_average_replays_to_torchs_state(tiny_model, digits_plan):
+@pytest.mark.parametrize("observer", [PerChannelMinMaxObserver, MovingAveragePerChannelMinMaxObserver])
+def test_per_channel_observers_replay_to_torchs_state(tiny_model, digits_plan, observer):
     _, dataset, batches, example = digits_plan
-    qconfig = QConfig(activation=MovingAveragePerChannelMinMaxObserver.with_args(ch_axis=1),
-                      weight=default_per_channel_weight_observer)
+    qconfig = QConfig(activation=observer.with_args(ch_axis=1), weight=default_per_channel_weight_observer)
 
     def fresh():
         return prepare_fx(copy.deepcopy(tiny_model), QConfigMapping().set_global(qconfig), (example,))
@@ -211,3 +211,19 @@ def test_histogram_count_check_catches_values_outside_the_range():
     probe(torch.tensor([0.5, 2.0]))  # 2.0 lies outside: histc drops it silently
     with pytest.raises(CalibrationError, match="1 of 2 values fell outside"):
         observers.collect_counts({"act": probe})
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_spec_qconfig_choices_convert_and_keep_fp32_types(digits_plan, backend):
+    spec, dataset, batches, example = digits_plan
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(288, 10)).eval()
+    quant = QuantSpec(backend=backend, activation="minmax", weight="per_tensor", module_types={"Linear": "fp32"})
+    ours = _calibrated(model, example, quant, spec, batches[:4], [[0, 2], [1, 3]])
+    assert {type(o).__name__ for o in observers.find_observers(ours).values()} == {"MinMaxObserver"}
+    theirs = _torch_single_process(model, example, quant, dataset, batches[:4])
+    assert observers.state_digest(ours) == observers.state_digest(theirs)
+    int8 = calibration.convert(ours)
+    assert type(int8.get_submodule("3")) is torch.nn.Linear
+    x = data.load_batch(dataset, batches[0])[0]
+    assert torch.allclose(int8(x), model(x), atol=0.5)

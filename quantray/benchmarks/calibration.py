@@ -1,6 +1,7 @@
 """Calibration wall time: quantray (exact and fast, 1 and 2 workers) vs the seed's single-process loop.
 
     python -m quantray.benchmarks.calibration [--model resnet18|digits] [--images 1000] [--workers 1 2]
+    python -m quantray.benchmarks.calibration --profile 100     # where one process's time goes
 
 The seed loop is the article's: prepare_fx with the x86 qconfig, forward passes over the batches
 (10 images each), convert_fx; it is timed at torch's default thread count and at one thread.
@@ -81,12 +82,56 @@ def _quantray(cluster, model, spec, dataset, batches, workers, mode):
     return time.perf_counter() - start, stats
 
 
+def _profile(model, dataset, batches) -> None:
+    """Where a batch's time goes, one process, one thread: the forward pass alone, and with each
+    kind of observer work (pass 1 logging, exact pass 2 counting, torch's HistogramObserver)."""
+    from quantray import observers
+    from quantray.calibration import prepare
+    from quantray.data import load_batch
+
+    torch.set_num_threads(1)
+    inputs = [load_batch(dataset, b)[0] for b in batches]
+    example = inputs[0][:1]
+
+    def timed(fn):
+        fn(inputs[0])  # warm-up
+        start = time.perf_counter()
+        for x in inputs:
+            fn(x)
+        return (time.perf_counter() - start) / sum(len(x) for x in inputs) * 1e3
+
+    with torch.inference_mode():
+        rows = {"FP32 forward only": timed(model)}
+        seed = prepare(model, "x86", example)
+        rows["torch HistogramObserver (seed loop)"] = timed(seed)
+        probed = prepare(model, "x86", example)
+        probes = observers.attach_probes(probed)
+
+        def log(x):
+            observers.start_log(probes)
+            probed(x)
+
+        rows["pass 1: exact (min, max) log"] = timed(log)
+        logs = {}
+        for b, x in enumerate(inputs):
+            observers.start_log(probes)
+            probed(x)
+            logs[b] = observers.batch_log(probes)
+        observers.start_counts(probes, observers.global_ranges(logs))
+        rows["pass 2: fixed-range counts"] = timed(probed)
+    base = rows["FP32 forward only"]
+    print(f"  profile, 1 thread, {sum(len(x) for x in inputs)} images: ms per image")
+    for name, ms in rows.items():
+        print(f"    {name:<38} {ms:7.2f} ms  ({ms / base:4.2f}x the forward pass)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["resnet18", "digits"], default="resnet18")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--modes", nargs="+", default=["exact", "fast"])
+    parser.add_argument("--profile", type=int, metavar="N", help="only profile N images' batches in one process")
     args = parser.parse_args()
 
     from quantray.calibration import quiet_torch_warnings
@@ -96,6 +141,9 @@ def main() -> None:
     quiet_torch_warnings()
     model, spec, dataset = _setup(args.model, args.images)
     batches = make_batches(list(range(args.images)), 10)
+    if args.profile:
+        _profile(model, dataset, batches[:max(1, args.profile // 10)])
+        return
     default_threads = torch.get_num_threads()
     _seed_loop(model, dataset, batches[:1], default_threads)  # warm-up: imports and first-call costs
     seed = {t: _seed_loop(model, dataset, batches, t) for t in sorted({1, default_threads})}
