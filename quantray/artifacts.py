@@ -38,13 +38,29 @@ PREDICTIONS_SCHEMA = pa.schema([
 
 
 class RunDir:
-    """Files are written into a hidden staging folder beside `final`, renamed into place by `commit`.
+    """Files are written into a staging folder and appear at `final` only when `commit` runs.
 
-    A run that fails or is killed never leaves a half-written `final`; `abort` (or leaving the
+    `final` is a local path (staging beside it, renamed into place: atomic) or a URI that
+    pyarrow.fs understands, e.g. s3://bucket/prefix (staged in a local temporary folder, uploaded
+    with manifest.json last: a reader that finds manifest.json finds every file it lists). A run
+    that fails or is killed never leaves a half-written local `final`; `abort` (or leaving the
     `with` block on an exception) removes the staging folder.
     """
 
     def __init__(self, final: str | Path):
+        self.fs = None
+        if "://" in str(final):
+            import pyarrow.fs as pafs
+
+            try:
+                self.fs, self._remote = pafs.FileSystem.from_uri(str(final))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+                raise SpecError(f"--out {final}: not a location pyarrow.fs can write ({e})") from None
+            if self.fs.get_file_info(pafs.FileSelector(self._remote, allow_not_found=True)):
+                raise SpecError(f"--out {final}: already exists and is not empty; choose another --out")
+            self.final = str(final)
+            self.staging = Path(tempfile.mkdtemp(prefix="quantray-run-"))
+            return
         self.final = Path(final).absolute()
         if self.final.exists() and not (self.final.is_dir() and not any(self.final.iterdir())):
             raise SpecError(f"--out {self.final}: already exists and is not empty; choose another --out or remove it")
@@ -76,6 +92,13 @@ class RunDir:
         """Record every file's sha256 in manifest.json, then rename the folder into place."""
         manifest = dict(manifest, files={p.name: sha256_file(p) for p in sorted(self.staging.iterdir())})
         self.write_json("manifest.json", manifest)
+        if self.fs is not None:
+            self.fs.create_dir(self._remote)
+            for name in [*sorted(manifest["files"]), "manifest.json"]:  # the manifest last
+                with self.fs.open_output_stream(f"{self._remote}/{name}") as out:
+                    out.write(self.path(name).read_bytes())
+            self.abort()
+            return self.final
         os.chmod(self.staging, 0o755)  # mkdtemp makes it 0700
         os.rename(self.staging, self.final)  # atomic; replaces an empty folder given as --out
         return self.final

@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
     run.add_argument("--out", help="run directory to create (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--no-cache", action="store_true", help="recompute every calibration statistic")
+    run.add_argument("--address", help="an existing Ray cluster (ray://HOST:10001 or HOST:6379; default: "
+                                       "$RAY_ADDRESS, else a local cluster is started)")
     args = parser.parse_args(argv)
 
     try:
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         from .spec import load_spec
 
         spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
-        run_job(spec, workers=args.workers, out=args.out, use_cache=not args.no_cache)
+        run_job(spec, workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache)
     except QuantrayError as e:
         print(f"quantray: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -70,7 +70,10 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
         signature = observers.observer_signature(prepared)
     requested = workers or spec.run.workers
-    out = Path(out) if out else Path("runs") / f"{spec.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    if not out:
+        out = Path("runs") / f"{spec.name}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    elif "://" not in str(out):  # a URI (s3://...) stays a string: Path would fold its '//'
+        out = Path(out)
     threads = spec.run.threads
     batches = make_batches(calib_idx, spec.calibration.batch_size)
     test_batches = make_batches(test_idx, spec.test.batch_size)

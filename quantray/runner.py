@@ -36,12 +36,13 @@ class Cluster:
 
     def __enter__(self) -> "Cluster":
         if not ray.is_initialized():
-            # A local cluster needs no dashboard (3 s less); an existing one keeps its own settings.
-            local = self.address is None and not os.environ.get("RAY_ADDRESS")
-            # C++-side deprecation notices from quantized kernels bypass Python's warning filters.
-            ray.init(address=self.address, logging_level=logging.WARNING,
-                     runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}},
-                     **({"include_dashboard": False} if local else {}))
+            if self.address is None and not os.environ.get("RAY_ADDRESS"):
+                # A local cluster needs no dashboard (3 s less). C++-side deprecation notices from
+                # quantized kernels bypass Python's warning filters.
+                ray.init(include_dashboard=False, logging_level=logging.WARNING,
+                         runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}})
+            else:  # an existing cluster (or a submitted job's) keeps its own settings and runtime_env
+                ray.init(address=self.address, logging_level=logging.WARNING)
             self._started = True
         return self
 
