@@ -1,6 +1,7 @@
 """Command line: argument parsing and exit codes only (0 ok, 1 run failed, 2 bad input).
 
-    quantray run jobs/digits.toml [--workers N] [--out DIR]
+    quantray run jobs/digits.toml [--workers N] [--out DIR] [--no-cache] [--address ADDR]
+    quantray refresh jobs/digits.toml --registry DIR [--workers N] [--address ADDR]
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 from .errors import QuantrayError
 
 __all__ = ["main"]
+
+GATED_OUT = 3  # `quantray refresh`: the run finished but did not pass its gate; nothing was promoted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--no-cache", action="store_true", help="recompute every calibration statistic")
     run.add_argument("--address", help="an existing Ray cluster (ray://HOST:10001 or HOST:6379; default: "
                                        "$RAY_ADDRESS, else a local cluster is started)")
+    refresh = sub.add_parser("refresh", help="nightly: run into a registry, gate, promote if it passes "
+                                             "(exit 0 promoted, 3 gated out)")
+    refresh.add_argument("job", help="job spec (TOML); its [gate] section sets the accuracy gate")
+    refresh.add_argument("--registry", required=True, help="registry folder (runs/, PROMOTED, history.parquet)")
+    refresh.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
+    refresh.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
     args = parser.parse_args(argv)
 
     try:
@@ -33,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         from .spec import load_spec
 
         spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
+        if args.command == "refresh":
+            from .refresh import refresh
+
+            row = refresh(spec, args.registry, workers=args.workers, address=args.address)
+            return 0 if row["promoted"] else GATED_OUT
         run_job(spec, workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache)
     except QuantrayError as e:
         print(f"quantray: error: {e}", file=sys.stderr)

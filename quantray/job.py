@@ -34,9 +34,10 @@ __all__ = ["run_job"]
 
 def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None = None,
             address: str | None = None, console: Console | None = None, shard_order=None,
-            use_cache: bool = True) -> Path:
+            use_cache: bool = True, before_commit=None) -> Path | str:
     """Run `spec`; returns the committed run directory. `shard_order` is for equivalence tests;
-    `use_cache=False` (--no-cache) recomputes every statistic instead of reusing stored ones."""
+    `use_cache=False` (--no-cache) recomputes every statistic instead of reusing stored ones;
+    `before_commit(run, manifest)` may add files to the staged run (refresh adds its drift report)."""
     console = console or Console(stderr=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -141,10 +142,15 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
             "evaluation": {"samples": len(test_idx), "batches": test_batches,
                            "tasks": task_batches},
             "qparams_digest": observers.state_digest(prepared),
+            "data_digest": _sha256("\n".join(
+                batch_identities(calib_ds, spec.calibration, batches)
+                + batch_identities(test_ds, spec.test, test_batches)).encode()),
             "fp32_state_sha256": _sha256(state_dict_bytes(fp32)),
             "timings_s": timings, "calibration_stats": calibrate_stats,
             "wall_s": round(time.perf_counter() - started, 4),
         }
+        if before_commit is not None:
+            before_commit(run, manifest)
         run_dir = run.commit(manifest)
     print_summary(Console(), metrics, manifest, run_dir)
     return run_dir

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import SpecError
 
-__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "load_spec", "parse_spec"]
+__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec", "load_spec", "parse_spec"]
 
 SOURCES = ("digits", "torchvision", "imagefolder", "factory")
 TRANSFORMS = ("imagenet_eval", "to_tensor", "none")
@@ -89,6 +89,14 @@ class RunSpec:
 
 
 @dataclass(frozen=True)
+class GateSpec:
+    """What `quantray refresh` demands before promoting a run (accuracies as fractions, 0.01 = 1 pt)."""
+
+    max_top1_drop: float = 0.01     # INT8 top-1 may trail FP32 top-1 by at most this
+    max_regression: float = 0.005   # and the promoted model's INT8 top-1 by at most this
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     path: Path
@@ -97,6 +105,7 @@ class JobSpec:
     test: DataSpec
     quantization: QuantSpec = QuantSpec()
     run: RunSpec = RunSpec()
+    gate: GateSpec = GateSpec()
 
     def to_dict(self) -> dict:
         """JSON-ready form (paths as strings), as recorded in the manifest."""
@@ -104,7 +113,7 @@ class JobSpec:
 
 
 _SECTIONS = {"model": ModelSpec, "calibration": DataSpec, "test": DataSpec,
-             "quantization": QuantSpec, "run": RunSpec}
+             "quantization": QuantSpec, "run": RunSpec, "gate": GateSpec}
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -138,6 +147,9 @@ def parse_spec(raw: dict, path: Path, base_dir: Path | None = None) -> JobSpec:
         built[section] = _check_data(built[section], section, ctx)
     _check_quant(built["quantization"], ctx)
     _check_run(built["run"], ctx)
+    for key in ("max_top1_drop", "max_regression"):
+        if not 0 <= getattr(built["gate"], key) <= 1:
+            ctx.fail("gate", key, f"= {getattr(built['gate'], key)}: a fraction of accuracy between 0 and 1 (0.01 = 1 point)")
     return JobSpec(name=name, path=ctx.path, **built)
 
 
@@ -173,6 +185,8 @@ def _coerce(value, hint, section: str, key: str, ctx: _Context):
             return p if p.is_absolute() else (ctx.base_dir / p).resolve()
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
         if t in (str, bool, dict) and isinstance(value, t):
             return value
     wanted = " or ".join("a path string" if t is Path else f"a {t.__name__}" for t in allowed if t is not type(None))
