@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     refresh = sub.add_parser("refresh", help="nightly: run into a registry, gate, promote if it passes "
                                              "(exit 0 promoted, 3 gated out)")
     refresh.add_argument("job", help="job spec (TOML); its [gate] section sets the accuracy gate")
-    refresh.add_argument("--registry", required=True, help="registry folder (runs/, PROMOTED, history.parquet)")
+    refresh.add_argument("--registry", required=True,
+                         help="registry folder or pyarrow.fs URI (runs/, gates/, PROMOTED, history.parquet)")
     refresh.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
     refresh.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
     quantray refresh jobs/digits.toml --registry /srv/models/digits
 
-Registry layout (a local folder; every write is a temporary file renamed into place):
+Registry layout (a local folder or a pyarrow.fs URI; small files are written whole, then moved into place):
     runs/RUN_ID/          run directories (RUN_ID = UTC time + the job file's digest)
     gates/RUN_ID.json     each run's gate verdict, kept whether it passed or not
     PROMOTED              {"run_id": ...}: the promoted run, replaced by rename only
@@ -17,8 +17,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +25,6 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from .artifacts import read_manifest
 from .errors import QuantrayError, SpecError
 from .spec import JobSpec
 
@@ -44,12 +42,54 @@ DRIFT_SCHEMA = pa.schema([
 ])
 
 
-def promoted_run(registry: str | Path) -> Path | None:
-    """The run directory PROMOTED names, or None before the first promotion."""
-    pointer = Path(registry) / "PROMOTED"
-    if not pointer.is_file():
-        return None
-    return Path(registry) / "runs" / json.loads(pointer.read_text())["run_id"]
+class _Registry:
+    """The registry's folder through pyarrow.fs: a local path or a URI (s3://, gs://, file://).
+
+    Small files (PROMOTED, gates, history.parquet) are written whole to a hidden temporary name and
+    moved into place: a rename on a local disk; on an object store, a single-object write that
+    readers see whole or not at all.
+    """
+
+    def __init__(self, location: str | Path):
+        import pyarrow.fs as pafs
+
+        if "://" in str(location):
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(str(location))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+                raise SpecError(f"--registry {location}: not a location pyarrow.fs can write ({e})") from None
+            self.uri = str(location).rstrip("/")
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), str(Path(location).absolute())
+            self.uri = self.root
+        self.root = self.root.rstrip("/")
+
+    def location(self, *parts: str) -> str:
+        """What run_job's `out` takes: a local path or a URI."""
+        return "/".join([self.uri, *parts])
+
+    def read(self, *parts: str) -> bytes | None:
+        try:
+            with self.fs.open_input_stream("/".join([self.root, *parts])) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def put(self, payload: bytes, *parts: str) -> None:
+        final = "/".join([self.root, *parts])
+        folder, _, name = final.rpartition("/")
+        self.fs.create_dir(folder, recursive=True)
+        tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(payload)
+        self.fs.move(tmp, final)
+
+
+def promoted_run(registry: str | Path) -> str | None:
+    """Where the run PROMOTED names lives (a local path or a URI), or None before any promotion."""
+    reg = _Registry(registry)
+    pointer = reg.read("PROMOTED")
+    return reg.location("runs", json.loads(pointer)["run_id"]) if pointer else None
 
 
 def refresh(spec: JobSpec, registry: str | Path, *, workers: int | None = None, address: str | None = None,
@@ -58,44 +98,43 @@ def refresh(spec: JobSpec, registry: str | Path, *, workers: int | None = None, 
     from .job import run_job
 
     console = console or Console(stderr=True)
-    registry = Path(registry)
-    if "://" in str(registry):
-        raise SpecError(f"--registry {registry}: only a local or mounted folder is supported for now")
-    (registry / "runs").mkdir(parents=True, exist_ok=True)
+    reg = _Registry(registry)
     now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
     run_id = f"{now:%Y%m%dT%H%M%SZ}-{hashlib.sha256(spec.path.read_bytes()).hexdigest()[:8]}"
-    previous = promoted_run(registry)
-    previous_metrics = json.loads((previous / "metrics.json").read_text()) if previous else None
+    pointer = reg.read("PROMOTED")
+    previous = json.loads(pointer)["run_id"] if pointer else None
+    previous_metrics = json.loads(reg.read("runs", previous, "metrics.json")) if previous else None
 
     def add_drift(run, manifest):
         if previous is not None:
-            rows = _drift(pq.read_table(previous / "qparams.parquet").to_pylist(),
-                          pq.read_table(run.path("qparams.parquet")).to_pylist())
+            old = pq.read_table(pa.BufferReader(reg.read("runs", previous, "qparams.parquet"))).to_pylist()
+            rows = _drift(old, pq.read_table(run.path("qparams.parquet")).to_pylist())
             run.write_parquet("drift.parquet", rows, DRIFT_SCHEMA)
-            _print_drift(console, rows, previous.name)
+            _print_drift(console, rows, previous)
 
     row = {"run_id": run_id, "time": now, "data_digest": None, "qparams_digest": None, "fp32_top1": None,
            "int8_top1": None, "fp32_top5": None, "int8_top5": None, "agreement": None, "promoted": False}
     try:
-        run_dir = Path(run_job(spec, workers=workers, out=registry / "runs" / run_id, address=address,
-                               console=console, before_commit=add_drift))
+        run_job(spec, workers=workers, out=reg.location("runs", run_id), address=address, console=console,
+                before_commit=add_drift)
     except QuantrayError as e:
         row.update(gate="error", reason=str(e))
-        _write_gate(registry, run_id, row)
-        _append_history(registry, row)
+        _write_gate(reg, run_id, row)
+        _append_history(reg, row)
         raise
-    manifest, metrics = read_manifest(run_dir), json.loads((run_dir / "metrics.json").read_text())
+    manifest = json.loads(reg.read("runs", run_id, "manifest.json"))
+    metrics = json.loads(reg.read("runs", run_id, "metrics.json"))
     row.update(data_digest=manifest["data_digest"], qparams_digest=manifest["qparams_digest"],
                fp32_top1=metrics["fp32"]["top1"], int8_top1=metrics["int8"]["top1"], fp32_top5=metrics["fp32"]["top5"],
                int8_top5=metrics["int8"]["top5"], agreement=metrics["agreement"])
     reasons = _gate(spec, metrics, previous_metrics)
     row.update(gate="failed" if reasons else "passed", reason="; ".join(reasons))
-    _write_gate(registry, run_id, row)
+    _write_gate(reg, run_id, row)
     if not reasons:
-        _atomic_write(registry / "PROMOTED", json.dumps({"run_id": run_id, "qparams_digest": row["qparams_digest"],
-                                                         "promoted_at": now.isoformat()}) + "\n")
+        reg.put((json.dumps({"run_id": run_id, "qparams_digest": row["qparams_digest"],
+                             "promoted_at": now.isoformat()}) + "\n").encode(), "PROMOTED")
         row["promoted"] = True
-    _append_history(registry, row)
+    _append_history(reg, row)
     verdict = "promoted" if row["promoted"] else f"not promoted: {row['reason']}"
     console.print(f"run {run_id}: gate {row['gate']}, {verdict}")
     return row
@@ -139,31 +178,14 @@ def _print_drift(console: Console, rows: list[dict], against: str, most: int = 5
     console.print(table)
 
 
-def _write_gate(registry: Path, run_id: str, row: dict) -> None:
-    (registry / "gates").mkdir(exist_ok=True)
-    _atomic_write(registry / "gates" / f"{run_id}.json",
-                  json.dumps({k: (v.isoformat() if isinstance(v, datetime.datetime) else v) for k, v in row.items()},
-                             indent=2, sort_keys=True) + "\n")
+def _write_gate(reg: _Registry, run_id: str, row: dict) -> None:
+    verdict = {k: (v.isoformat() if isinstance(v, datetime.datetime) else v) for k, v in row.items()}
+    reg.put((json.dumps(verdict, indent=2, sort_keys=True) + "\n").encode(), "gates", f"{run_id}.json")
 
 
-def _append_history(registry: Path, row: dict) -> None:
-    path = registry / "history.parquet"
-    rows = pq.read_table(path).to_pylist() if path.is_file() else []
-    table = pa.Table.from_pylist(rows + [row], schema=HISTORY_SCHEMA)
-    fd, tmp = tempfile.mkstemp(dir=registry, prefix=".history.")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _append_history(reg: _Registry, row: dict) -> None:
+    existing = reg.read("history.parquet")
+    rows = pq.read_table(pa.BufferReader(existing)).to_pylist() if existing else []
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows + [row], schema=HISTORY_SCHEMA), sink)
+    reg.put(sink.getvalue().to_pybytes(), "history.parquet")

@@ -43,8 +43,8 @@ def registry(ray_cluster, tmp_path_factory):
 
 
 def test_first_refresh_promotes_and_records_history(registry):
-    run = promoted_run(registry)
-    assert run is not None and _intact(run)
+    run = Path(promoted_run(registry))
+    assert _intact(run)
     history = pq.read_table(registry / "history.parquet").to_pylist()
     assert history[0]["run_id"] == run.name and history[0]["promoted"] and history[0]["gate"] == "passed"
     assert history[0]["qparams_digest"] == json.loads((run / "manifest.json").read_text())["qparams_digest"]
@@ -70,7 +70,7 @@ def test_gated_out_run_is_kept_marked_and_not_promoted(registry, tmp_path):
 
 
 def test_sigkill_at_any_moment_leaves_the_promoted_model_and_history_intact(registry, ray_cluster, tmp_path):
-    promoted_before = promoted_run(registry)
+    promoted_before = Path(promoted_run(registry))
     rows_before = pq.read_table(registry / "history.parquet").num_rows
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address)
     exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
@@ -82,11 +82,21 @@ def test_sigkill_at_any_moment_leaves_the_promoted_model_and_history_intact(regi
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL or delay > 3.0  # the early kills land mid-run for sure
-        promoted = promoted_run(registry)
-        assert promoted is not None and _intact(promoted)
+        promoted = Path(promoted_run(registry))
+        assert _intact(promoted)
         history = pq.read_table(registry / "history.parquet").to_pylist()  # readable, never half-written
         assert len(history) >= rows_before
         if promoted != promoted_before:  # the refresh got as far as promoting before the kill
             assert history[-1]["run_id"] == promoted.name and history[-1]["promoted"] in (True, False)
         visible = [p for p in (registry / "runs").iterdir() if not p.name.startswith(".")]
         assert all((p / "manifest.json").is_file() and _intact(p) for p in visible)
+
+
+def test_registry_can_be_a_pyarrow_uri(ray_cluster, tmp_path):
+    uri = f"file://{tmp_path}/store/registry"
+    row = refresh(load_spec(_job(tmp_path)), uri, workers=2, console=Console(file=io.StringIO()))
+    assert row["promoted"] and promoted_run(uri) == f"{uri}/runs/{row['run_id']}"
+    local = tmp_path / "store" / "registry"
+    assert _intact(local / "runs" / row["run_id"])
+    assert pq.read_table(local / "history.parquet").column("run_id").to_pylist() == [row["run_id"]]
+    assert sorted(p.name for p in local.iterdir()) == ["PROMOTED", "gates", "history.parquet", "runs"]
