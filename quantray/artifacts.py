@@ -7,7 +7,7 @@ Layout (a contract other tools rely on):
     model_int8.pt        TorchScript of the INT8 model (torch.jit.load, no quantray needed)
     qparams.parquet      one row per activation observer
     metrics.json         fp32/int8 top1, top5, latency_ms, size_mb; agreement
-    predictions.parquet  one row per test sample
+    predictions.parquet  one row per test sample: label, top-1, top-5 and margin of both models
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ QPARAMS_SCHEMA = pa.schema([
 ])
 PREDICTIONS_SCHEMA = pa.schema([
     ("index", pa.int64()), ("label", pa.int64()), ("fp32_pred", pa.int64()), ("int8_pred", pa.int64()),
+    ("fp32_top5", pa.list_(pa.int64())), ("int8_top5", pa.list_(pa.int64())),
+    ("fp32_margin", pa.float64()), ("int8_margin", pa.float64()),
 ])
 
 

@@ -2,6 +2,7 @@
 
     quantray run jobs/digits.toml [--workers N] [--out DIR] [--no-cache] [--address ADDR]
     quantray refresh jobs/digits.toml --registry DIR [--workers N] [--address ADDR]
+    quantray report RUN_DIR
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="registry folder or pyarrow.fs URI (runs/, gates/, PROMOTED, history.parquet)")
     refresh.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
     refresh.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    report = sub.add_parser("report", help="print a finished run's comparison table from its files")
+    report.add_argument("run_dir", help="a run directory written by `quantray run`")
     args = parser.parse_args(argv)
 
     try:
@@ -42,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         quiet_torch_warnings()
         from .spec import load_spec
 
+        if args.command == "report":
+            from rich.console import Console
+
+            from .report import print_run
+
+            print_run(Console(), args.run_dir)
+            return 0
         spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
         if args.command == "refresh":
             from .refresh import refresh

@@ -1,12 +1,14 @@
 """Evaluation: one shard of the test split -> counts and predictions; exact merge; latency; size.
 
-No Ray here: `runner` fans `evaluate_shard` out as tasks, and `merge_results` sums integer counts,
-so the merged metrics are the same whatever the shard count or completion order.
+No Ray here: `runner` fans `evaluate_shard` out as tasks; `merge_results` sums integer counts and
+orders per-sample rows by sample index, so the merged metrics (float sums included) are the same
+whatever the shard count or completion order.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -15,24 +17,31 @@ from torch import nn
 
 from . import data as data_mod
 
-__all__ = ["ShardResult", "evaluate_shard", "merge_results", "measure_latency", "state_dict_bytes"]
+__all__ = ["ShardResult", "evaluate_shard", "merge_results", "accuracy_metrics", "wilson", "measure_latency",
+           "state_dict_bytes"]
 
 COUNT_KEYS = ("n", "fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "agree")
+COLUMNS = ("index", "label", "fp32_pred", "int8_pred", "fp32_top5", "int8_top5", "fp32_margin", "int8_margin",
+           "signal", "noise")
+Z95 = 1.959963984540054
 
 
 @dataclass
 class ShardResult:
-    """What one evaluation task sends back: counts, plus one prediction row per sample."""
+    """What one evaluation task sends back: integer counts, plus one row per sample (`rows`
+    holds a list per column of COLUMNS; `signal`/`noise` are the sample's FP32 logit energy and
+    the energy of INT8 minus FP32 logits, in float64)."""
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0))
-    index: list[int] = field(default_factory=list)
-    label: list[int] = field(default_factory=list)
-    fp32_pred: list[int] = field(default_factory=list)
-    int8_pred: list[int] = field(default_factory=list)
+    rows: dict[str, list] = field(default_factory=lambda: {c: [] for c in COLUMNS})
+
+    @property
+    def index(self) -> list[int]:
+        return self.rows["index"]
 
 
 def evaluate_shard(fp32: nn.Module, int8: nn.Module, dataset, indices: list[int], batch_size: int) -> ShardResult:
-    """Run both models over `indices` of `dataset` in batches; top-1, top-5 and agreement counts."""
+    """Run both models over `indices` of `dataset` in batches; counts and per-sample rows."""
     result = ShardResult()
     with torch.inference_mode():
         for batch in data_mod.make_batches(indices, batch_size):
@@ -42,46 +51,89 @@ def evaluate_shard(fp32: nn.Module, int8: nn.Module, dataset, indices: list[int]
             # logits tie often, and topk may order ties differently.
             fp32_pred, int8_pred = fp32_logits.argmax(dim=1), int8_logits.argmax(dim=1)
             k = min(5, fp32_logits.shape[1])
-            fp32_top, int8_top = fp32_logits.topk(k, dim=1).indices, int8_logits.topk(k, dim=1).indices
+            fp32_top, int8_top = fp32_logits.topk(k, dim=1), int8_logits.topk(k, dim=1)
             c = result.counts
             c["n"] += len(batch)
             c["fp32_top1"] += int((fp32_pred == y).sum())
             c["int8_top1"] += int((int8_pred == y).sum())
-            c["fp32_top5"] += int((fp32_top == y[:, None]).any(dim=1).sum())
-            c["int8_top5"] += int((int8_top == y[:, None]).any(dim=1).sum())
+            c["fp32_top5"] += int((fp32_top.indices == y[:, None]).any(dim=1).sum())
+            c["int8_top5"] += int((int8_top.indices == y[:, None]).any(dim=1).sum())
             c["agree"] += int((fp32_pred == int8_pred).sum())
-            result.index += batch
-            result.label += y.tolist()
-            result.fp32_pred += fp32_pred.tolist()
-            result.int8_pred += int8_pred.tolist()
+            f64, i64 = fp32_logits.double(), int8_logits.double()
+            r = result.rows
+            r["index"] += batch
+            r["label"] += y.tolist()
+            r["fp32_pred"] += fp32_pred.tolist()
+            r["int8_pred"] += int8_pred.tolist()
+            r["fp32_top5"] += fp32_top.indices.tolist()
+            r["int8_top5"] += int8_top.indices.tolist()
+            r["fp32_margin"] += _margin(fp32_top.values)
+            r["int8_margin"] += _margin(int8_top.values)
+            r["signal"] += (f64 ** 2).sum(dim=1).tolist()
+            r["noise"] += ((i64 - f64) ** 2).sum(dim=1).tolist()
     return result
 
 
+def _margin(top_values: torch.Tensor) -> list[float]:
+    """Top-1 logit minus top-2 logit: how close the decision was (0 for a one-class model)."""
+    if top_values.shape[1] < 2:
+        return [0.0] * len(top_values)
+    return (top_values[:, 0] - top_values[:, 1]).double().tolist()
+
+
 def merge_results(results) -> ShardResult:
-    """Sum the counts and gather the predictions in sample-index order."""
+    """Sum the counts and gather the rows in sample-index order."""
     merged = ShardResult()
-    rows = []
+    gathered = []
     for r in results:
         for key in COUNT_KEYS:
             merged.counts[key] += r.counts[key]
-        rows += zip(r.index, r.label, r.fp32_pred, r.int8_pred)
-    rows.sort()
-    if len({row[0] for row in rows}) != len(rows):
+        gathered += zip(*(r.rows[c] for c in COLUMNS))
+    gathered.sort(key=lambda row: row[0])
+    if len({row[0] for row in gathered}) != len(gathered):
         raise ValueError("a test sample was evaluated by more than one shard")
-    for row in rows:
-        merged.index.append(row[0])
-        merged.label.append(row[1])
-        merged.fp32_pred.append(row[2])
-        merged.int8_pred.append(row[3])
+    for row in gathered:
+        for column, value in zip(COLUMNS, row):
+            merged.rows[column].append(value)
     return merged
 
 
-def accuracy_metrics(counts: dict[str, int]) -> dict:
-    n = counts["n"]
+def accuracy_metrics(merged: ShardResult) -> dict:
+    """Accuracies with 95% Wilson intervals, agreement, logit SQNR, per-class accuracy and change,
+    and the INT8 confusion matrix. Sums run in sample-index order: the same for any sharding."""
+    c, r = merged.counts, merged.rows
+    n = c["n"]
+    labels = sorted(set(r["label"]) | set(r["fp32_pred"]) | set(r["int8_pred"]))
+    per_class = []
+    for label in sorted(set(r["label"])):
+        rows = [i for i, y in enumerate(r["label"]) if y == label]
+        fp32_ok = sum(r["fp32_pred"][i] == label for i in rows)
+        int8_ok = sum(r["int8_pred"][i] == label for i in rows)
+        per_class.append({"label": label, "n": len(rows), "fp32_top1": fp32_ok / len(rows),
+                          "int8_top1": int8_ok / len(rows), "change": (int8_ok - fp32_ok) / len(rows)})
+    position = {label: k for k, label in enumerate(labels)}
+    confusion = [[0] * len(labels) for _ in labels]
+    for y, p in zip(r["label"], r["int8_pred"]):
+        confusion[position[y]][position[p]] += 1
+    signal, noise = sum(r["signal"]), sum(r["noise"])
     return {"samples": n,
-            "fp32": {"top1": counts["fp32_top1"] / n, "top5": counts["fp32_top5"] / n},
-            "int8": {"top1": counts["int8_top1"] / n, "top5": counts["int8_top5"] / n},
-            "agreement": counts["agree"] / n}
+            "fp32": {"top1": c["fp32_top1"] / n, "top5": c["fp32_top5"] / n,
+                     "top1_ci95": wilson(c["fp32_top1"], n), "top5_ci95": wilson(c["fp32_top5"], n)},
+            "int8": {"top1": c["int8_top1"] / n, "top5": c["int8_top5"] / n,
+                     "top1_ci95": wilson(c["int8_top1"], n), "top5_ci95": wilson(c["int8_top5"], n)},
+            "agreement": c["agree"] / n,
+            "logit_sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else None,  # None: identical logits
+            "per_class": per_class,
+            "confusion_int8": {"labels": labels, "rows_true_cols_predicted": confusion}}
+
+
+def wilson(successes: int, n: int, z: float = Z95) -> list[float]:
+    """The Wilson score interval for a proportion: sound near 0 and 1, unlike the normal one."""
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def measure_latency(model, example: torch.Tensor, warmup: int, iters: int) -> float:

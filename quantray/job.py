@@ -122,11 +122,11 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
             run.write_bytes("job.toml", spec.path.read_bytes())
             counts = pass2 if spec.quantization.mode == "exact" else None
             run.write_parquet("qparams.parquet", observers.qparam_rows(prepared, counts), QPARAMS_SCHEMA)
-            run.write_parquet("predictions.parquet", [
-                {"index": i, "label": y, "fp32_pred": a, "int8_pred": b}
-                for i, y, a, b in zip(merged.index, merged.label, merged.fp32_pred, merged.int8_pred)],
-                PREDICTIONS_SCHEMA)
-            metrics = accuracy_metrics(merged.counts)
+            columns = PREDICTIONS_SCHEMA.names
+            run.write_parquet("predictions.parquet",
+                              [dict(zip(columns, row)) for row in zip(*(merged.rows[c] for c in columns))],
+                              PREDICTIONS_SCHEMA)
+            metrics = accuracy_metrics(merged)
             metrics["fp32"].update(latency_ms=latency["fp32"], size_mb=len(state_dict_bytes(fp32)) / 1e6)
             metrics["int8"].update(latency_ms=latency["int8"], size_mb=len(int8_bytes) / 1e6,
                                    torchscript_latency_ms=latency["int8_torchscript"])

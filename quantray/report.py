@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["make_progress", "comparison_table", "print_summary"]
+__all__ = ["make_progress", "comparison_table", "class_table", "print_summary", "print_run"]
 
 
 def make_progress(console: Console) -> Progress:
@@ -27,12 +27,38 @@ def comparison_table(metrics: dict) -> Table:
                   _ratio(fp32["latency_ms"], int8["latency_ms"], "faster", "slower"))
     table.add_row("size", f"{fp32['size_mb']:.3f} MB", f"{int8['size_mb']:.3f} MB",
                   _ratio(fp32["size_mb"], int8["size_mb"], "smaller", "larger"))
+    if "top1_ci95" in fp32:
+        table.add_row("top-1, 95% interval", _interval(fp32["top1_ci95"]), _interval(int8["top1_ci95"]), "")
     table.add_row("top-1 agreement", "", f"{metrics['agreement']:.2%}", "")
+    if metrics.get("logit_sqnr_db") is not None:
+        table.add_row("logit SQNR", "", f"{metrics['logit_sqnr_db']:.1f} dB", "")
     return table
 
 
+def class_table(metrics: dict, most: int = 5) -> Table | None:
+    """The classes whose top-1 accuracy INT8 lowered most, if any."""
+    lost = sorted((c for c in metrics.get("per_class", []) if c["change"] < 0), key=lambda c: c["change"])[:most]
+    if not lost:
+        return None
+    table = Table(title=f"classes INT8 lost most on (of {len(metrics['per_class'])})")
+    for column in ("class", "samples", "FP32 top-1", "INT8 top-1", "change"):
+        table.add_column(column, justify="right")
+    for c in lost:
+        table.add_row(str(c["label"]), str(c["n"]), f"{c['fp32_top1']:.2%}", f"{c['int8_top1']:.2%}",
+                      f"{c['change'] * 100:+.1f} pt")
+    return table
+
+
+def _interval(bounds) -> str:
+    return f"{bounds[0]:.2%} to {bounds[1]:.2%}"
+
+
 def print_summary(console: Console, metrics: dict, manifest: dict, run_dir) -> None:
+    """The comparison table, the classes that lost most, and where the time went."""
     console.print(comparison_table(metrics))
+    classes = class_table(metrics)
+    if classes is not None:
+        console.print(classes)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())
     console.print(f"{manifest['workers']} calibration workers, {manifest['threads']} thread(s) each; "
                   f"wall {manifest['wall_s']:.1f}s ({timings})")
@@ -41,3 +67,14 @@ def print_summary(console: Console, metrics: dict, manifest: dict, run_dir) -> N
 
 def _ratio(fp32: float, int8: float, better: str, worse: str) -> str:
     return f"{fp32 / int8:.2f}x {better}" if int8 <= fp32 else f"{int8 / fp32:.2f}x {worse}"
+
+
+def print_run(console: Console, run_dir) -> None:
+    """`quantray report RUN_DIR`: the summary again, from the run directory's files alone."""
+    import json
+    from pathlib import Path
+
+    from .artifacts import read_manifest
+
+    manifest = read_manifest(run_dir)
+    print_summary(console, json.loads((Path(run_dir) / "metrics.json").read_text()), manifest, run_dir)

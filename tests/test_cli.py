@@ -49,3 +49,14 @@ def test_demo_job_runs_end_to_end_from_the_command_line(tmp_path):
     assert "FP32 vs INT8" in result.stdout and "top-1 accuracy" in result.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["fp32"]["top1"] >= 0.95 and metrics["int8"]["top1"] >= metrics["fp32"]["top1"] - 0.01
+
+
+def test_report_prints_the_table_again_from_the_files(tmp_path):
+    run = tmp_path / "run"
+    assert _quantray("run", "jobs/digits.toml", "--out", run, "--workers", "1").returncode == 0
+    result = _quantray("report", run)
+    assert result.returncode == 0
+    for text in ("FP32 vs INT8 (359 test samples)", "top-1, 95% interval", "logit SQNR", "qparams digest"):
+        assert text in result.stdout
+    missing = _quantray("report", tmp_path)
+    assert missing.returncode == 2 and "not a quantray run directory (no manifest.json)" in missing.stderr

@@ -19,8 +19,24 @@ def test_sharded_evaluation_merges_to_the_single_pass_result(tiny_model, digits_
     assert merged == whole and merged.counts["n"] == len(test) and merged.index == list(range(len(test)))
     logits = tiny_model(test.tensors[0])
     assert merged.counts["fp32_top1"] == int((logits.argmax(1) == test.tensors[1]).sum())
-    metrics = evaluation.accuracy_metrics(merged.counts)
+    metrics = evaluation.accuracy_metrics(merged)
+    assert metrics == evaluation.accuracy_metrics(whole)
     assert 0 <= metrics["int8"]["top1"] <= metrics["int8"]["top5"] <= 1
+    low, high = metrics["int8"]["top1_ci95"]
+    assert low < metrics["int8"]["top1"] < high
+    assert sum(row["n"] for row in metrics["per_class"]) == len(test)
+    confusion = metrics["confusion_int8"]["rows_true_cols_predicted"]
+    assert sum(map(sum, confusion)) == len(test)
+    diagonal = sum(confusion[k][k] for k in range(len(confusion)))
+    assert diagonal == merged.counts["int8_top1"]
+    expected_sqnr = 10 * torch.log10((logits.double() ** 2).sum() / ((int8(test.tensors[0]).double() - logits.double()) ** 2).sum())
+    assert abs(metrics["logit_sqnr_db"] - float(expected_sqnr)) < 1e-6
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    low, high = evaluation.wilson(8, 10)  # Wilson 95% for 8/10: 0.490 to 0.943
+    assert round(low, 3) == 0.490 and round(high, 3) == 0.943
+    assert evaluation.wilson(0, 20)[0] == 0.0 and evaluation.wilson(20, 20)[1] == 1.0
 
 
 def test_latency_is_a_positive_mean_in_milliseconds(tiny_model):

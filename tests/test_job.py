@@ -59,6 +59,11 @@ def test_demo_accuracy_meets_the_bar(runs):
     assert metrics["int8"]["size_mb"] < metrics["fp32"]["size_mb"] / 2.5
     predictions = pq.read_table(runs["2 workers"] / "predictions.parquet").to_pydict()
     assert predictions["index"] == sorted(predictions["index"]) and len(predictions["index"]) == 359
+    for top, pred, margin in zip(predictions["int8_top5"], predictions["int8_pred"], predictions["int8_margin"]):
+        assert len(top) == 5 and (top[0] == pred or margin == 0)  # only a tie may reorder top-1
+    assert all(m >= 0 for m in predictions["fp32_margin"] + predictions["int8_margin"])
+    top5 = sum(y in t for y, t in zip(predictions["label"], predictions["int8_top5"]))
+    assert top5 / 359 == metrics["int8"]["top5"]
     correct = sum(p == y for p, y in zip(predictions["int8_pred"], predictions["label"]))
     agree = sum(a == b for a, b in zip(predictions["int8_pred"], predictions["fp32_pred"]))
     assert correct / 359 == metrics["int8"]["top1"] and agree / 359 == metrics["agreement"]

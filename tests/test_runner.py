@@ -97,3 +97,26 @@ def test_actors_give_the_serial_reference_result_in_every_mode(ray_cluster, tiny
         for batch in batches:
             torch_prepared(data.load_batch(dataset, batch)[0])
         assert observers.state_digest(prepared) == observers.state_digest(torch_prepared)
+
+
+def test_killed_evaluation_task_is_retried_and_metrics_are_identical(ray_cluster, tmp_path):
+    text = (ROOT / "jobs" / "digits.toml").read_text()
+    outs = {}
+    for name, marker in (("undisturbed", tmp_path / "already"), ("disturbed", tmp_path / "kill-once")):
+        if name == "undisturbed":
+            marker.touch()
+        test_section = (f'source = "factory"\nfactory = "quantray.testing:digits_killer"\n'
+                        f'kwargs = {{ split = "test", kill_at = 200, marker = "{marker}" }}')
+        job = tmp_path / f"{name}.toml"
+        job.write_text(text.replace('[test]\nsource = "digits"\nsplit = "test"', f"[test]\n{test_section}"))
+        outs[name] = run_job(load_spec(job), workers=2, out=tmp_path / name, console=Console(file=io.StringIO()))
+    assert (tmp_path / "kill-once").exists()  # an evaluation worker really died
+    for name in ("metrics.json", "predictions.parquet"):
+        before = (outs["undisturbed"] / name).read_bytes()
+        after = (outs["disturbed"] / name).read_bytes()
+        if name == "metrics.json":  # latency is measured, not merged: compare everything else
+            before, after = (json.loads(b) for b in (before, after))
+            for m in (before, after):
+                for model in ("fp32", "int8"):
+                    m[model].pop("latency_ms"), m[model].pop("torchscript_latency_ms", None)
+        assert before == after, name
