@@ -18,7 +18,7 @@ from torch import nn
 from . import data as data_mod
 
 __all__ = ["ShardResult", "evaluate_shard", "merge_results", "accuracy_metrics", "wilson", "measure_latency",
-           "state_dict_bytes"]
+           "measure_throughput", "state_dict_bytes"]
 
 COUNT_KEYS = ("n", "fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "agree")
 COLUMNS = ("index", "label", "fp32_pred", "int8_pred", "fp32_top5", "int8_top5", "fp32_margin", "int8_margin",
@@ -136,15 +136,40 @@ def wilson(successes: int, n: int, z: float = Z95) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def measure_latency(model, example: torch.Tensor, warmup: int, iters: int) -> float:
-    """Mean milliseconds per call at the example's batch size, after `warmup` calls (the seed's method)."""
+def measure_latency(model, example: torch.Tensor, warmup: int, iters: int) -> dict[str, float]:
+    """Milliseconds per call at the example's batch size after `warmup` calls: the mean over
+    `iters` calls (the seed's method), and the median and 90th percentile of the single calls."""
     with torch.inference_mode():
         for _ in range(warmup):
             model(example)
+        times = []
         start = time.perf_counter()
         for _ in range(iters):
+            t = time.perf_counter()
             model(example)
-        return (time.perf_counter() - start) / iters * 1e3
+            times.append(time.perf_counter() - t)
+        mean = (time.perf_counter() - start) / iters
+    times.sort()
+    return {"mean_ms": mean * 1e3, "p50_ms": _quantile(times, 0.5) * 1e3, "p90_ms": _quantile(times, 0.9) * 1e3}
+
+
+def measure_throughput(model, batch: torch.Tensor, warmup: int, iters: int) -> float:
+    """Samples per second at the batch's size, after `warmup` calls."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(batch)
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(batch)
+        return len(batch) * iters / (time.perf_counter() - start)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    position = (len(sorted_values) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
 
 
 def state_dict_bytes(model: nn.Module) -> bytes:

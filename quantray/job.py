@@ -24,7 +24,7 @@ from .cache import StatsCache, batch_identities, cache_dir
 from .calibration import convert, prepare, set_engine
 from .data import assign_shards, build_dataset, load_batch, make_batches, sample_indices
 from .errors import QuantrayError, SpecError
-from .evaluation import accuracy_metrics, measure_latency, merge_results, state_dict_bytes
+from .evaluation import accuracy_metrics, measure_latency, measure_throughput, merge_results, state_dict_bytes
 from .models import build_model
 from .report import make_progress, print_summary
 from .spec import JobSpec
@@ -114,7 +114,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                     merged = merge_results(runner.evaluate(fp32, script.getvalue(), spec.quantization.backend,
                                                            spec.test, groups, threads, progress))
         with stage("latency"):
-            latency = _latencies(fp32, int8, scripted, example, spec)
+            speed = _speed(fp32, int8, scripted, calib_ds, calib_idx, spec)
         with stage("write"):
             int8_bytes = state_dict_bytes(int8)
             run.write_bytes("model_int8.pth", int8_bytes)
@@ -127,17 +127,17 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                               [dict(zip(columns, row)) for row in zip(*(merged.rows[c] for c in columns))],
                               PREDICTIONS_SCHEMA)
             metrics = accuracy_metrics(merged)
-            metrics["fp32"].update(latency_ms=latency["fp32"], size_mb=len(state_dict_bytes(fp32)) / 1e6)
-            metrics["int8"].update(latency_ms=latency["int8"], size_mb=len(int8_bytes) / 1e6,
-                                   torchscript_latency_ms=latency["int8_torchscript"])
-            metrics["latency"] = {"batch_size": 1, "warmup": spec.run.latency_warmup,
-                                  "iters": spec.run.latency_iters, "threads": threads}
+            metrics["fp32"].update(latency_ms=speed["fp32"]["mean_ms"], size_mb=len(state_dict_bytes(fp32)) / 1e6)
+            metrics["int8"].update(latency_ms=speed["int8"]["mean_ms"], size_mb=len(int8_bytes) / 1e6,
+                                   torchscript_latency_ms=speed["int8_torchscript"]["mean_ms"])
+            metrics["speed"] = speed
             run.write_json("metrics.json", metrics)
         manifest = {
             "quantray": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "job": {"name": spec.name, "path": str(spec.path), "base_dir": str(spec.path.resolve().parent)},
             "spec": spec.to_dict(), "versions": _versions(), "backend": spec.quantization.backend,
             "input_shape": list(example.shape), "workers": len(shards), "threads": threads,
+            "speed_conditions": speed["conditions"],
             "calibration": {"samples": len(calib_idx), "batches": batches, "shards": shards},
             "evaluation": {"samples": len(test_idx), "batches": test_batches,
                            "tasks": task_batches},
@@ -164,16 +164,25 @@ def _indices(dataset, spec: JobSpec, section: str) -> list[int]:
         raise SpecError(f"{spec.path}: [{section}] samples = {d.samples}: {e}") from None
 
 
-def _latencies(fp32, int8, scripted, example, spec: JobSpec) -> dict[str, float]:
-    """Batch-1 latency on the driver, with the spec's thread count, after Ray's work is done."""
+def _speed(fp32, int8, scripted, calib_ds, calib_idx, spec: JobSpec) -> dict:
+    """Batch-1 latency (mean, p50, p90) and throughput for FP32, INT8 eager and the INT8 TorchScript
+    artifact, on the driver after Ray's work is done, with the spec's thread count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(spec.run.threads)
     try:
         set_engine(spec.quantization.backend)
-        x = example[:1]
-        args = (spec.run.latency_warmup, spec.run.latency_iters)
-        return {"fp32": measure_latency(fp32, x, *args), "int8": measure_latency(int8, x, *args),
-                "int8_torchscript": measure_latency(scripted, x, *args)}
+        x = load_batch(calib_ds, calib_idx[:1])[0]
+        # The throughput batch repeats calibration samples: speed does not depend on which.
+        batch = load_batch(calib_ds, (calib_idx * spec.run.throughput_batch)[:spec.run.throughput_batch])[0]
+        warmup, iters = spec.run.latency_warmup, spec.run.latency_iters
+        speed = {}
+        for name, model in (("fp32", fp32), ("int8", int8), ("int8_torchscript", scripted)):
+            speed[name] = measure_latency(model, x, warmup, iters)
+            speed[name]["throughput_per_s"] = measure_throughput(model, batch, max(1, warmup // 5), max(1, iters // 10))
+        speed["conditions"] = {"where": "driver, after the Ray stages", "threads": spec.run.threads,
+                               "latency_batch_size": 1, "warmup": warmup, "iters": iters,
+                               "throughput_batch_size": len(batch), "throughput_iters": max(1, iters // 10)}
+        return speed
     finally:
         torch.set_num_threads(previous)
 

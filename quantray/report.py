@@ -17,7 +17,7 @@ def make_progress(console: Console) -> Progress:
 def comparison_table(metrics: dict) -> Table:
     fp32, int8 = metrics["fp32"], metrics["int8"]
     table = Table(title=f"FP32 vs INT8 ({metrics['samples']} test samples)")
-    table.add_column("metric")
+    table.add_column("metric", no_wrap=True)
     table.add_column("FP32", justify="right")
     table.add_column("INT8", justify="right")
     table.add_column("INT8 vs FP32", justify="right")
@@ -27,8 +27,15 @@ def comparison_table(metrics: dict) -> Table:
                   _ratio(fp32["latency_ms"], int8["latency_ms"], "faster", "slower"))
     table.add_row("size", f"{fp32['size_mb']:.3f} MB", f"{int8['size_mb']:.3f} MB",
                   _ratio(fp32["size_mb"], int8["size_mb"], "smaller", "larger"))
+    speed = metrics.get("speed")
+    if speed:
+        table.add_row("latency p50/p90", *(f"{speed[m]['p50_ms']:.2f}/{speed[m]['p90_ms']:.2f} ms" for m in ("fp32", "int8")),
+                      f"script {speed['int8_torchscript']['p50_ms']:.2f} ms")
+        table.add_row(f"throughput, batch {speed['conditions']['throughput_batch_size']}",
+                      *(f"{speed[m]['throughput_per_s']:.0f}/s" for m in ("fp32", "int8")),
+                      _ratio(1 / speed["fp32"]["throughput_per_s"], 1 / speed["int8"]["throughput_per_s"], "faster", "slower"))
     if "top1_ci95" in fp32:
-        table.add_row("top-1, 95% interval", _interval(fp32["top1_ci95"]), _interval(int8["top1_ci95"]), "")
+        table.add_row("top-1 95% CI", _interval(fp32["top1_ci95"]), _interval(int8["top1_ci95"]), "")
     table.add_row("top-1 agreement", "", f"{metrics['agreement']:.2%}", "")
     if metrics.get("logit_sqnr_db") is not None:
         table.add_row("logit SQNR", "", f"{metrics['logit_sqnr_db']:.1f} dB", "")
@@ -50,7 +57,7 @@ def class_table(metrics: dict, most: int = 5) -> Table | None:
 
 
 def _interval(bounds) -> str:
-    return f"{bounds[0]:.2%} to {bounds[1]:.2%}"
+    return f"{bounds[0]:.1%}-{bounds[1]:.1%}"
 
 
 def print_summary(console: Console, metrics: dict, manifest: dict, run_dir) -> None:

@@ -86,6 +86,7 @@ class RunSpec:
     cache_dir: Path | None = None
     latency_warmup: int = 10
     latency_iters: int = 100
+    throughput_batch: int = 32
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ def _check_quant(q: QuantSpec, ctx: _Context) -> None:
 
 
 def _check_run(r: RunSpec, ctx: _Context) -> None:
-    for key, low in (("workers", 1), ("threads", 1), ("max_attempts", 1), ("latency_warmup", 0), ("latency_iters", 1)):
+    for key, low in (("workers", 1), ("threads", 1), ("max_attempts", 1), ("latency_warmup", 0), ("latency_iters", 1),
+                     ("throughput_batch", 1)):
         value = getattr(r, key)
         if value is not None and value < low:
             ctx.fail("run", key, f"= {value}: must be at least {low}")

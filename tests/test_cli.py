@@ -56,7 +56,7 @@ def test_report_prints_the_table_again_from_the_files(tmp_path):
     assert _quantray("run", "jobs/digits.toml", "--out", run, "--workers", "1").returncode == 0
     result = _quantray("report", run)
     assert result.returncode == 0
-    for text in ("FP32 vs INT8 (359 test samples)", "top-1, 95% interval", "logit SQNR", "qparams digest"):
+    for text in ("FP32 vs INT8 (359 test samples)", "top-1 95% CI", "latency p50/p90", "logit SQNR", "qparams digest"):
         assert text in result.stdout
     missing = _quantray("report", tmp_path)
     assert missing.returncode == 2 and "not a quantray run directory (no manifest.json)" in missing.stderr

@@ -39,5 +39,8 @@ def test_wilson_interval_matches_the_textbook_values():
     assert evaluation.wilson(0, 20)[0] == 0.0 and evaluation.wilson(20, 20)[1] == 1.0
 
 
-def test_latency_is_a_positive_mean_in_milliseconds(tiny_model):
-    assert 0 < evaluation.measure_latency(tiny_model, torch.zeros(1, 1, 8, 8), warmup=2, iters=5) < 1000
+def test_latency_and_throughput_are_measured_in_their_units(tiny_model):
+    stats = evaluation.measure_latency(tiny_model, torch.zeros(1, 1, 8, 8), warmup=2, iters=20)
+    assert 0 < stats["p50_ms"] <= stats["p90_ms"] < 1000 and 0 < stats["mean_ms"] < 1000
+    assert evaluation._quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and evaluation._quantile([5.0], 0.9) == 5.0
+    assert evaluation.measure_throughput(tiny_model, torch.zeros(16, 1, 8, 8), warmup=1, iters=3) > 16
