@@ -89,14 +89,14 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                 console.print(f"[yellow]{len(batches)} calibration batches: using {len(shards)} workers, not {n}[/]")
             with make_progress(console) as progress:
                 with stage("calibrate"):
-                    cache = identities = None
+                    calib_ids = batch_identities(calib_ds, spec.calibration, batches)
+                    cache = None
                     if use_cache and spec.run.cache:
                         cache = StatsCache(spec.run.cache_dir or cache_dir() / "stats", fp32, spec.quantization, threads)
-                        identities = batch_identities(calib_ds, spec.calibration, batches)
                     logs, pass2, calibrate_stats = runner.calibrate(
                         cluster, fp32, example, spec.quantization, spec.calibration, batches, shards, threads,
                         signature, max_attempts=spec.run.max_attempts, progress=progress, order=shard_order,
-                        cache=cache, identities=identities)
+                        cache=cache, identities=calib_ids)
                     reused = {k: v for k, v in calibrate_stats.get("cached", {}).items() if v[0]}
                     if reused:
                         console.print("reused stored statistics: " + ", ".join(
@@ -114,7 +114,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                     merged = merge_results(runner.evaluate(fp32, script.getvalue(), spec.quantization.backend,
                                                            spec.test, groups, threads, progress))
         with stage("latency"):
-            speed = _speed(fp32, int8, scripted, calib_ds, calib_idx, spec)
+            speed = _speed(fp32, int8, scripted, example, calib_ds, calib_idx, spec)
         with stage("write"):
             int8_bytes = state_dict_bytes(int8)
             run.write_bytes("model_int8.pth", int8_bytes)
@@ -142,9 +142,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
             "evaluation": {"samples": len(test_idx), "batches": test_batches,
                            "tasks": task_batches},
             "qparams_digest": observers.state_digest(prepared),
-            "data_digest": _sha256("\n".join(
-                batch_identities(calib_ds, spec.calibration, batches)
-                + batch_identities(test_ds, spec.test, test_batches)).encode()),
+            "data_digest": _sha256("\n".join(calib_ids + batch_identities(test_ds, spec.test, test_batches)).encode()),
             "fp32_state_sha256": _sha256(state_dict_bytes(fp32)),
             "timings_s": timings, "calibration_stats": calibrate_stats,
             "wall_s": round(time.perf_counter() - started, 4),
@@ -164,14 +162,14 @@ def _indices(dataset, spec: JobSpec, section: str) -> list[int]:
         raise SpecError(f"{spec.path}: [{section}] samples = {d.samples}: {e}") from None
 
 
-def _speed(fp32, int8, scripted, calib_ds, calib_idx, spec: JobSpec) -> dict:
+def _speed(fp32, int8, scripted, example, calib_ds, calib_idx, spec: JobSpec) -> dict:
     """Batch-1 latency (mean, p50, p90) and throughput for FP32, INT8 eager and the INT8 TorchScript
     artifact, on the driver after Ray's work is done, with the spec's thread count."""
     previous = torch.get_num_threads()
     torch.set_num_threads(spec.run.threads)
     try:
         set_engine(spec.quantization.backend)
-        x = load_batch(calib_ds, calib_idx[:1])[0]
+        x = example[:1]
         # The throughput batch repeats calibration samples: speed does not depend on which.
         batch = load_batch(calib_ds, (calib_idx * spec.run.throughput_batch)[:spec.run.throughput_batch])[0]
         warmup, iters = spec.run.latency_warmup, spec.run.latency_iters

@@ -48,7 +48,7 @@ def head():
             time.sleep(1)
         yield address, env
     finally:
-        head.send_signal(signal.SIGTERM)  # only the head we started: never `ray stop`
+        head.send_signal(signal.SIGTERM)  # only the head this test started, by its PID
         try:
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
