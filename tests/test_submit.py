@@ -75,7 +75,8 @@ def test_demo_job_runs_unchanged_through_ray_job_submit(head, tmp_path):
 
 def test_broken_spec_fails_the_job_with_the_spec_error_in_its_logs(head, tmp_path):
     address, env = head
-    broken = ROOT / "jobs" / ".broken-for-test.toml"  # inside the working dir that is uploaded
+    # Inside the uploaded working dir, and not in .gitignore: Ray leaves ignored files out.
+    broken = ROOT / "jobs" / ".broken-for-test.toml"
     broken.write_text((ROOT / "jobs" / "digits.toml").read_text().replace("samples = 320", "sample = 320"))
     try:
         result = _submit(address, env, "jobs/.broken-for-test.toml", "--out", tmp_path / "run")
