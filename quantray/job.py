@@ -116,7 +116,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
         with stage("latency"):
             speed = _speed(fp32, int8, scripted, example, calib_ds, calib_idx, spec)
         with stage("write"):
-            int8_bytes = state_dict_bytes(int8)
+            int8_bytes, fp32_bytes = state_dict_bytes(int8), state_dict_bytes(fp32)
             run.write_bytes("model_int8.pth", int8_bytes)
             run.write_bytes("model_int8.pt", script.getvalue())
             run.write_bytes("job.toml", spec.path.read_bytes())
@@ -127,7 +127,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                               [dict(zip(columns, row)) for row in zip(*(merged.rows[c] for c in columns))],
                               PREDICTIONS_SCHEMA)
             metrics = accuracy_metrics(merged)
-            metrics["fp32"].update(latency_ms=speed["fp32"]["mean_ms"], size_mb=len(state_dict_bytes(fp32)) / 1e6)
+            metrics["fp32"].update(latency_ms=speed["fp32"]["mean_ms"], size_mb=len(fp32_bytes) / 1e6)
             metrics["int8"].update(latency_ms=speed["int8"]["mean_ms"], size_mb=len(int8_bytes) / 1e6,
                                    torchscript_latency_ms=speed["int8_torchscript"]["mean_ms"])
             metrics["speed"] = speed
@@ -143,7 +143,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                            "tasks": task_batches},
             "qparams_digest": observers.state_digest(prepared),
             "data_digest": _sha256("\n".join(calib_ids + batch_identities(test_ds, spec.test, test_batches)).encode()),
-            "fp32_state_sha256": _sha256(state_dict_bytes(fp32)),
+            "fp32_state_sha256": _sha256(fp32_bytes),
             "timings_s": timings, "calibration_stats": calibrate_stats,
             "wall_s": round(time.perf_counter() - started, 4),
         }

@@ -279,9 +279,12 @@ def load_merged(model: nn.Module, mode: str, logs: dict[int, BatchLog], pass2=No
     fast, the list of per-shard `observer_states` in shard order. Unseen observers are left as is.
     """
     observers = find_observers(model)
+    calls: dict[str, list[Range]] = {}
+    for _, name, call in _canonical(logs):  # one walk over the log, in canonical order
+        calls.setdefault(name, []).append(call)
     for name, obs in observers.items():
         if _kind(name, obs) == MINMAX:
-            _replay_minmax(obs, [call for _, n, call in _canonical(logs) if n == name])
+            _replay_minmax(obs, calls.get(name, []))
     histograms = [n for n, o in observers.items() if _kind(n, o) == HISTOGRAM]
     if mode == "exact":
         ranges = global_ranges(logs)
