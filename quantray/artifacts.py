@@ -6,8 +6,11 @@ Layout (a contract other tools rely on):
     model_int8.pth       INT8 state_dict, loadable with the seed's prepare/convert/load_state_dict
     model_int8.pt        TorchScript of the INT8 model (torch.jit.load, no quantray needed)
     qparams.parquet      one row per activation observer
-    metrics.json         fp32/int8 top1, top5, latency_ms, size_mb; agreement
+    metrics.json         fp32/int8 top1, top5 (95% CIs), latency_ms, size_mb; agreement, logit SQNR,
+                         per-class accuracy, INT8 confusion matrix, speed and its conditions, worst layers
     predictions.parquet  one row per test sample: label, top-1, top-5 and margin of both models
+    layers.parquet       one row per quantized layer: SQNR of its INT8 output against FP32
+    report.html          one self-contained page with the tables and plots (no network needed)
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from . import __version__
 from .errors import QuantrayError, SpecError
 
-__all__ = ["RunDir", "load_quantized", "read_manifest", "sha256_file", "QPARAMS_SCHEMA", "PREDICTIONS_SCHEMA"]
+__all__ = ["RunDir", "load_quantized", "read_manifest", "sha256_file", "sha256_bytes", "software_versions",
+           "QPARAMS_SCHEMA", "PREDICTIONS_SCHEMA", "LAYERS_SCHEMA"]
 
 QPARAMS_SCHEMA = pa.schema([
     ("name", pa.string()), ("aliases", pa.list_(pa.string())), ("observer", pa.string()), ("dtype", pa.string()),
@@ -36,6 +41,13 @@ PREDICTIONS_SCHEMA = pa.schema([
     ("index", pa.int64()), ("label", pa.int64()), ("fp32_pred", pa.int64()), ("int8_pred", pa.int64()),
     ("fp32_top5", pa.list_(pa.int64())), ("int8_top5", pa.list_(pa.int64())),
     ("fp32_margin", pa.float64()), ("int8_margin", pa.float64()),
+])
+
+
+LAYERS_SCHEMA = pa.schema([
+    ("position", pa.int64()), ("layer", pa.string()), ("module", pa.string()), ("fp32_type", pa.string()),
+    ("int8_type", pa.string()), ("quantized", pa.bool_()), ("samples", pa.int64()), ("signal", pa.float64()), ("noise", pa.float64()),
+    ("sqnr_db", pa.float64()),
 ])
 
 
@@ -117,6 +129,22 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_bytes(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def software_versions() -> dict:
+    """What produced a run, for its manifest."""
+    import platform
+
+    import ray
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pa.__version__,
+            "quantray": __version__, "machine": platform.machine()}
+
+
 def read_manifest(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "manifest.json"
     if not path.is_file():
@@ -127,7 +155,7 @@ def read_manifest(run_dir: str | Path) -> dict:
 def load_quantized(run_dir: str | Path) -> torch.nn.Module:
     """The INT8 model of a run, rebuilt with the seed's recipe: FP32 model, prepare_fx, convert_fx,
     load_state_dict(model_int8.pth). The FP32 model's factory or checkpoint must be reachable."""
-    from .calibration import convert, prepare
+    from .calibration import rebuild_int8
     from .models import build_model
     from .spec import ModelSpec, QuantSpec
 
@@ -141,6 +169,5 @@ def load_quantized(run_dir: str | Path) -> torch.nn.Module:
         model_spec["checkpoint"] = Path(model_spec["checkpoint"])
     fp32 = build_model(ModelSpec(**model_spec), job_path=manifest["job"]["path"])
     quant = QuantSpec(**manifest["spec"]["quantization"])
-    int8 = convert(prepare(fp32, quant, torch.zeros(manifest["input_shape"])))
-    int8.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    return int8
+    return rebuild_int8(fp32, quant, torch.zeros(manifest["input_shape"]),
+                        torch.load(weights, map_location="cpu", weights_only=True))

@@ -36,7 +36,7 @@ from . import observers
 from .errors import CalibrationError, DataError, QuantrayError, SpecError
 from .spec import DataSpec, QuantSpec
 
-__all__ = ["prepare", "convert", "qconfig_mapping", "set_engine", "quiet_torch_warnings",
+__all__ = ["prepare", "convert", "rebuild_int8", "qconfig_mapping", "set_engine", "quiet_torch_warnings",
            "CalibrationWorker", "calibrate_serial"]
 
 # Warnings torch 2.14 prints on every FX-quantization or TorchScript call, in every process; the
@@ -114,6 +114,14 @@ def convert(prepared: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return convert_fx(copy.deepcopy(prepared)).eval()
+
+
+def rebuild_int8(fp32: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor, state_dict: dict) -> nn.Module:
+    """The seed's way back to an INT8 GraphModule: prepare_fx, convert_fx without calibrating, then
+    load the INT8 state_dict (a converted GraphModule does not unpickle, so workers rebuild it)."""
+    int8 = convert(prepare(fp32, quant, example_inputs))
+    int8.load_state_dict(state_dict)
+    return int8
 
 
 class CalibrationWorker:

@@ -2,6 +2,7 @@
 
     quantray run jobs/digits.toml [--workers N] [--out DIR] [--no-cache] [--address ADDR]
     quantray refresh jobs/digits.toml --registry DIR [--workers N] [--address ADDR]
+    quantray evaluate RUN_DIR [--data FILE.toml] [--samples N] [--out DIR] [--address ADDR]
     quantray report RUN_DIR
 """
 
@@ -34,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
                          help="registry folder or pyarrow.fs URI (runs/, gates/, PROMOTED, history.parquet)")
     refresh.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
     refresh.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    evaluate = sub.add_parser("evaluate", help="evaluate a finished run's INT8 model again (another test set, "
+                                               "more samples) without calibrating; writes a new directory")
+    evaluate.add_argument("run_dir", help="a run directory written by `quantray run`")
+    evaluate.add_argument("--data", help="a TOML file whose [test] table (keys as in a job's) replaces the run's test set")
+    evaluate.add_argument("--samples", type=_positive, help="test samples to draw (default: the [test] table's)")
+    evaluate.add_argument("--out", help="directory to create (default: RUN_DIR-eval-TIMESTAMP beside the run)")
+    evaluate.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
     report = sub.add_parser("report", help="print a finished run's comparison table from its files")
     report.add_argument("run_dir", help="a run directory written by `quantray run`")
     args = parser.parse_args(argv)
@@ -51,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             from .report import print_run
 
             print_run(Console(), args.run_dir)
+            return 0
+        if args.command == "evaluate":
+            from .reevaluate import evaluate_run
+
+            evaluate_run(args.run_dir, data=args.data, samples=args.samples, out=args.out, address=args.address)
             return 0
         spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
         if args.command == "refresh":

@@ -18,7 +18,7 @@ from torch import nn
 from . import data as data_mod
 
 __all__ = ["ShardResult", "evaluate_shard", "merge_results", "accuracy_metrics", "wilson", "measure_latency",
-           "measure_throughput", "state_dict_bytes"]
+           "measure_throughput", "measure_speed", "state_dict_bytes"]
 
 COUNT_KEYS = ("n", "fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "agree")
 COLUMNS = ("index", "label", "fp32_pred", "int8_pred", "fp32_top5", "int8_top5", "fp32_margin", "int8_margin",
@@ -162,6 +162,19 @@ def measure_throughput(model, batch: torch.Tensor, warmup: int, iters: int) -> f
         for _ in range(iters):
             model(batch)
         return len(batch) * iters / (time.perf_counter() - start)
+
+
+def measure_speed(models: dict, example: torch.Tensor, batch: torch.Tensor, warmup: int, iters: int) -> dict:
+    """For each named model, in turn: batch-1 latency (mean, p50, p90 after `warmup` calls, over
+    `iters` calls) and throughput at the batch's size (a tenth of the calls)."""
+    x = example[:1]
+    speed = {}
+    for name, model in models.items():
+        speed[name] = measure_latency(model, x, warmup, iters)
+        speed[name]["throughput_per_s"] = measure_throughput(model, batch, max(1, warmup // 5), max(1, iters // 10))
+    speed["conditions"] = {"latency_batch_size": 1, "warmup": warmup, "iters": iters,
+                           "throughput_batch_size": len(batch), "throughput_iters": max(1, iters // 10)}
+    return speed
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

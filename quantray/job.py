@@ -9,9 +9,9 @@ directory exists; the run directory appears, whole, only when the job succeeds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
-import platform
 import time
 from pathlib import Path
 
@@ -19,17 +19,18 @@ import torch
 from rich.console import Console
 
 from . import __version__, observers, runner
-from .artifacts import PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, RunDir
+from .artifacts import LAYERS_SCHEMA, PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, RunDir, sha256_bytes, software_versions
 from .cache import StatsCache, batch_identities, cache_dir
-from .calibration import convert, prepare, set_engine
+from .calibration import convert, prepare
 from .data import assign_shards, build_dataset, load_batch, make_batches, sample_indices
 from .errors import QuantrayError, SpecError
-from .evaluation import accuracy_metrics, measure_latency, measure_throughput, merge_results, state_dict_bytes
+from .evaluation import ShardResult, accuracy_metrics, merge_results, state_dict_bytes
+from .layers import layer_rows, merge_layers
 from .models import build_model
 from .report import make_progress, print_summary
-from .spec import JobSpec
+from .spec import DataSpec, JobSpec
 
-__all__ = ["run_job"]
+__all__ = ["run_job", "evaluate_stage", "write_results", "write_html", "Evaluation"]
 
 
 def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None = None,
@@ -59,6 +60,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
         if not test_idx:
             raise SpecError(f"{spec.path}: [test] the test split is empty: nothing to evaluate on")
         example = load_batch(calib_ds, calib_idx[:1])[0]
+        fp32_bytes = state_dict_bytes(fp32)
     with stage("prepare"):
         try:
             prepared = prepare(fp32, spec.quantization, example)
@@ -77,7 +79,6 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
         out = Path(out)
     threads = spec.run.threads
     batches = make_batches(calib_idx, spec.calibration.batch_size)
-    test_batches = make_batches(test_idx, spec.test.batch_size)
 
     with RunDir(out) as run:
         with contextlib.ExitStack() as ray_scope:
@@ -107,48 +108,33 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                     scripted = torch.jit.script(int8)
                     script = io.BytesIO()
                     torch.jit.save(scripted, script)
-                with stage("evaluate"):
-                    n_tasks = min(len(test_batches), 2 * cluster.cpus)
-                    task_batches = [list(range(i, len(test_batches), n_tasks)) for i in range(n_tasks)]
-                    groups = [[test_batches[b] for b in ids] for ids in task_batches]
-                    merged = merge_results(runner.evaluate(fp32, script.getvalue(), spec.quantization.backend,
-                                                           spec.test, groups, threads, progress))
-        with stage("latency"):
-            speed = _speed(fp32, int8, scripted, example, calib_ds, calib_idx, spec)
+                int8_state = state_dict_bytes(int8)
+                outcome = evaluate_stage(cluster, spec, spec.test, fp32, test_ds, test_idx, example, int8_state,
+                                         script.getvalue(), progress, stage)
         with stage("write"):
-            int8_bytes, fp32_bytes = state_dict_bytes(int8), state_dict_bytes(fp32)
-            run.write_bytes("model_int8.pth", int8_bytes)
+            run.write_bytes("model_int8.pth", int8_state)
             run.write_bytes("model_int8.pt", script.getvalue())
             run.write_bytes("job.toml", spec.path.read_bytes())
             counts = pass2 if spec.quantization.mode == "exact" else None
             run.write_parquet("qparams.parquet", observers.qparam_rows(prepared, counts), QPARAMS_SCHEMA)
-            columns = PREDICTIONS_SCHEMA.names
-            run.write_parquet("predictions.parquet",
-                              [dict(zip(columns, row)) for row in zip(*(merged.rows[c] for c in columns))],
-                              PREDICTIONS_SCHEMA)
-            metrics = accuracy_metrics(merged)
-            metrics["fp32"].update(latency_ms=speed["fp32"]["mean_ms"], size_mb=len(fp32_bytes) / 1e6)
-            metrics["int8"].update(latency_ms=speed["int8"]["mean_ms"], size_mb=len(int8_bytes) / 1e6,
-                                   torchscript_latency_ms=speed["int8_torchscript"]["mean_ms"])
-            metrics["speed"] = speed
-            run.write_json("metrics.json", metrics)
+            metrics = write_results(run, outcome, len(fp32_bytes), len(int8_state), len(script.getvalue()))
         manifest = {
             "quantray": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "job": {"name": spec.name, "path": str(spec.path), "base_dir": str(spec.path.resolve().parent)},
-            "spec": spec.to_dict(), "versions": _versions(), "backend": spec.quantization.backend,
+            "spec": spec.to_dict(), "versions": software_versions(), "backend": spec.quantization.backend,
             "input_shape": list(example.shape), "workers": len(shards), "threads": threads,
-            "speed_conditions": speed["conditions"],
+            "speed_conditions": outcome.speed["conditions"],
             "calibration": {"samples": len(calib_idx), "batches": batches, "shards": shards},
-            "evaluation": {"samples": len(test_idx), "batches": test_batches,
-                           "tasks": task_batches},
+            "evaluation": outcome.plan,
             "qparams_digest": observers.state_digest(prepared),
-            "data_digest": _sha256("\n".join(calib_ids + batch_identities(test_ds, spec.test, test_batches)).encode()),
-            "fp32_state_sha256": _sha256(fp32_bytes),
+            "data_digest": sha256_bytes("\n".join(calib_ids + outcome.identities).encode()),
+            "fp32_state_sha256": sha256_bytes(fp32_bytes),
             "timings_s": timings, "calibration_stats": calibrate_stats,
             "wall_s": round(time.perf_counter() - started, 4),
         }
         if before_commit is not None:
             before_commit(run, manifest)
+        write_html(run, metrics, outcome.layers, manifest)
         run_dir = run.commit(manifest)
     print_summary(Console(), metrics, manifest, run_dir)
     return run_dir
@@ -162,40 +148,68 @@ def _indices(dataset, spec: JobSpec, section: str) -> list[int]:
         raise SpecError(f"{spec.path}: [{section}] samples = {d.samples}: {e}") from None
 
 
-def _speed(fp32, int8, scripted, example, calib_ds, calib_idx, spec: JobSpec) -> dict:
-    """Batch-1 latency (mean, p50, p90) and throughput for FP32, INT8 eager and the INT8 TorchScript
-    artifact, on the driver after Ray's work is done, with the spec's thread count."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(spec.run.threads)
-    try:
-        set_engine(spec.quantization.backend)
-        x = example[:1]
-        # The throughput batch repeats calibration samples: speed does not depend on which.
-        batch = load_batch(calib_ds, (calib_idx * spec.run.throughput_batch)[:spec.run.throughput_batch])[0]
-        warmup, iters = spec.run.latency_warmup, spec.run.latency_iters
-        speed = {}
-        for name, model in (("fp32", fp32), ("int8", int8), ("int8_torchscript", scripted)):
-            speed[name] = measure_latency(model, x, warmup, iters)
-            speed[name]["throughput_per_s"] = measure_throughput(model, batch, max(1, warmup // 5), max(1, iters // 10))
-        speed["conditions"] = {"where": "driver, after the Ray stages", "threads": spec.run.threads,
-                               "latency_batch_size": 1, "warmup": warmup, "iters": iters,
-                               "throughput_batch_size": len(batch), "throughput_iters": max(1, iters // 10)}
-        return speed
-    finally:
-        torch.set_num_threads(previous)
+@dataclasses.dataclass
+class Evaluation:
+    """What the evaluation stage found: merged predictions, per-layer rows, speed, and the plan
+    (batches, tasks) and sample identities for the manifest."""
+
+    merged: ShardResult
+    layers: list[dict]
+    speed: dict
+    plan: dict
+    identities: list[str]
 
 
-def _versions() -> dict:
-    import pyarrow
-    import ray
-    import torchvision
+def evaluate_stage(cluster, spec: JobSpec, test: DataSpec, fp32, test_ds, test_idx, example, int8_state: bytes,
+                   script: bytes, progress, stage) -> Evaluation:
+    """Accuracy and per-layer SQNR in parallel Ray tasks, then speed in a task that holds a node."""
+    run = spec.run
+    test_batches = make_batches(test_idx, test.batch_size)
+    with stage("evaluate"):
+        n_tasks = min(len(test_batches), 2 * cluster.cpus)
+        task_batches = [list(range(i, len(test_batches), n_tasks)) for i in range(n_tasks)]
+        groups = [[test_batches[b] for b in ids] for ids in task_batches]
+        layer_batches = []
+        while run.layer_samples and len(layer_batches) < len(test_batches) \
+                and sum(map(len, layer_batches)) < run.layer_samples:
+            layer_batches.append(test_batches[len(layer_batches)])
+        n_layer = min(len(layer_batches), cluster.cpus)
+        layer_groups = [layer_batches[i::n_layer] for i in range(n_layer)]
+        shards, layer_results = runner.evaluate(fp32, script, int8_state, spec.quantization, example, test,
+                                                groups, layer_groups, run.threads, progress)
+        merged = merge_results(shards)
+        layers = layer_rows(merge_layers(layer_results))
+    with stage("speed"):
+        # The throughput batch repeats test samples as needed: speed does not depend on which.
+        batch = load_batch(test_ds, (test_idx * run.throughput_batch)[:run.throughput_batch])[0]
+        speed = runner.measure_speed(fp32, script, int8_state, spec.quantization, example[:1], batch[:1], batch,
+                                     run.threads, run.latency_warmup, run.latency_iters)
+    plan = {"samples": len(test_idx), "batches": test_batches, "tasks": task_batches,
+            "layer_samples": sum(map(len, layer_batches)), "layer_tasks": layer_groups}
+    return Evaluation(merged, layers, speed, plan, batch_identities(test_ds, test, test_batches))
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pyarrow.__version__,
-            "quantray": __version__, "machine": platform.machine()}
+
+def write_results(run: RunDir, outcome: Evaluation, fp32_size: int, int8_size: int, script_size: int) -> dict:
+    """predictions.parquet, layers.parquet and metrics.json into the staged run; returns the metrics."""
+    columns = PREDICTIONS_SCHEMA.names
+    merged, speed = outcome.merged, outcome.speed
+    run.write_parquet("predictions.parquet",
+                      [dict(zip(columns, row)) for row in zip(*(merged.rows[c] for c in columns))], PREDICTIONS_SCHEMA)
+    run.write_parquet("layers.parquet", outcome.layers, LAYERS_SCHEMA)
+    metrics = accuracy_metrics(merged)
+    metrics["fp32"].update(latency_ms=speed["fp32"]["mean_ms"], size_mb=fp32_size / 1e6)
+    metrics["int8"].update(latency_ms=speed["int8"]["mean_ms"], size_mb=int8_size / 1e6,
+                           torchscript_latency_ms=speed["int8_torchscript"]["mean_ms"],
+                           torchscript_size_mb=script_size / 1e6)
+    metrics["speed"] = speed
+    sqnr = [r for r in outcome.layers if r["sqnr_db"] is not None and r["quantized"]]
+    metrics["layers"] = {"count": sum(r["quantized"] for r in outcome.layers), "samples": outcome.plan["layer_samples"],
+                         "worst": sorted(sqnr, key=lambda r: r["sqnr_db"])[:5]}
+    run.write_json("metrics.json", metrics)
+    return metrics
 
 
-def _sha256(payload: bytes) -> str:
-    import hashlib
+def write_html(run: RunDir, metrics: dict, layers: list[dict], manifest: dict) -> None:
+    from .html import render
 
-    return hashlib.sha256(payload).hexdigest()
+    run.write_bytes("report.html", render(metrics, layers, manifest).encode())

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["make_progress", "comparison_table", "class_table", "print_summary", "print_run"]
+__all__ = ["make_progress", "comparison_table", "class_table", "layer_table", "print_summary", "print_run"]
 
 
 def make_progress(console: Console) -> Progress:
@@ -56,6 +56,19 @@ def class_table(metrics: dict, most: int = 5) -> Table | None:
     return table
 
 
+def layer_table(metrics: dict) -> Table | None:
+    """The quantized layers whose INT8 output is furthest from FP32 (lowest SQNR), if measured."""
+    layers = metrics.get("layers")
+    if not layers or not layers["worst"]:
+        return None
+    table = Table(title=f"worst of {layers['count']} layers ({layers['samples']} samples)")
+    for column in ("layer", "INT8 kind", "SQNR"):
+        table.add_column(column, justify="right" if column == "SQNR" else "left")
+    for r in layers["worst"]:
+        table.add_row(r["module"] or r["layer"], r["int8_type"], f"{r['sqnr_db']:.1f} dB")
+    return table
+
+
 def _interval(bounds) -> str:
     return f"{bounds[0]:.1%}-{bounds[1]:.1%}"
 
@@ -63,12 +76,15 @@ def _interval(bounds) -> str:
 def print_summary(console: Console, metrics: dict, manifest: dict, run_dir) -> None:
     """The comparison table, the classes that lost most, and where the time went."""
     console.print(comparison_table(metrics))
-    classes = class_table(metrics)
-    if classes is not None:
-        console.print(classes)
+    for extra in (class_table(metrics), layer_table(metrics)):
+        if extra is not None:
+            console.print(extra)
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())
-    console.print(f"{manifest['workers']} calibration workers, {manifest['threads']} thread(s) each; "
-                  f"wall {manifest['wall_s']:.1f}s ({timings})")
+    if "evaluates" in manifest:
+        who = f"evaluation of {manifest['evaluates']['run_dir']} in {manifest['workers']} tasks"
+    else:
+        who = f"{manifest['workers']} calibration workers"
+    console.print(f"{who}, {manifest['threads']} thread(s) each; wall {manifest['wall_s']:.1f}s ({timings})")
     console.print(f"qparams digest {manifest['qparams_digest'][:16]}  run directory {run_dir}")
 
 

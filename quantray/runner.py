@@ -17,12 +17,13 @@ import ray
 import torch
 
 from . import observers
-from .calibration import CalibrationWorker, quiet_torch_warnings, set_engine
+from .calibration import CalibrationWorker, quiet_torch_warnings, rebuild_int8, set_engine
 from .data import build_dataset
 from .errors import CalibrationError, QuantrayError
-from .evaluation import evaluate_shard
+from .evaluation import evaluate_shard, measure_speed as _measure, merge_results
+from .layers import layer_errors
 
-__all__ = ["Cluster", "calibrate", "evaluate"]
+__all__ = ["Cluster", "calibrate", "evaluate", "measure_speed"]
 
 
 class Cluster:
@@ -257,12 +258,21 @@ class _ShardPool:
 _PROGRESS = ("log", "count", "replay")  # the calls a progress bar counts: one per batch
 
 
-def evaluate(fp32, int8_script: bytes, backend, data, groups, threads, progress=None):
-    """FP32 and INT8 over groups of whole test batches, one task per group; one ShardResult each."""
+def evaluate(fp32, int8_script: bytes, int8_state: bytes, quant, example, data, groups, layer_groups, threads,
+             progress=None):
+    """FP32 and INT8 over groups of whole test batches, one task per group (the INT8 TorchScript
+    artifact runs there), and per-layer errors over `layer_groups`, one task per group (they need
+    the INT8 GraphModule, rebuilt on the worker). Returns ([ShardResult], [LayerResult])."""
     task = ray.remote(num_cpus=1, max_retries=2)(_evaluate_task)
-    fp32_ref, int8_ref = ray.put(fp32), ray.put(int8_script)
-    refs = {task.remote(fp32_ref, int8_ref, backend, data, group, threads): i for i, group in enumerate(groups)}
-    return _gather(refs, progress, "evaluate", weights={r: sum(map(len, groups[i])) for r, i in refs.items()})
+    layer_task = ray.remote(num_cpus=1, max_retries=2)(_layer_task)
+    fp32_ref, script_ref, state_ref = ray.put(fp32), ray.put(int8_script), ray.put(int8_state)
+    refs = {task.remote(fp32_ref, script_ref, quant.backend, data, group, threads): i for i, group in enumerate(groups)}
+    layer_refs = {layer_task.remote(fp32_ref, state_ref, quant, example, data, group, threads): i
+                  for i, group in enumerate(layer_groups)}
+    weights = {r: sum(map(len, groups[i])) for r, i in refs.items()}
+    weights.update({r: sum(map(len, layer_groups[i])) for r, i in layer_refs.items()})
+    results = _gather({**refs, **layer_refs}, progress, "evaluate", weights=weights)
+    return results[:len(refs)], results[len(refs):]
 
 
 def _evaluate_task(fp32, int8_script, backend, data, batches, threads):
@@ -271,9 +281,54 @@ def _evaluate_task(fp32, int8_script, backend, data, batches, threads):
     set_engine(backend)
     int8 = torch.jit.load(io.BytesIO(int8_script))
     dataset = build_dataset(data, where="[test]")
-    from .evaluation import merge_results
-
     return merge_results(evaluate_shard(fp32, int8, dataset, batch, len(batch)) for batch in batches)
+
+
+def _layer_task(fp32, int8_state, quant, example, data, batches, threads):
+    quiet_torch_warnings()
+    torch.set_num_threads(threads)
+    int8 = rebuild_int8(fp32, quant, example, torch.load(io.BytesIO(int8_state), weights_only=True))
+    return layer_errors(fp32, int8, build_dataset(data, where="[test]"), batches)
+
+
+def measure_speed(fp32, int8_script: bytes, int8_state: bytes, quant, example, x, batch, threads, warmup,
+                  iters) -> dict:
+    """Latency (on `x`) and throughput (on `batch`) of FP32, INT8 eager and the INT8 TorchScript
+    artifact, measured in one task that reserves every CPU of the largest node, so nothing else is
+    scheduled beside it. `example` has the input shape the INT8 model was prepared with."""
+    cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+    task = ray.remote(num_cpus=max(1, cpus), max_retries=2)(_speed_task)
+    return _gather({task.remote(fp32, int8_script, int8_state, quant, example, x, batch, threads, warmup, iters,
+                                cpus): 0}, None, "speed")[0]
+
+
+def _speed_task(fp32, int8_script, int8_state, quant, example, x, batch, threads, warmup, iters, cpus):
+    import platform
+
+    quiet_torch_warnings()
+    torch.set_num_threads(threads)
+    int8 = rebuild_int8(fp32, quant, example, torch.load(io.BytesIO(int8_state), weights_only=True))
+    scripted = torch.jit.load(io.BytesIO(int8_script))
+    speed = _measure({"fp32": fp32, "int8": int8, "int8_torchscript": scripted}, x, batch, warmup, iters)
+    speed["conditions"].update(
+        where=f"one Ray task holding all {cpus} CPUs of its node, nothing else scheduled there",
+        node=ray.get_runtime_context().get_node_id(), host=platform.node(), processor=_processor(),
+        threads=threads, torch_threads=torch.get_num_threads(), engine=torch.backends.quantized.engine)
+    return speed
+
+
+def _processor() -> str:
+    """The CPU model, from /proc/cpuinfo where there is one."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _gather(refs: dict, progress, label: str, weights: dict | None = None) -> list:

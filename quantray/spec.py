@@ -21,7 +21,8 @@ from pathlib import Path
 
 from .errors import SpecError
 
-__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec", "load_spec", "parse_spec"]
+__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec", "load_spec", "parse_spec",
+           "load_test_section"]
 
 SOURCES = ("digits", "torchvision", "imagefolder", "factory")
 TRANSFORMS = ("imagenet_eval", "to_tensor", "none")
@@ -87,6 +88,7 @@ class RunSpec:
     latency_warmup: int = 10
     latency_iters: int = 100
     throughput_batch: int = 32
+    layer_samples: int = 64  # test samples (whole batches, from the first) for per-layer SQNR; 0: none
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,22 @@ def parse_spec(raw: dict, path: Path, base_dir: Path | None = None) -> JobSpec:
         if not 0 <= getattr(built["gate"], key) <= 1:
             ctx.fail("gate", key, f"= {getattr(built['gate'], key)}: a fraction of accuracy between 0 and 1 (0.01 = 1 point)")
     return JobSpec(name=name, path=ctx.path, **built)
+
+
+def load_test_section(path: str | Path) -> DataSpec:
+    """The [test] section of another TOML file (`quantray evaluate --data`), checked as strictly
+    as a job's; relative paths resolve against that file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: data file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    ctx = _Context(path, path.resolve().parent)
+    if "test" not in raw:
+        ctx.fail(None, "test", "missing section [test]: --data takes a file with a [test] table, as in a job file")
+    return _check_data(_build(DataSpec, raw["test"], "test", ctx), "test", ctx)
 
 
 class _Context:
@@ -295,7 +313,7 @@ def _check_quant(q: QuantSpec, ctx: _Context) -> None:
 
 def _check_run(r: RunSpec, ctx: _Context) -> None:
     for key, low in (("workers", 1), ("threads", 1), ("max_attempts", 1), ("latency_warmup", 0), ("latency_iters", 1),
-                     ("throughput_batch", 1)):
+                     ("throughput_batch", 1), ("layer_samples", 0)):
         value = getattr(r, key)
         if value is not None and value < low:
             ctx.fail("run", key, f"= {value}: must be at least {low}")

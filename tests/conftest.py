@@ -1,7 +1,9 @@
-"""Shared fixtures: one Ray cluster for the whole session, a tiny model, the digits data."""
+"""Shared fixtures: one Ray cluster for the whole session, the demo job's runs, a tiny model, the digits data."""
 
+import io
 import os
 import tempfile
+from pathlib import Path
 
 # Before ray or quantray are imported: a loopback test cluster without token auth (DESIGN.md), and
 # the demo checkpoint cached in a temporary folder rather than the user's home.
@@ -45,3 +47,23 @@ def digits_plan():
     batches = data.make_batches(indices, spec.batch_size)
     example = data.load_batch(dataset, indices[:1])[0]
     return spec, dataset, batches, example
+
+
+DEMO_LAYOUTS = {"1 worker": (1, None), "2 workers": (2, None), "3 workers": (3, None),
+                "3 workers, reversed": (3, [2, 1, 0])}
+
+
+@pytest.fixture(scope="session")
+def demo_runs(ray_cluster, tmp_path_factory):
+    """The demo job run once per layout (workers, shard order), each computing every statistic."""
+    from rich.console import Console
+
+    from quantray.job import run_job
+    from quantray.spec import load_spec
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "jobs" / "digits.toml")
+    base = tmp_path_factory.mktemp("runs")
+    quiet = Console(file=io.StringIO())
+    return {name: run_job(spec, workers=w, out=base / name.replace(" ", "_").replace(",", ""), console=quiet,
+                          shard_order=order, use_cache=False)
+            for name, (w, order) in DEMO_LAYOUTS.items()}

@@ -21,7 +21,6 @@ from quantray.job import run_job
 from quantray.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = {"1 worker": (1, None), "2 workers": (2, None), "3 workers": (3, None), "3 workers, reversed": (3, [2, 1, 0])}
 
 
 def _sha(path: Path) -> str:
@@ -29,13 +28,8 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_cluster, tmp_path_factory):
-    spec = load_spec(ROOT / "jobs" / "digits.toml")
-    base = tmp_path_factory.mktemp("runs")
-    quiet = Console(file=io.StringIO())
-    return {name: run_job(spec, workers=w, out=base / name.replace(" ", "_").replace(",", ""), console=quiet,
-                          shard_order=order, use_cache=False)  # every layout computes for itself
-            for name, (w, order) in LAYOUTS.items()}
+def runs(demo_runs):
+    return demo_runs
 
 
 def test_qparams_are_bit_identical_for_1_2_3_workers_and_permuted_shards(runs):
@@ -108,7 +102,7 @@ def test_manifest_records_files_shards_versions_and_stage_timings(runs):
     assert sorted(b for s in shards for b in s) == list(range(len(batches))) and len(shards) == 2
     assert sum(map(len, batches)) == manifest["calibration"]["samples"] == 320
     assert {"torch", "torchvision", "ray", "pyarrow", "python"} <= set(manifest["versions"])
-    assert {"load", "prepare", "ray_start", "calibrate", "convert", "evaluate", "latency", "write"} == set(manifest["timings_s"])
+    assert {"load", "prepare", "ray_start", "calibrate", "convert", "evaluate", "speed", "write"} == set(manifest["timings_s"])
     assert manifest["wall_s"] >= sum(manifest["timings_s"].values()) * 0.99
     assert manifest["spec"]["model"]["factory"] == "quantray.demo:digits_cnn"
 
@@ -144,3 +138,45 @@ def test_fewer_batches_than_workers_uses_fewer_workers_and_says_so(ray_cluster, 
     run = run_job(load_spec(job), workers=3, out=tmp_path / "run", console=Console(file=log, width=300))
     assert "2 calibration batches: using 2 workers, not 3" in log.getvalue()
     assert json.loads((run / "manifest.json").read_text())["workers"] == 2
+
+
+def test_layers_parquet_names_every_quantized_layer_and_metrics_the_worst(runs):
+    run = runs["2 workers"]
+    rows = pq.read_table(run / "layers.parquet").to_pylist()
+    assert [r["position"] for r in rows] == list(range(len(rows)))
+    assert {"conv1", "conv2", "conv3", "fc"} <= {r["module"] for r in rows if r["quantized"]}
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert all(r["samples"] == manifest["evaluation"]["layer_samples"] == 64 for r in rows)
+    metrics = json.loads((run / "metrics.json").read_text())
+    worst = metrics["layers"]["worst"]
+    assert [w["sqnr_db"] for w in worst] == sorted(r["sqnr_db"] for r in rows if r["quantized"])[:5]
+    # Same test batches and threads: the same figures whatever the calibration layout.
+    assert len({_sha(d / "layers.parquet") for d in runs.values()}) == 1
+
+
+def test_speed_is_measured_in_a_task_holding_a_whole_node(runs):
+    manifest = json.loads((runs["1 worker"] / "manifest.json").read_text())
+    conditions = manifest["speed_conditions"]
+    assert conditions["where"].startswith("one Ray task holding all 2 CPUs of its node")
+    assert conditions["threads"] == conditions["torch_threads"] == 1 and conditions["engine"] == "x86"
+    speed = json.loads((runs["1 worker"] / "metrics.json").read_text())["speed"]
+    for model in ("fp32", "int8", "int8_torchscript"):
+        s = speed[model]
+        assert 0 < s["p50_ms"] <= s["p90_ms"] and s["mean_ms"] > 0 and s["throughput_per_s"] > 0
+
+
+def test_evaluating_a_run_again_reproduces_its_predictions_and_metrics(runs, tmp_path):
+    from quantray.reevaluate import evaluate_run
+
+    run = runs["3 workers"]
+    again = evaluate_run(run, out=tmp_path / "again", console=Console(file=io.StringIO()))
+    for name in ("predictions.parquet", "layers.parquet"):
+        assert _sha(again / name) == _sha(run / name), name
+    before, after = (json.loads((d / "metrics.json").read_text()) for d in (run, again))
+    for key in ("speed", "fp32", "int8"):
+        before.pop(key), after.pop(key)
+    assert after == before
+    manifest = json.loads((again / "manifest.json").read_text())
+    assert manifest["evaluates"]["run_dir"] == str(run.resolve())
+    assert manifest["qparams_digest"] == json.loads((run / "manifest.json").read_text())["qparams_digest"]
+    assert set(manifest["files"]) == {"metrics.json", "predictions.parquet", "layers.parquet", "report.html"}

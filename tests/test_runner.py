@@ -111,7 +111,7 @@ def test_killed_evaluation_task_is_retried_and_metrics_are_identical(ray_cluster
         job.write_text(text.replace('[test]\nsource = "digits"\nsplit = "test"', f"[test]\n{test_section}"))
         outs[name] = run_job(load_spec(job), workers=2, out=tmp_path / name, console=Console(file=io.StringIO()))
     assert (tmp_path / "kill-once").exists()  # an evaluation worker really died
-    for name in ("metrics.json", "predictions.parquet"):
+    for name in ("metrics.json", "predictions.parquet", "layers.parquet"):
         before = (outs["undisturbed"] / name).read_bytes()
         after = (outs["disturbed"] / name).read_bytes()
         if name == "metrics.json":  # latency is measured, not merged: compare everything else

@@ -1,0 +1,127 @@
+"""Per-layer diagnostics: where does INT8 lose accuracy? SQNR of each quantized layer's output.
+
+    result = layer_errors(fp32, int8_graph, dataset, batches)     # on a worker, per batch
+    rows = layer_rows(merge_layers([result, ...]))                # on the driver
+
+torch's Numeric Suite (`torch.ao.ns._numeric_suite_fx`) pairs each quantized node of the converted
+graph with the FP32 subgraph it replaced (conv+bn+relu with ConvReLU2d, add+relu with add_relu,
+...) and logs both outputs. Both models see the same input, so the error is the error that has
+built up to that layer, as the logits' SQNR is for the whole model. Per batch, in float64, we keep
+the FP32 output's energy (signal) and that of INT8 minus FP32 (noise); the driver sums batches in
+batch order, so the result does not depend on how batches were spread over workers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import data as data_mod
+
+__all__ = ["LayerResult", "layer_errors", "merge_layers", "layer_rows"]
+
+
+@dataclass
+class LayerResult:
+    """`layers`: (name, module, fp32 type, int8 type, quantized) in graph order (module: the INT8
+    module's qualified name, "" for a function such as add_relu; quantized: whether the INT8
+    model's output there is a quantized tensor, False for a layer the qconfig kept in FP32); `batches`: the first sample index of
+    each batch; `signal[b][l]`, `noise[b][l]`: float64 sums for batch b and layer l."""
+
+    layers: list[tuple[str, str, str, str, bool]] = field(default_factory=list)
+    batches: list[int] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    signal: list[list[float]] = field(default_factory=list)
+    noise: list[list[float]] = field(default_factory=list)
+
+
+def layer_errors(fp32: torch.nn.Module, int8: torch.fx.GraphModule, dataset, batches: list[list[int]]) -> LayerResult:
+    """Both models with loggers on every paired layer output, over `batches` of `dataset`."""
+    import torch.ao.ns._numeric_suite_fx as ns
+
+    modules = {n.name: str(n.target) for n in int8.graph.nodes if n.op == "call_module"}
+    logged_fp32, logged_int8 = ns.add_loggers("fp32", fp32, "int8", int8, ns.OutputLogger)
+    result = LayerResult()
+    with torch.inference_mode():
+        for batch in batches:
+            x, _ = data_mod.load_batch(dataset, batch)
+            logged_fp32(x)
+            logged_int8(x)
+            info = ns.extract_logger_info(logged_fp32, logged_int8, ns.OutputLogger, "int8")
+            layers, signal, noise = [], [], []
+            for name, entry in info.items():
+                pair = entry.get("node_output", {})
+                if not pair.get("fp32") or not pair.get("int8"):
+                    continue
+                ref, out = pair["fp32"][0], pair["int8"][0]
+                a, b = _tensor(ref["values"]), _tensor(out["values"])
+                if a is None or b is None or a.shape != b.shape:
+                    continue
+                layers.append((name, modules.get(out["ref_node_name"], ""), _short(ref["ref_node_target_type"]),
+                               _short(out["ref_node_target_type"]), out["values"][0].is_quantized))
+                signal.append(float((a ** 2).sum()))
+                noise.append(float(((b - a) ** 2).sum()))
+            for logger in (*_loggers(logged_fp32), *_loggers(logged_int8)):
+                logger.stats.clear()
+            if not result.layers:
+                result.layers = layers
+            elif layers != result.layers:
+                raise ValueError("the logged layers changed between batches")
+            result.batches.append(batch[0])
+            result.samples.append(len(batch))
+            result.signal.append(signal)
+            result.noise.append(noise)
+    return result
+
+
+def _tensor(values) -> torch.Tensor | None:
+    if len(values) != 1 or not isinstance(values[0], torch.Tensor):
+        return None
+    t = values[0]
+    return (t.dequantize() if t.is_quantized else t).double()
+
+
+def _loggers(model):
+    import torch.ao.ns._numeric_suite_fx as ns
+
+    return [m for m in model.modules() if isinstance(m, ns.OutputLogger)]
+
+
+def _short(target_type: str) -> str:
+    """'torch.ao.nn.intrinsic.quantized.modules.conv_relu.ConvReLU2d' -> 'quantized ConvReLU2d'."""
+    base = target_type.rsplit(".", 1)[-1]
+    return f"quantized {base}" if ".quantized." in target_type and "." in target_type else base
+
+
+def merge_layers(results) -> LayerResult:
+    """Gather every worker's batches in batch order (first sample index)."""
+    results = [r for r in results if r.batches]
+    merged = LayerResult(layers=results[0].layers if results else [])
+    rows = sorted((b, n, s, e) for r in results for b, n, s, e in zip(r.batches, r.samples, r.signal, r.noise))
+    if len({row[0] for row in rows}) != len(rows):
+        raise ValueError("a batch was diagnosed by more than one worker")
+    if any(r.layers != merged.layers for r in results):
+        raise ValueError("workers logged different layers")
+    for b, n, s, e in rows:
+        merged.batches.append(b)
+        merged.samples.append(n)
+        merged.signal.append(s)
+        merged.noise.append(e)
+    return merged
+
+
+def layer_rows(merged: LayerResult) -> list[dict]:
+    """One row per paired layer in graph order (layers kept in FP32 too: error reaches them from
+    upstream, `quantized` says which is which): sums over every batch (in batch order) and SQNR in dB
+    (None where INT8 equals FP32 exactly)."""
+    rows = []
+    samples = sum(merged.samples)
+    for k, (name, module, fp32_type, int8_type, quantized) in enumerate(merged.layers):
+        signal = math.fsum(b[k] for b in merged.signal)
+        noise = math.fsum(b[k] for b in merged.noise)
+        rows.append({"position": k, "layer": name, "module": module, "fp32_type": fp32_type, "int8_type": int8_type,
+                     "quantized": quantized, "samples": samples, "signal": signal, "noise": noise,
+                     "sqnr_db": 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None})
+    return rows

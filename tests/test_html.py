@@ -1,0 +1,70 @@
+"""report.html: self-contained, and it renders in a real headless browser (Debian's chromium)."""
+
+import os
+import re
+import shutil
+import subprocess
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from quantray.html import COLORS, render
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# CI installs chromium and sets this, so there a missing browser fails the test instead of skipping it.
+REQUIRED = os.environ.get("QUANTRAY_REQUIRE_CHROMIUM") == "1"
+
+
+@pytest.fixture(scope="module")
+def run(demo_runs):
+    return demo_runs["2 workers"]
+
+
+def test_the_page_is_self_contained_and_names_the_worst_layers(run):
+    page = (run / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg class=plot") == 4
+    for fetch in ("src=", "href=", "url(", "@import", "<script", "<link", "http:", "https:"):
+        assert fetch not in page, fetch
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    layers = pq.read_table(run / "layers.parquet").to_pylist()
+    worst = min((r for r in layers if r["quantized"]), key=lambda r: r["sqnr_db"])
+    assert f"<td>{worst['module'] or worst['layer']}</td>" in page and f"{worst['sqnr_db']:.2f} dB" in page
+
+
+def test_text_from_the_run_is_escaped(run):
+    import json
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["job"]["name"] = "<img src=x onerror=alert(1)>"
+    page = render(metrics, pq.read_table(run / "layers.parquet").to_pylist(), manifest)
+    assert "<img" not in page and "&lt;img src=x" in page
+
+
+@pytest.mark.skipif(not CHROMIUM and not REQUIRED, reason="chromium is not installed (CI installs it: .ci/run)")
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    assert CHROMIUM, "QUANTRAY_REQUIRE_CHROMIUM=1 but no chromium on PATH"
+    page = tmp_path / "report.html"
+    shutil.copy(run / "report.html", page)
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--no-default-browser-check", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # The browser parsed the page into 4 SVG plots of bars, and the tables.
+    assert len(re.findall(r"<svg class=\"plot\"", dom.stdout)) == 4
+    assert dom.stdout.count("<rect") > 20 and "Per-layer SQNR" in dom.stdout and "top-1 accuracy" in dom.stdout
+
+    shot = tmp_path / "shot.png"
+    result = subprocess.run([*flags, "--window-size=1200,3200", f"--screenshot={shot}", page.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    image = Image.open(shot).convert("RGB")
+    assert image.size == (1200, 3200)
+    pixels = list(image.getdata())
+    # Every plot painted its bars: FP32 and INT8 latency bars, the TorchScript bar, INT8 layer bars
+    # and the red of the worst layers / lost classes / off-diagonal confusion.
+    for name in ("fp32", "int8", "script", "bad"):
+        rgb = tuple(int(COLORS[name][i:i + 2], 16) for i in (1, 3, 5))
+        assert sum(p == rgb for p in pixels) > 300, f"no {name} bars painted"
