@@ -2,7 +2,7 @@
 
     quantray run jobs/digits.toml [--workers N] [--out DIR] [--no-cache] [--address ADDR]
     quantray refresh jobs/digits.toml --registry DIR [--workers N] [--address ADDR]
-    quantray evaluate RUN_DIR [--data FILE.toml] [--samples N] [--out DIR] [--address ADDR]
+    quantray evaluate RUN_DIR [--data FILE.toml] [--samples N] [--out DIR] [--no-cache] [--address ADDR]
     quantray report RUN_DIR
 """
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument("--data", help="a TOML file whose [test] table (keys as in a job's) replaces the run's test set")
     evaluate.add_argument("--samples", type=_positive, help="test samples to draw (default: the [test] table's)")
     evaluate.add_argument("--out", help="directory to create (default: RUN_DIR-eval-TIMESTAMP beside the run)")
+    evaluate.add_argument("--no-cache", action="store_true", help="recompute the FP32 outputs instead of reusing stored ones")
     evaluate.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
     report = sub.add_parser("report", help="print a finished run's comparison table from its files")
     report.add_argument("run_dir", help="a run directory written by `quantray run`")
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "evaluate":
             from .reevaluate import evaluate_run
 
-            evaluate_run(args.run_dir, data=args.data, samples=args.samples, out=args.out, address=args.address)
+            evaluate_run(args.run_dir, data=args.data, samples=args.samples, out=args.out, address=args.address,
+                         use_cache=not args.no_cache)
             return 0
         spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
         if args.command == "refresh":

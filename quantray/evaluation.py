@@ -17,7 +17,7 @@ from torch import nn
 
 from . import data as data_mod
 
-__all__ = ["ShardResult", "evaluate_shard", "merge_results", "accuracy_metrics", "wilson", "measure_latency",
+__all__ = ["ShardResult", "evaluate_shard", "score_batch", "merge_results", "accuracy_metrics", "wilson", "measure_latency",
            "measure_throughput", "measure_speed", "state_dict_bytes"]
 
 COUNT_KEYS = ("n", "fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "agree")
@@ -42,35 +42,42 @@ class ShardResult:
 
 def evaluate_shard(fp32: nn.Module, int8: nn.Module, dataset, indices: list[int], batch_size: int) -> ShardResult:
     """Run both models over `indices` of `dataset` in batches; counts and per-sample rows."""
-    result = ShardResult()
+    results = []
     with torch.inference_mode():
         for batch in data_mod.make_batches(indices, batch_size):
             x, y = data_mod.load_batch(dataset, batch)
-            fp32_logits, int8_logits = fp32(x), int8(x)
-            # Top-1 is argmax, the first of tied maxima, as the seed's torch.max: dequantized INT8
-            # logits tie often, and topk may order ties differently.
-            fp32_pred, int8_pred = fp32_logits.argmax(dim=1), int8_logits.argmax(dim=1)
-            k = min(5, fp32_logits.shape[1])
-            fp32_top, int8_top = fp32_logits.topk(k, dim=1), int8_logits.topk(k, dim=1)
-            c = result.counts
-            c["n"] += len(batch)
-            c["fp32_top1"] += int((fp32_pred == y).sum())
-            c["int8_top1"] += int((int8_pred == y).sum())
-            c["fp32_top5"] += int((fp32_top.indices == y[:, None]).any(dim=1).sum())
-            c["int8_top5"] += int((int8_top.indices == y[:, None]).any(dim=1).sum())
-            c["agree"] += int((fp32_pred == int8_pred).sum())
-            f64, i64 = fp32_logits.double(), int8_logits.double()
-            r = result.rows
-            r["index"] += batch
-            r["label"] += y.tolist()
-            r["fp32_pred"] += fp32_pred.tolist()
-            r["int8_pred"] += int8_pred.tolist()
-            r["fp32_top5"] += fp32_top.indices.tolist()
-            r["int8_top5"] += int8_top.indices.tolist()
-            r["fp32_margin"] += _margin(fp32_top.values)
-            r["int8_margin"] += _margin(int8_top.values)
-            r["signal"] += (f64 ** 2).sum(dim=1).tolist()
-            r["noise"] += ((i64 - f64) ** 2).sum(dim=1).tolist()
+            results.append(score_batch(batch, y, fp32(x), int8(x)))
+    return merge_results(results)
+
+
+def score_batch(indices: list[int], labels: torch.Tensor, fp32_logits: torch.Tensor, int8_logits: torch.Tensor) -> ShardResult:
+    """Counts and per-sample rows of one batch, from both models' logits."""
+    result = ShardResult()
+    # Top-1 is argmax, the first of tied maxima, as the seed's torch.max: dequantized INT8
+    # logits tie often, and topk may order ties differently.
+    fp32_pred, int8_pred = fp32_logits.argmax(dim=1), int8_logits.argmax(dim=1)
+    k = min(5, fp32_logits.shape[1])
+    fp32_top, int8_top = fp32_logits.topk(k, dim=1), int8_logits.topk(k, dim=1)
+    y = labels
+    c = result.counts
+    c["n"] += len(indices)
+    c["fp32_top1"] += int((fp32_pred == y).sum())
+    c["int8_top1"] += int((int8_pred == y).sum())
+    c["fp32_top5"] += int((fp32_top.indices == y[:, None]).any(dim=1).sum())
+    c["int8_top5"] += int((int8_top.indices == y[:, None]).any(dim=1).sum())
+    c["agree"] += int((fp32_pred == int8_pred).sum())
+    f64, i64 = fp32_logits.double(), int8_logits.double()
+    r = result.rows
+    r["index"] += list(indices)
+    r["label"] += y.tolist()
+    r["fp32_pred"] += fp32_pred.tolist()
+    r["int8_pred"] += int8_pred.tolist()
+    r["fp32_top5"] += fp32_top.indices.tolist()
+    r["int8_top5"] += int8_top.indices.tolist()
+    r["fp32_margin"] += _margin(fp32_top.values)
+    r["int8_margin"] += _margin(int8_top.values)
+    r["signal"] += (f64 ** 2).sum(dim=1).tolist()
+    r["noise"] += ((i64 - f64) ** 2).sum(dim=1).tolist()
     return result
 
 

@@ -28,7 +28,7 @@ from .evaluation import ShardResult, accuracy_metrics, merge_results, state_dict
 from .layers import layer_rows, merge_layers
 from .models import build_model
 from .report import make_progress, print_summary
-from .spec import DataSpec, JobSpec
+from .spec import DataSpec, JobSpec, QuantSpec
 
 __all__ = ["run_job", "evaluate_stage", "write_results", "write_html", "Evaluation"]
 
@@ -110,7 +110,7 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
                     torch.jit.save(scripted, script)
                 int8_state = state_dict_bytes(int8)
                 outcome = evaluate_stage(cluster, spec, spec.test, fp32, test_ds, test_idx, example, int8_state,
-                                         script.getvalue(), progress, stage)
+                                         script.getvalue(), progress, stage, use_cache, console)
         with stage("write"):
             run.write_bytes("model_int8.pth", int8_state)
             run.write_bytes("model_int8.pt", script.getvalue())
@@ -161,32 +161,51 @@ class Evaluation:
 
 
 def evaluate_stage(cluster, spec: JobSpec, test: DataSpec, fp32, test_ds, test_idx, example, int8_state: bytes,
-                   script: bytes, progress, stage) -> Evaluation:
-    """Accuracy and per-layer SQNR in parallel Ray tasks, then speed in a task that holds a node."""
+                   script: bytes, progress, stage, use_cache: bool = True, console=None) -> Evaluation:
+    """Accuracy and per-layer SQNR in parallel Ray tasks, then speed in a task that holds a node.
+
+    The FP32 logits of each test batch are stored (with the calibration statistics, keyed by the
+    FP32 weights, threads, torch version and the batch's sample identities) and reused by later runs
+    and evaluations of the same model on the same images: nightly runs then compute only INT8."""
     run = spec.run
     test_batches = make_batches(test_idx, test.batch_size)
+    identities = batch_identities(test_ds, test, test_batches)
     with stage("evaluate"):
         n_tasks = min(len(test_batches), 2 * cluster.cpus)
         task_batches = [list(range(i, len(test_batches), n_tasks)) for i in range(n_tasks)]
         groups = [[test_batches[b] for b in ids] for ids in task_batches]
-        layer_batches = []
-        while run.layer_samples and len(layer_batches) < len(test_batches) \
-                and sum(map(len, layer_batches)) < run.layer_samples:
-            layer_batches.append(test_batches[len(layer_batches)])
+        cache = keys = None
+        if use_cache and run.cache:  # FP32 outputs do not depend on the qconfig: key them with the default one
+            cache = StatsCache(run.cache_dir or cache_dir() / "stats", fp32, QuantSpec(), run.threads)
+            keys = [[cache.key("fp32-logits", identities[b]) for b in ids] for ids in task_batches]
+        stored = [[cache.get(k) for k in group] for group in keys] if cache else None
+        layer_batches, covered = [], 0  # whole batches from the first, until layer_samples are covered
+        for b in test_batches:
+            if covered >= run.layer_samples:
+                break
+            layer_batches.append(b)
+            covered += len(b)
         n_layer = min(len(layer_batches), cluster.cpus)
         layer_groups = [layer_batches[i::n_layer] for i in range(n_layer)]
-        shards, layer_results = runner.evaluate(fp32, script, int8_state, spec.quantization, example, test,
-                                                groups, layer_groups, run.threads, progress)
+        shards, layer_results, computed = runner.evaluate(fp32, script, int8_state, spec.quantization, example,
+                                                          test, groups, layer_groups, run.threads, progress, stored)
         merged = merge_results(shards)
+        reused = sum(t is not None for group in stored for t in group) if stored else 0
+        if cache:
+            for g, logits in enumerate(computed):
+                for k, tensor in logits.items():
+                    cache.put(keys[g][k], tensor)
+            if reused and console is not None:
+                console.print(f"reused stored FP32 outputs: {reused} of {len(test_batches)} test batches (from {cache.root})")
         layers = layer_rows(merge_layers(layer_results))
     with stage("speed"):
         # The throughput batch repeats test samples as needed: speed does not depend on which.
         batch = load_batch(test_ds, (test_idx * run.throughput_batch)[:run.throughput_batch])[0]
         speed = runner.measure_speed(fp32, script, int8_state, spec.quantization, example[:1], batch[:1], batch,
                                      run.threads, run.latency_warmup, run.latency_iters)
-    plan = {"samples": len(test_idx), "batches": test_batches, "tasks": task_batches,
+    plan = {"samples": len(test_idx), "batches": test_batches, "tasks": task_batches, "fp32_batches_reused": reused,
             "layer_samples": sum(map(len, layer_batches)), "layer_tasks": layer_groups}
-    return Evaluation(merged, layers, speed, plan, batch_identities(test_ds, test, test_batches))
+    return Evaluation(merged, layers, speed, plan, identities)
 
 
 def write_results(run: RunDir, outcome: Evaluation, fp32_size: int, int8_size: int, script_size: int) -> dict:

@@ -36,8 +36,10 @@ __all__ = ["evaluate_run"]
 
 
 def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, samples: int | None = None,
-                 out: str | Path | None = None, address: str | None = None, console: Console | None = None):
-    """Evaluate the run at `run_dir` on its test set or `data`'s; returns the new directory."""
+                 out: str | Path | None = None, address: str | None = None, console: Console | None = None,
+                 use_cache: bool = True):
+    """Evaluate the run at `run_dir` on its test set or `data`'s; returns the new directory.
+    `use_cache=False` (--no-cache) recomputes the FP32 outputs instead of reusing stored ones."""
     console = console or Console(stderr=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -88,7 +90,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, samples
                 cluster = ray_scope.enter_context(runner.Cluster(address))
             with make_progress(console) as progress:
                 outcome = evaluate_stage(cluster, spec, test, fp32, test_ds, test_idx, example, int8_state, script,
-                                         progress, stage)
+                                         progress, stage, use_cache, console)
         with stage("write"):
             metrics = write_results(result, outcome, len(fp32_bytes), len(int8_state), len(script))
             if data is not None:

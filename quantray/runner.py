@@ -18,9 +18,9 @@ import torch
 
 from . import observers
 from .calibration import CalibrationWorker, quiet_torch_warnings, rebuild_int8, set_engine
-from .data import build_dataset
+from .data import build_dataset, load_batch
 from .errors import CalibrationError, QuantrayError
-from .evaluation import evaluate_shard, measure_speed as _measure, merge_results
+from .evaluation import measure_speed as _measure, merge_results, score_batch
 from .layers import layer_errors
 
 __all__ = ["Cluster", "calibrate", "evaluate", "measure_speed"]
@@ -259,29 +259,43 @@ _PROGRESS = ("log", "count", "replay")  # the calls a progress bar counts: one p
 
 
 def evaluate(fp32, int8_script: bytes, int8_state: bytes, quant, example, data, groups, layer_groups, threads,
-             progress=None):
+             progress=None, stored=None):
     """FP32 and INT8 over groups of whole test batches, one task per group (the INT8 TorchScript
     artifact runs there), and per-layer errors over `layer_groups`, one task per group (they need
-    the INT8 GraphModule, rebuilt on the worker). Returns ([ShardResult], [LayerResult])."""
+    the INT8 GraphModule, rebuilt on the worker). `stored[g][b]`: FP32 logits of group g's batch b
+    kept from an earlier run, or None to compute them.
+
+    Returns ([ShardResult], [LayerResult], [{batch position: FP32 logits computed}] per group).
+    """
     task = ray.remote(num_cpus=1, max_retries=2)(_evaluate_task)
     layer_task = ray.remote(num_cpus=1, max_retries=2)(_layer_task)
     fp32_ref, script_ref, state_ref = ray.put(fp32), ray.put(int8_script), ray.put(int8_state)
-    refs = {task.remote(fp32_ref, script_ref, quant.backend, data, group, threads): i for i, group in enumerate(groups)}
+    stored = stored or [[None] * len(g) for g in groups]
+    refs = {task.remote(fp32_ref, script_ref, quant.backend, data, group, ray.put(known), threads): i
+            for i, (group, known) in enumerate(zip(groups, stored))}
     layer_refs = {layer_task.remote(fp32_ref, state_ref, quant, example, data, group, threads): i
                   for i, group in enumerate(layer_groups)}
     weights = {r: sum(map(len, groups[i])) for r, i in refs.items()}
     weights.update({r: sum(map(len, layer_groups[i])) for r, i in layer_refs.items()})
     results = _gather({**refs, **layer_refs}, progress, "evaluate", weights=weights)
-    return results[:len(refs)], results[len(refs):]
+    shards = results[:len(refs)]
+    return [s for s, _ in shards], results[len(refs):], [computed for _, computed in shards]
 
 
-def _evaluate_task(fp32, int8_script, backend, data, batches, threads):
+def _evaluate_task(fp32, int8_script, backend, data, batches, stored, threads):
     quiet_torch_warnings()
     torch.set_num_threads(threads)
     set_engine(backend)
     int8 = torch.jit.load(io.BytesIO(int8_script))
     dataset = build_dataset(data, where="[test]")
-    return merge_results(evaluate_shard(fp32, int8, dataset, batch, len(batch)) for batch in batches)
+    results, computed = [], {}
+    with torch.inference_mode():
+        for k, (batch, logits) in enumerate(zip(batches, stored)):
+            x, y = load_batch(dataset, batch)
+            if logits is None:
+                logits = computed[k] = fp32(x)
+            results.append(score_batch(batch, y, logits, int8(x)))
+    return merge_results(results), computed
 
 
 def _layer_task(fp32, int8_state, quant, example, data, batches, threads):

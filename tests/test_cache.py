@@ -1,4 +1,4 @@
-"""Stored calibration statistics: a rerun reuses them, a change recomputes only what it must."""
+"""Stored calibration statistics and FP32 outputs: a rerun reuses them, a change recomputes only what it must."""
 
 import io
 import json
@@ -32,14 +32,23 @@ def test_rerun_reuses_everything_and_a_new_mode_keeps_pass_1(ray_cluster, tmp_pa
     assert "reused stored statistics: pass1 10 of 10, pass2 2 of 2" in said
     assert warm["qparams_digest"] == cold["qparams_digest"]
     assert warm["files"]["qparams.parquet"] == cold["files"]["qparams.parquet"]
+    # The FP32 outputs of every test batch were stored by the cold run and reused: same predictions.
+    batches = len(cold["evaluation"]["batches"])
+    assert (cold["evaluation"]["fp32_batches_reused"], warm["evaluation"]["fp32_batches_reused"]) == (0, batches)
+    assert f"reused stored FP32 outputs: {batches} of {batches} test batches" in said
+    for name in ("predictions.parquet", "layers.parquet"):
+        assert warm["files"][name] == cold["files"][name], name
 
     forced, said = _run(job, tmp_path / "forced", use_cache=False)
     assert forced["calibration_stats"]["cached"] == {"pass1": [0, 10], "pass2": [0, 2]} and "reused" not in said
+    assert forced["evaluation"]["fp32_batches_reused"] == 0
+    assert forced["files"]["predictions.parquet"] == cold["files"]["predictions.parquet"]
     assert forced["qparams_digest"] == cold["qparams_digest"]
 
     job.write_text(job.read_text().replace('backend = "x86"', 'backend = "x86"\nmode = "replay"'))
     replay, _ = _run(job, tmp_path / "replay")
     assert replay["calibration_stats"]["cached"] == {"pass1": [10, 10], "pass2": [0, 10]}
+    assert replay["evaluation"]["fp32_batches_reused"] == batches  # FP32 outputs do not depend on the qconfig
 
 
 def _image(path: Path, seed: int):
@@ -57,7 +66,7 @@ def test_a_changed_image_recomputes_only_its_batch_in_pass_1(ray_cluster, tmp_pa
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "resnet18.pth")
     job = tmp_path / "images.toml"
-    job.write_text(f"""
+    job.write_text("""
 [model]
 arch = "resnet18"
 num_classes = 3

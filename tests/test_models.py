@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from quantray.data import build_dataset, load_batch
+from quantray.data import build_dataset
 from quantray.errors import SpecError
 from quantray.models import build_model
 from quantray.spec import DataSpec, ModelSpec

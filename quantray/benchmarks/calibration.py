@@ -20,7 +20,6 @@ import torch
 
 
 def _setup(model_name: str, images: int):
-    from quantray.data import digits
     from quantray.demo import digits_cnn
     from quantray.spec import DataSpec
 
