@@ -30,7 +30,7 @@ from .models import build_model
 from .report import make_progress, print_summary
 from .spec import DataSpec, JobSpec, QuantSpec
 
-__all__ = ["run_job", "evaluate_stage", "write_results", "write_html", "Evaluation"]
+__all__ = ["run_job", "evaluate_stage", "write_results", "write_html", "Evaluation", "Timings"]
 
 
 def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None = None,
@@ -40,14 +40,8 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
     `use_cache=False` (--no-cache) recomputes every statistic instead of reusing stored ones;
     `before_commit(run, manifest)` may add files to the staged run (refresh adds its drift report)."""
     console = console or Console(stderr=True)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    @contextlib.contextmanager
-    def stage(name):
-        t = time.perf_counter()
-        yield
-        timings[name] = round(time.perf_counter() - t, 4)
+    timings, started = Timings(), time.perf_counter()
+    stage = timings.stage
 
     with stage("load"):
         fp32 = build_model(spec.model, spec.path)
@@ -146,6 +140,16 @@ def _indices(dataset, spec: JobSpec, section: str) -> list[int]:
         return sample_indices(len(dataset), d.samples, d.seed)
     except ValueError as e:
         raise SpecError(f"{spec.path}: [{section}] samples = {d.samples}: {e}") from None
+
+
+class Timings(dict):
+    """Seconds per stage: `with timings.stage("load"): ...` records timings["load"]."""
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        t = time.perf_counter()
+        yield
+        self[name] = round(time.perf_counter() - t, 4)
 
 
 @dataclasses.dataclass

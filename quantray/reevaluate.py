@@ -27,7 +27,7 @@ from .artifacts import RunDir, read_manifest, sha256_bytes, sha256_file, softwar
 from .data import build_dataset, sample_indices
 from .errors import SpecError
 from .evaluation import state_dict_bytes
-from .job import evaluate_stage, write_html, write_results
+from .job import Timings, evaluate_stage, write_html, write_results
 from .models import build_model
 from .report import make_progress, print_summary
 from .spec import load_test_section, parse_spec
@@ -41,14 +41,8 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, samples
     """Evaluate the run at `run_dir` on its test set or `data`'s; returns the new directory.
     `use_cache=False` (--no-cache) recomputes the FP32 outputs instead of reusing stored ones."""
     console = console or Console(stderr=True)
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    @contextlib.contextmanager
-    def stage(name):
-        t = time.perf_counter()
-        yield
-        timings[name] = round(time.perf_counter() - t, 4)
+    timings, started = Timings(), time.perf_counter()
+    stage = timings.stage
 
     run_dir = Path(run_dir)
     with stage("load"):

@@ -122,13 +122,16 @@ _SECTIONS = {"model": ModelSpec, "calibration": DataSpec, "test": DataSpec,
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a job file. Raises SpecError (one line) on any problem."""
     path = Path(path)
+    return parse_spec(_read_toml(path, "job file"), path)
+
+
+def _read_toml(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise SpecError(f"{path}: job file not found")
+        raise SpecError(f"{path}: {what} not found")
     try:
-        raw = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
-    return parse_spec(raw, path)
 
 
 def parse_spec(raw: dict, path: Path, base_dir: Path | None = None) -> JobSpec:
@@ -160,12 +163,7 @@ def load_test_section(path: str | Path) -> DataSpec:
     """The [test] section of another TOML file (`quantray evaluate --data`), checked as strictly
     as a job's; relative paths resolve against that file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: data file not found")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    raw = _read_toml(path, "data file")
     ctx = _Context(path, path.resolve().parent)
     if "test" not in raw:
         ctx.fail(None, "test", "missing section [test]: --data takes a file with a [test] table, as in a job file")

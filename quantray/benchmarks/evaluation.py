@@ -22,7 +22,6 @@ same run; predictions are checked to match the seed's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import io
 import math
@@ -61,7 +60,7 @@ def main() -> None:
     from quantray.calibration import convert, prepare, quiet_torch_warnings
     from quantray.data import build_dataset, load_batch
     from quantray.evaluation import state_dict_bytes
-    from quantray.job import evaluate_stage
+    from quantray.job import Timings, evaluate_stage
     from quantray.spec import DataSpec, JobSpec, ModelSpec, QuantSpec, RunSpec
     from quantray.testing import write_flowers102
 
@@ -117,17 +116,10 @@ def main() -> None:
                 ("quantray, warm, FP32 outputs stored", 0, True))
         with runner.Cluster() as cluster:
             for label, layer_samples, use_cache in runs:
-                timings = {}
-
-                @contextlib.contextmanager
-                def stage(name):
-                    t = time.perf_counter()
-                    yield
-                    timings[name] = time.perf_counter() - t
-
+                timings = Timings()
                 one = dataclasses.replace(job, run=dataclasses.replace(job.run, layer_samples=layer_samples))
                 outcome = evaluate_stage(cluster, one, spec, fp32, dataset, list(range(n)), calib[:1], state,
-                                         script.getvalue(), None, stage, use_cache)
+                                         script.getvalue(), None, timings.stage, use_cache)
                 wall, merged = timings["evaluate"], outcome.merged
                 fp32_acc = merged.counts["fp32_top1"] / n
                 int8_acc = merged.counts["int8_top1"] / n
