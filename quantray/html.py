@@ -79,7 +79,8 @@ def _summary(metrics: dict) -> str:
         b = speed["conditions"]["throughput_batch_size"]
         rows.append([f"throughput, batch {b}", f"{speed['fp32']['throughput_per_s']:.0f}/s",
                      f"{speed['int8']['throughput_per_s']:.0f}/s",
-                     f"{speed['int8']['throughput_per_s'] / speed['fp32']['throughput_per_s']:.2f}x"])
+                     _ratio(1 / speed["fp32"]["throughput_per_s"], 1 / speed["int8"]["throughput_per_s"],
+                            "faster", "slower")])
     rows.append(["size (state_dict)", f"{fp32['size_mb']:.3f} MB", f"{int8['size_mb']:.3f} MB",
                  _ratio(fp32["size_mb"], int8["size_mb"], "smaller", "larger")])
     if "torchscript_size_mb" in int8:

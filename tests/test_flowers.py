@@ -90,3 +90,11 @@ def test_article_job_runs_through_the_cli_and_loads_with_the_articles_recipe(flo
     assert torch.equal(article(x), expected) and torch.equal(scripted(x), expected)
     predictions = pq.read_table(out / "predictions.parquet").to_pydict()
     assert predictions["int8_pred"] == expected.argmax(1).tolist()  # what the Ray tasks saw
+    # resnet18's per-layer SQNR: every conv and the residual add_relu functions are named, in graph order.
+    layers = pq.read_table(out / "layers.parquet").to_pylist()
+    convs = [n for n, m in torchvision.models.resnet18().named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [r["module"] for r in layers if r["int8_type"].startswith("quantized Conv")] == convs
+    adds = [r for r in layers if r["int8_type"] == "quantized add_relu"]
+    assert len(adds) == 8 and all(r["module"] == "" and r["quantized"] for r in adds)
+    assert all(r["samples"] == 12 and r["sqnr_db"] is not None for r in layers)
+

@@ -90,6 +90,7 @@ def test_key_not_used_by_the_source_is_an_error(tmp_path):
 def test_unknown_backend_and_bad_values(tmp_path):
     assert "[quantization] backend = 'fbgemm2': unknown backend" in _error(tmp_path, MINIMAL + '[quantization]\nbackend = "fbgemm2"\n')
     assert "[run] threads = 0: must be at least 1" in _error(tmp_path, MINIMAL + "[run]\nthreads = 0\n")
+    assert "[run] layer_samples = -1: must be at least 0" in _error(tmp_path, MINIMAL + "[run]\nlayer_samples = -1\n")
     assert "[calibration] samples = 0: must be at least 1" in _error(tmp_path, MINIMAL.replace("samples = 64", "samples = 0"))
 
 
