@@ -1,6 +1,7 @@
 """Evaluation: one shard of the test split -> counts and predictions; exact merge; latency; size.
 
-No Ray here: `runner` fans `evaluate_shard` out as tasks; `merge_results` sums integer counts and
+No Ray here: `runner`'s tasks call `score_batch` on each batch (with FP32 logits computed or stored
+by an earlier run); `evaluate_shard` is the same in one process. `merge_results` sums integer counts and
 orders per-sample rows by sample index, so the merged metrics (float sums included) are the same
 whatever the shard count or completion order.
 """
