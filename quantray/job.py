@@ -30,7 +30,7 @@ from .models import build_model
 from .report import make_progress, print_summary
 from .spec import DataSpec, JobSpec, QuantSpec
 
-__all__ = ["run_job", "evaluate_stage", "write_results", "write_html", "Evaluation", "Timings"]
+__all__ = ["run_job", "draw_indices", "evaluate_stage", "write_results", "write_html", "Evaluation", "Timings"]
 
 
 def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None = None,
@@ -47,12 +47,9 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
         fp32 = build_model(spec.model, spec.path)
         calib_ds = build_dataset(spec.calibration, f"{spec.path}: [calibration]")
         test_ds = build_dataset(spec.test, f"{spec.path}: [test]")
-        calib_idx = _indices(calib_ds, spec, "calibration")
-        if not calib_idx:
-            raise SpecError(f"{spec.path}: [calibration] the calibration split is empty: nothing to calibrate on")
-        test_idx = _indices(test_ds, spec, "test")
-        if not test_idx:
-            raise SpecError(f"{spec.path}: [test] the test split is empty: nothing to evaluate on")
+        calib_idx = draw_indices(calib_ds, spec.calibration, f"{spec.path}: [calibration]",
+                                 "the calibration split is empty: nothing to calibrate on")
+        test_idx = draw_indices(test_ds, spec.test, f"{spec.path}: [test]", "the test split is empty: nothing to evaluate on")
         example = load_batch(calib_ds, calib_idx[:1])[0]
         fp32_bytes = state_dict_bytes(fp32)
     with stage("prepare"):
@@ -134,12 +131,16 @@ def run_job(spec: JobSpec, *, workers: int | None = None, out: str | Path | None
     return run_dir
 
 
-def _indices(dataset, spec: JobSpec, section: str) -> list[int]:
-    d = getattr(spec, section)
+def draw_indices(dataset, d: DataSpec, where: str, empty: str) -> list[int]:
+    """The samples `d` draws from `dataset`; a SpecError naming `where` if it asks for too many or
+    draws none (`empty`: what to say then)."""
     try:
-        return sample_indices(len(dataset), d.samples, d.seed)
+        indices = sample_indices(len(dataset), d.samples, d.seed)
     except ValueError as e:
-        raise SpecError(f"{spec.path}: [{section}] samples = {d.samples}: {e}") from None
+        raise SpecError(f"{where} samples = {d.samples}: {e}") from None
+    if not indices:
+        raise SpecError(f"{where} {empty}")
+    return indices
 
 
 class Timings(dict):

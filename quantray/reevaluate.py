@@ -24,10 +24,10 @@ from rich.console import Console
 
 from . import __version__, runner
 from .artifacts import RunDir, read_manifest, sha256_bytes, sha256_file, software_versions
-from .data import build_dataset, sample_indices
+from .data import build_dataset
 from .errors import SpecError
 from .evaluation import state_dict_bytes
-from .job import Timings, evaluate_stage, write_html, write_results
+from .job import Timings, draw_indices, evaluate_stage, write_html, write_results
 from .models import build_model
 from .report import make_progress, print_summary
 from .spec import load_test_section, parse_spec
@@ -64,12 +64,7 @@ def evaluate_run(run_dir: str | Path, *, data: str | Path | None = None, samples
             raise SpecError(f"{job_path}: [model] the FP32 model is not the one this run quantized (its state_dict's "
                             "sha256 differs from the run's manifest); restore its checkpoint or run the job again")
         test_ds = build_dataset(test, where)
-        try:
-            test_idx = sample_indices(len(test_ds), test.samples, test.seed)
-        except ValueError as e:
-            raise SpecError(f"{where} samples = {test.samples}: {e}") from None
-        if not test_idx:
-            raise SpecError(f"{where} the test split is empty: nothing to evaluate on")
+        test_idx = draw_indices(test_ds, test, where, "the test split is empty: nothing to evaluate on")
         int8_state = (run_dir / "model_int8.pth").read_bytes()
         script = (run_dir / "model_int8.pt").read_bytes()
         example = torch.zeros(manifest["input_shape"])

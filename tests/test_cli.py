@@ -105,6 +105,7 @@ def test_evaluate_refuses_what_it_cannot_trust_with_one_line(cli_run, tmp_path):
     typo.write_text('[test]\nsource = "digits"\nbatchsize = 8\n')
     refused(copy, "--data", typo, expected="[test] batchsize unknown key (did you mean 'batch_size'?)")
     refused(tmp_path, expected="not a quantray run directory (no manifest.json)")
+    refused(copy, "--samples", 5000, expected="[test] samples = 5000: asked for 5000 samples but the split has only 359")
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["fp32_state_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
