@@ -1,11 +1,14 @@
 """quantray: distributed, bit-exact post-training INT8 quantization of PyTorch models on Ray.
 
-    quantray run jobs/digits.toml          # command line
-    model = quantray.load_quantized(run)   # the INT8 model of a finished run
+    quantray run jobs/digits.toml                          # command line
+    result = quantray.run("jobs/digits.toml", workers=2)   # Python: RunResult(location, metrics, manifest)
+    model = result.int8()                                  # or quantray.load_quantized(run_dir)
+    again = quantray.evaluate(result.location, samples=300)
 """
 
 __version__ = "0.1.0"
 
+from .api import RunResult, evaluate, run  # noqa: E402
 from .artifacts import load_quantized  # noqa: E402
 
-__all__ = ["load_quantized", "__version__"]
+__all__ = ["run", "evaluate", "RunResult", "load_quantized", "__version__"]

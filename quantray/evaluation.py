@@ -1,9 +1,9 @@
-"""Evaluation: one shard of the test split -> counts and predictions; exact merge; latency; size.
+"""Evaluation: test batches -> counts and predictions; exact merge; latency; size.
 
-No Ray here: `runner`'s tasks call `score_batch` on each batch (with FP32 logits computed or stored
-by an earlier run); `evaluate_shard` is the same in one process. `merge_results` sums integer counts and
-orders per-sample rows by sample index, so the merged metrics (float sums included) are the same
-whatever the shard count or completion order.
+No Ray here: `evaluate_batches` and `measure_models` are the bodies of the tasks `runner` fans out
+(`evaluate_shard` is the same in one process). `merge_results` sums integer counts and orders
+per-sample rows by sample index, so the merged metrics (float sums included) are the same whatever
+the shard count or completion order.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from torch import nn
 
 from . import data as data_mod
 
-__all__ = ["ShardResult", "evaluate_shard", "score_batch", "merge_results", "accuracy_metrics", "wilson", "measure_latency",
-           "measure_throughput", "measure_speed", "state_dict_bytes"]
+__all__ = ["ShardResult", "evaluate_shard", "evaluate_batches", "score_batch", "merge_results", "accuracy_metrics",
+           "wilson", "measure_latency", "measure_throughput", "measure_speed", "measure_models", "state_dict_bytes"]
 
 COUNT_KEYS = ("n", "fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "agree")
 COLUMNS = ("index", "label", "fp32_pred", "int8_pred", "fp32_top5", "int8_top5", "fp32_margin", "int8_margin",
@@ -49,6 +49,28 @@ def evaluate_shard(fp32: nn.Module, int8: nn.Module, dataset, indices: list[int]
             x, y = data_mod.load_batch(dataset, batch)
             results.append(score_batch(batch, y, fp32(x), int8(x)))
     return merge_results(results)
+
+
+def evaluate_batches(fp32: nn.Module, int8_script: bytes, backend: str, data, batches: list[list[int]],
+                     stored: list, threads: int) -> tuple[ShardResult, dict[int, torch.Tensor]]:
+    """A task's share of the test split: FP32 (or its logits stored by an earlier run, `stored[k]`)
+    and the INT8 TorchScript artifact on each batch. Returns the merged result and the FP32 logits
+    it computed, by position in `batches`."""
+    from .flow import quiet_torch_warnings, set_engine
+
+    quiet_torch_warnings()
+    torch.set_num_threads(threads)
+    set_engine(backend)
+    int8 = torch.jit.load(io.BytesIO(int8_script))
+    dataset = data_mod.build_dataset(data, where="[test]")
+    results, computed = [], {}
+    with torch.inference_mode():
+        for k, (batch, logits) in enumerate(zip(batches, stored)):
+            x, y = data_mod.load_batch(dataset, batch)
+            if logits is None:
+                logits = computed[k] = fp32(x)
+            results.append(score_batch(batch, y, logits, int8(x)))
+    return merge_results(results), computed
 
 
 def score_batch(indices: list[int], labels: torch.Tensor, fp32_logits: torch.Tensor, int8_logits: torch.Tensor) -> ShardResult:
@@ -183,6 +205,41 @@ def measure_speed(models: dict, example: torch.Tensor, batch: torch.Tensor, warm
     speed["conditions"] = {"latency_batch_size": 1, "warmup": warmup, "iters": iters,
                            "throughput_batch_size": len(batch), "throughput_iters": max(1, iters // 10)}
     return speed
+
+
+def measure_models(fp32: nn.Module, int8_script: bytes, int8_state: bytes, quant, example: torch.Tensor,
+                   x: torch.Tensor, batch: torch.Tensor, threads: int, warmup: int, iters: int, cpus: int) -> dict:
+    """Latency (on `x`) and throughput (on `batch`) of FP32, INT8 eager and the INT8 TorchScript
+    artifact, in a task that holds all `cpus` CPUs of its node. `example` has the input shape the
+    INT8 model was prepared with."""
+    import platform
+
+    from .flow import quiet_torch_warnings, rebuild_int8
+
+    quiet_torch_warnings()
+    torch.set_num_threads(threads)
+    int8 = rebuild_int8(fp32, quant, example, torch.load(io.BytesIO(int8_state), weights_only=True))
+    scripted = torch.jit.load(io.BytesIO(int8_script))
+    speed = measure_speed({"fp32": fp32, "int8": int8, "int8_torchscript": scripted}, x, batch, warmup, iters)
+    speed["conditions"].update(
+        where=f"one Ray task holding all {cpus} CPUs of its node, nothing else scheduled there",
+        host=platform.node(), processor=_processor(), threads=threads, torch_threads=torch.get_num_threads(),
+        engine=torch.backends.quantized.engine)
+    return speed
+
+
+def _processor() -> str:
+    """The CPU model, from /proc/cpuinfo where there is one."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -13,11 +15,22 @@ from torch import nn
 from .errors import SpecError
 from .spec import ModelSpec
 
-__all__ = ["build_model", "resolve_callable"]
+__all__ = ["build_model", "resolve_callable", "call_user"]
 
 
 def build_model(spec: ModelSpec, job_path: Path | str = "job") -> nn.Module:
-    """The FP32 model in eval mode, with the checkpoint's weights loaded (`weights_only=True`)."""
+    """The FP32 model in eval mode, with the checkpoint's weights loaded (`weights_only=True`).
+    It is built under `torch.manual_seed(spec.seed)` (the caller's random state is left as it was),
+    so a model without a checkpoint has the same weights on every run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = _construct(spec, job_path)
+    if spec.checkpoint is not None:
+        _load_checkpoint(model, spec.checkpoint, job_path)
+    return model.eval()
+
+
+def _construct(spec: ModelSpec, job_path) -> nn.Module:
     if spec.arch is not None:
         import torchvision
 
@@ -25,18 +38,25 @@ def build_model(spec: ModelSpec, job_path: Path | str = "job") -> nn.Module:
         if spec.num_classes is not None:
             kwargs["num_classes"] = spec.num_classes
         try:
-            model = torchvision.models.get_model(spec.arch, weights=None, **kwargs)
-        except TypeError as e:
-            raise SpecError(f"{job_path}: [model] kwargs: torchvision {spec.arch} rejected them: {e}") from None
-    else:
-        fn = resolve_callable(spec.factory, f"{job_path}: [model] factory")
-        model = fn(**spec.kwargs)
-        if not isinstance(model, nn.Module):
-            raise SpecError(f"{job_path}: [model] factory = {spec.factory!r} returned "
-                            f"{type(model).__name__}, expected a torch.nn.Module")
-    if spec.checkpoint is not None:
-        _load_checkpoint(model, spec.checkpoint, job_path)
-    return model.eval()
+            return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise SpecError(f"{job_path}: [model] kwargs: torchvision {spec.arch} rejected them: {_line(e)}") from None
+    fn = resolve_callable(spec.factory, f"{job_path}: [model] factory")
+    model = call_user(fn, spec.kwargs, f"{job_path}: [model] factory = {spec.factory!r}")
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"{job_path}: [model] factory = {spec.factory!r} returned "
+                        f"{type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def call_user(fn, kwargs: dict, where: str):
+    """Call a user's factory; whatever it raises becomes one line naming it (exit 2: the job's input)."""
+    try:
+        return fn(**kwargs)
+    except SpecError:
+        raise
+    except Exception as e:
+        raise SpecError(f"{where} raised {type(e).__name__}: {_line(e)}; fix the factory or its kwargs") from None
 
 
 def resolve_callable(ref: str, where: str):
@@ -56,11 +76,19 @@ def resolve_callable(ref: str, where: str):
 
 
 def _load_checkpoint(model: nn.Module, path: Path, job_path) -> None:
+    where = f"{job_path}: [model] checkpoint = {str(path)!r}"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle of code, a truncated file, not a torch file at all
-        raise SpecError(f"{job_path}: [model] checkpoint = {str(path)!r}: cannot load as a state_dict "
-                        f"with weights_only=True ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", _plain(str(e)))
+        if found:  # weights_only refuses to run pickled code: say what is in the file and what to save
+            raise SpecError(f"{where}: holds a pickled {found.group(1)} object, not just weights (saved with "
+                            "torch.save(model) or with other objects); save the weights with "
+                            "torch.save(model.state_dict(), path) and point checkpoint at that file") from None
+        raise SpecError(f"{where}: not a readable torch file ({type(e).__name__}: {_line(e).split('. ')[0][:160]}); "
+                        "save the weights with torch.save(model.state_dict(), path)") from None
     # Training scripts often wrap the weights: {"state_dict": ...} or {"model_state_dict": ...}.
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -78,6 +106,16 @@ def _load_checkpoint(model: nn.Module, path: Path, job_path) -> None:
         raise SpecError(f"{job_path}: [model] checkpoint = {str(path)!r} does not fit the model: "
                         f"missing {_few(result.missing_keys)}, unexpected {_few(result.unexpected_keys)} "
                         "(check arch and num_classes)")
+
+
+def _plain(text: str) -> str:
+    """`text` without terminal colour codes (torch's weights_only message has them)."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _line(error: BaseException) -> str:
+    text = _plain(str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _few(keys) -> str:

@@ -37,13 +37,16 @@ _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A torchvision architecture by name, or a `module.path:function` factory; optional checkpoint."""
+    """A torchvision architecture by name, or a `module.path:function` factory; optional checkpoint.
+    The model is built with torch's random generator seeded by `seed`, so a model without a
+    checkpoint gets the same weights, and the same qparams, on every run."""
 
     arch: str | None = None
     num_classes: int | None = None
     factory: str | None = None
     kwargs: dict = field(default_factory=dict)
     checkpoint: Path | None = None
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,7 @@ class RunSpec:
     threads: int = 1
     max_attempts: int = 3
     cache: bool = True
-    cache_dir: Path | None = None
+    cache_dir: str | None = None  # a folder (relative to the job file) or a URI pyarrow.fs opens
     latency_warmup: int = 10
     latency_iters: int = 100
     throughput_batch: int = 32
@@ -152,7 +155,7 @@ def parse_spec(raw: dict, path: Path, base_dir: Path | None = None) -> JobSpec:
     for section in ("calibration", "test"):
         built[section] = _check_data(built[section], section, ctx)
     _check_quant(built["quantization"], ctx)
-    _check_run(built["run"], ctx)
+    built["run"] = _check_run(built["run"], ctx)
     for key in ("max_top1_drop", "max_regression"):
         if not 0 <= getattr(built["gate"], key) <= 1:
             ctx.fail("gate", key, f"= {getattr(built['gate'], key)}: a fraction of accuracy between 0 and 1 (0.01 = 1 point)")
@@ -309,12 +312,24 @@ def _check_quant(q: QuantSpec, ctx: _Context) -> None:
                     ctx.fail("quantization", f"{key}.{sub}", f"= {sub_value!r}: valid: {', '.join(valid)}")
 
 
-def _check_run(r: RunSpec, ctx: _Context) -> None:
+def _check_run(r: RunSpec, ctx: _Context) -> RunSpec:
     for key, low in (("workers", 1), ("threads", 1), ("max_attempts", 1), ("latency_warmup", 0), ("latency_iters", 1),
                      ("throughput_batch", 1), ("layer_samples", 0)):
         value = getattr(r, key)
         if value is not None and value < low:
             ctx.fail("run", key, f"= {value}: must be at least {low}")
+    if r.cache_dir is not None:
+        location = r.cache_dir
+        if not location.strip():
+            ctx.fail("run", "cache_dir", "= '': give a folder or a URI (s3://bucket/prefix), or leave it out")
+        if "://" in location:  # a URI stays as given: a Path would fold its '//' into '/'
+            scheme = location.split("://", 1)[0]
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+                ctx.fail("run", "cache_dir", f"= {location!r}: not a URI (scheme://...) nor a folder")
+        else:
+            p = Path(location).expanduser()
+            r = dataclasses.replace(r, cache_dir=str(p if p.is_absolute() else (ctx.base_dir / p).resolve()))
+    return r
 
 
 def _jsonable(obj):

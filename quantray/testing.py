@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["write_flowers102", "article_job", "digits_killer", "random_images"]
+__all__ = ["write_flowers102", "article_job", "digits_killer", "digits_failing", "random_images", "fails", "dies"]
 
 
 def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=4, val=1, test=2,
@@ -40,10 +40,11 @@ def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=
 
 
 def article_job(base: str | Path, *, samples: int = 20, latency_iters: int = 100, threads: int = 1,
-                classes=(1, 17, 40, 77, 101, 102)) -> Path:
+                classes=(1, 17, 40, 77, 101, 102), run_extra: str = "") -> Path:
     """jobs/flowers102_resnet18.toml made runnable here: a written Flowers102 folder (see
     `write_flowers102`, with `verify = false`), an untrained resnet18 checkpoint (seed 0), and the
-    given sample count, latency runs and threads. Returns the job file's path."""
+    given sample count, latency runs and threads; `run_extra` is added to its [run] table.
+    Returns the job file's path."""
     import torch
     import torchvision
 
@@ -56,12 +57,15 @@ def article_job(base: str | Path, *, samples: int = 20, latency_iters: int = 100
     for old, new in (('"../checkpoints/resnet18_flowers102.pth"', f'"{base / "checkpoints" / "resnet18.pth"}"'),
                      ('root = "../data"', f'root = "{base / "data"}"\nverify = false'),
                      ("samples = 100", f"samples = {samples}"), ("latency_iters = 100", f"latency_iters = {latency_iters}"),
+                     ("latency_warmup = 10", f"latency_warmup = {min(10, latency_iters)}"),
                      ("threads = 1 ", f"threads = {threads} ")):
         if old not in text:
             raise ValueError(f"jobs/flowers102_resnet18.toml no longer contains {old!r}")
         text = text.replace(old, new)
+    if not text.rstrip().splitlines()[-1].startswith("latency_iters"):
+        raise ValueError("jobs/flowers102_resnet18.toml no longer ends with its [run] table")
     job = base / "flowers102_resnet18.toml"
-    job.write_text(text)
+    job.write_text(text.rstrip() + "\n" + run_extra)
     return job
 
 
@@ -84,6 +88,28 @@ class _KillingDataset:
                 Path(self.marker).touch()
             os.kill(os.getpid(), signal.SIGKILL)
         return self.inner[i]
+
+
+class _FailingDataset:
+    """Wraps a dataset; loading sample `fail_at` raises, as a broken file or a bug in user code would."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.fail_at = inner, fail_at
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if i == self.fail_at:
+            raise ValueError(f"cannot decode sample {i}")
+        return self.inner[i]
+
+
+def digits_failing(split: str = "test", fail_at: int = 0):
+    """The digits split, with sample `fail_at` failing to load: for error-reporting tests."""
+    from .data import digits
+
+    return _FailingDataset(digits(split), fail_at)
 
 
 def digits_killer(split: str = "train", kill_at: int = 0, marker: str | None = None):
@@ -114,3 +140,48 @@ class _RandomImages:
 def random_images(n: int = 1000, shape=(3, 224, 224)):
     """A dataset factory for benchmarks: decoding costs nothing, so timings measure calibration."""
     return _RandomImages(n, shape)
+
+
+def fails(x):
+    """A task body that raises in user code (tests of failure reporting)."""
+    raise ValueError(f"no good: {x}")
+
+
+def dies(x, marker: str | None = None):
+    """A task body whose process SIGKILLs itself (once, if `marker` is given), else returns 2x."""
+    import os
+    import signal
+
+    if marker is None or not os.path.exists(marker):
+        if marker is not None:
+            open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * 2
+
+
+def marked_digits_cnn(marker: str):
+    """The demo model, leaving a marker file behind: tests check a model was (not) built."""
+    from .demo import digits_cnn
+
+    Path(marker).touch()
+    return digits_cnn()
+
+
+def digits_relabelled(split: str = "test"):
+    """The digits split with every label moved to the next digit: a night whose new test data is
+    mislabelled, which any model scores near zero on (tests of the accuracy gate)."""
+    from torch.utils.data import TensorDataset
+
+    from .data import digits
+
+    x, y = digits(split).tensors
+    return TensorDataset(x, (y + 1) % 10)
+
+
+def tiny_cnn(channels: int = 3, num_classes: int = 3):
+    """A small CNN for tests where the model is not the point (conv+relu, pooling, linear)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(16, num_classes))

@@ -1,4 +1,5 @@
-"""Shared fixtures: one Ray cluster for the whole session, the demo job's runs, a tiny model, the digits data."""
+"""Shared fixtures: one Ray cluster for the session, the demo job's runs, a tiny model, the digits
+data, and the serial calibration the Ray tests compare against."""
 
 import io
 import os
@@ -6,27 +7,34 @@ import tempfile
 from pathlib import Path
 
 # Before ray or quantray are imported: a loopback test cluster without token auth (DESIGN.md), and
-# the demo checkpoint cached in a temporary folder rather than the user's home.
+# quantray's own folder (stored statistics) in a temporary place rather than the user's home.
 os.environ["RAY_AUTH_MODE"] = "disabled"
-os.environ.setdefault("QUANTRAY_CACHE", tempfile.mkdtemp(prefix="quantray-test-cache-"))
+os.environ["QUANTRAY_CACHE"] = tempfile.mkdtemp(prefix="quantray-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from quantray import data  # noqa: E402
-from quantray.calibration import quiet_torch_warnings  # noqa: E402
+from quantray import data, flow, sites  # noqa: E402
+from quantray.calibration import SerialExecutor, calibrate  # noqa: E402
 from quantray.demo import DigitsCNN  # noqa: E402
-from quantray.spec import DataSpec  # noqa: E402
+from quantray.modes import MODES, Plan  # noqa: E402
+from quantray.spec import DataSpec, QuantSpec  # noqa: E402
 
-quiet_torch_warnings()
+flow.quiet_torch_warnings()
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_JOB = ROOT / "jobs" / "digits.toml"
 
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray for the session: a ray.init per test costs 5x more (DESIGN.md)."""
+    """One local Ray for the session: a ray.init per test costs 5x more (DESIGN.md). Idle task
+    workers are kept rather than killed once calibration actors push the worker count past the CPU
+    count, so that each run's evaluation tasks find workers that already imported torch (6 s each
+    otherwise); actors are new processes for every run either way."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}})
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}},
+             _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 3_600_000})
     yield ray
     ray.shutdown()
 
@@ -49,21 +57,50 @@ def digits_plan():
     return spec, dataset, batches, example
 
 
-DEMO_LAYOUTS = {"1 worker": (1, None), "2 workers": (2, None), "3 workers": (3, None),
-                "3 workers, reversed": (3, [2, 1, 0])}
+def serial_calibration(model, example, quant, data_spec, batches, shards, *, order=None, store=None):
+    """The protocol in this process: (the driver's prepared model with the statistics loaded, the
+    calibration result). `quant` is a QuantSpec or a backend name."""
+    quant = QuantSpec(backend=quant) if isinstance(quant, str) else quant
+    prepared = flow.prepare(model, quant, example)
+    observed = sites.observed_values(prepared)
+    plan = Plan(batches, shards, observed, [f"batch-{b}" for b in range(len(batches))] if store else None)
+    with SerialExecutor(model, example, quant, data_spec, 1, sites.signature(observed), order=order) as executor:
+        result = calibrate(MODES[quant.mode], executor, plan, store=store)
+    result.stats.load(prepared)
+    return prepared, result
+
+
+def quiet():
+    from rich.console import Console
+
+    return Console(file=io.StringIO(), width=300)
+
+
+DEMO_LAYOUTS = {"1 worker": (1, None), "2 workers": (2, None), "3 workers, reversed": (3, [2, 1, 0])}
 
 
 @pytest.fixture(scope="session")
 def demo_runs(ray_cluster, tmp_path_factory):
-    """The demo job run once per layout (workers, shard order), each computing every statistic."""
-    from rich.console import Console
+    """The demo job run once per layout (workers, shard order), each computing every statistic.
+    The 2-worker run stores its statistics in its own folder (`stored_demo_job`) as it goes."""
+    import quantray
 
-    from quantray.job import run_job
-    from quantray.spec import load_spec
-
-    spec = load_spec(Path(__file__).resolve().parents[1] / "jobs" / "digits.toml")
     base = tmp_path_factory.mktemp("runs")
-    quiet = Console(file=io.StringIO())
-    return {name: run_job(spec, workers=w, out=base / name.replace(" ", "_").replace(",", ""), console=quiet,
-                          shard_order=order, use_cache=False)
+    stored = stored_demo_job(base)
+    return {name: quantray.run(stored if w == 2 else DEMO_JOB, workers=w, console=quiet(), shard_order=order,
+                               out=base / name.replace(" ", "_").replace(",", ""), use_cache=w == 2)
             for name, (w, order) in DEMO_LAYOUTS.items()}
+
+
+def stored_demo_job(base: Path) -> Path:
+    """The demo job with its stored statistics in `base`/stats."""
+    job = base / "digits.toml"
+    if not job.exists():
+        job.write_text(DEMO_JOB.read_text().replace("threads = 1 ", f'cache_dir = "{base / "stats"}"\nthreads = 1 '))
+    return job
+
+
+@pytest.fixture(autouse=True)
+def own_quantray_home(tmp_path, monkeypatch):
+    """Each test gets its own stored statistics: no test reuses what another computed."""
+    monkeypatch.setenv("QUANTRAY_CACHE", str(tmp_path / "quantray-home"))

@@ -1,4 +1,5 @@
-"""The installed `quantray` command, as a user runs it: exit codes, one-line errors, the demo."""
+"""The command line: exit codes and one-line errors for every bad input (in-process, `cli.main`),
+and the demo as a user types it (the installed `quantray` command, a fresh HOME)."""
 
 import json
 import os
@@ -8,14 +9,32 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
+from conftest import DEMO_JOB, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO = (ROOT / "jobs" / "digits.toml").read_text()
+from quantray.cli import main
+
+DEMO = DEMO_JOB.read_text()
 
 
-def _quantray(*args, cwd=ROOT, timeout=300):
-    exe = shutil.which("quantray", path=os.path.dirname(sys.executable)) or "quantray"
-    return subprocess.run([exe, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def _main(capsys, *args):
+    """`quantray ARGS` in this process: (exit code, stdout, stderr lines)."""
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+def _job(tmp_path, text, name="job.toml"):
+    job = tmp_path / name
+    job.write_text(text)
+    return job
+
+
+def _one_line_error(capsys, code_expected, *args) -> str:
+    code, _, err = _main(capsys, *args)
+    assert code == code_expected and len(err) == 1 and err[0].startswith("quantray: error: "), err
+    return err[0].removeprefix("quantray: error: ")
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -24,85 +43,87 @@ def _quantray(*args, cwd=ROOT, timeout=300):
      "gone.pth': file not found"),
     (('factory = "quantray.demo:digits_cnn"', 'arch = "resnet19"\nnum_classes = 10'),
      "[model] arch = 'resnet19': unknown torchvision architecture (did you mean 'resnet18'?)"),
+    (('factory = "quantray.demo:digits_cnn"', 'factory = "quantray.testing:fails"\nkwargs = { x = 3 }'),
+     "[model] factory = 'quantray.testing:fails' raised ValueError: no good: 3; fix the factory or its kwargs"),
+    (('source = "digits"\nsplit = "train"', 'source = "factory"\nfactory = "quantray.testing:fails"\nkwargs = { x = 4 }'),
+     "[calibration] factory = 'quantray.testing:fails' raised ValueError: no good: 4; fix the factory or its kwargs"),
 ])
-def test_spec_errors_exit_2_with_one_line_and_no_run_directory(tmp_path, edit, expected):
-    job = tmp_path / "job.toml"
-    job.write_text(DEMO.replace(*edit))
-    result = _quantray("run", job, "--out", tmp_path / "runs" / "r")
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"quantray: error: {job}: ") and expected in lines[0]
-    assert not (tmp_path / "runs").exists()
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, edit, expected):
+    job = _job(tmp_path, DEMO.replace(*edit))
+    message = _one_line_error(capsys, 2, "run", job, "--out", tmp_path / "runs" / "r")
+    assert message.startswith(f"{job}: ") and expected in message
+    assert not (tmp_path / "runs" / "r").exists() and not any((tmp_path / "runs").glob(".*"))
 
 
-def test_existing_out_directory_is_refused(tmp_path):
+@pytest.mark.parametrize("what", ["whole model", "with other objects"])
+def test_a_checkpoint_that_is_not_a_state_dict_says_what_to_save(capsys, tmp_path, what):
+    model = torchvision.models.resnet18(num_classes=10)
+    torch.save(model if what == "whole model" else {"model": model, "epoch": 3}, tmp_path / "saved.pth")
+    job = _job(tmp_path, DEMO.replace('factory = "quantray.demo:digits_cnn"',
+                                      'arch = "resnet18"\nnum_classes = 10\ncheckpoint = "saved.pth"'))
+    message = _one_line_error(capsys, 2, "run", job, "--out", tmp_path / "r")
+    assert message == (f"{job}: [model] checkpoint = '{tmp_path / 'saved.pth'}': holds a pickled "
+                       "torchvision.models.resnet.ResNet object, not just weights (saved with torch.save(model) or "
+                       "with other objects); save the weights with torch.save(model.state_dict(), path) and point "
+                       "checkpoint at that file")
+    assert "\x1b[" not in message
+
+
+def test_an_unusable_out_is_refused_before_the_model_is_built(capsys, tmp_path):
+    marker = tmp_path / "model-was-built"
+    job = _job(tmp_path, DEMO.replace('factory = "quantray.demo:digits_cnn"',
+                                      f'factory = "quantray.testing:marked_digits_cnn"\nkwargs = {{ marker = "{marker}" }}'))
+    (tmp_path / "a-file").write_text("not a folder")
+    message = _one_line_error(capsys, 2, "run", job, "--out", tmp_path / "a-file" / "run")
+    assert message == (f"--out {tmp_path / 'a-file' / 'run'}: cannot create it: {tmp_path / 'a-file'} is a file, "
+                       "not a folder; choose another --out")
+    message = _one_line_error(capsys, 2, "run", job, "--out", "/sys/quantray-test/run")  # read-only, even for root
+    assert message.startswith("--out /sys/quantray-test/run: cannot write there (") and "choose a folder" in message
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
-    result = _quantray("run", ROOT / "jobs" / "digits.toml", "--out", tmp_path / "taken")
-    assert result.returncode == 2 and "already exists and is not empty" in result.stderr
-    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    message = _one_line_error(capsys, 2, "run", job, "--out", tmp_path / "taken")
+    assert "already exists and is not empty" in message and [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    assert not marker.exists()
 
 
-@pytest.fixture(scope="module")
-def cli_run(tmp_path_factory):
-    """`quantray run` of the demo job, as a user types it."""
-    run = tmp_path_factory.mktemp("cli") / "run"
-    result = _quantray("run", "jobs/digits.toml", "--out", run, "--workers", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run, result
-
-
-def test_demo_job_runs_end_to_end_from_the_command_line(cli_run):
-    run, result = cli_run
-    assert "FP32 vs INT8" in result.stdout and "top-1 accuracy" in result.stdout and "worst of" in result.stdout
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["fp32"]["top1"] >= 0.95 and metrics["int8"]["top1"] >= metrics["fp32"]["top1"] - 0.01
-
-
-def test_report_prints_the_table_again_from_the_files(cli_run, tmp_path):
-    run, _ = cli_run
-    result = _quantray("report", run)
-    assert result.returncode == 0
+def test_report_prints_the_table_again_from_the_files(capsys, demo_runs, tmp_path):
+    run = demo_runs["2 workers"].location
+    code, out, _ = _main(capsys, "report", run)
+    assert code == 0
     for text in ("FP32 vs INT8 (359 test samples)", "top-1 95% CI", "latency p50/p90", "logit SQNR", "qparams digest",
-                 "worst of 7 layers (64 samples)", "quantized Linear"):
-        assert text in result.stdout
-    missing = _quantray("report", tmp_path)
-    assert missing.returncode == 2 and "not a quantray run directory (no manifest.json)" in missing.stderr
+                 "worst of 7 layers (64 samples)", "quantized Linear", "2 calibration workers"):
+        assert text in out
+    assert _one_line_error(capsys, 2, "report", tmp_path) == f"{tmp_path}: not a quantray run directory (no manifest.json)"
 
 
-def test_evaluate_on_another_test_set_without_calibrating(cli_run, tmp_path):
-    run, _ = cli_run
-    other = tmp_path / "other.toml"
-    other.write_text('[test]\nsource = "digits"\nsplit = "train"\nbatch_size = 50\n')
+def test_evaluate_on_another_test_set_without_calibrating(capsys, demo_runs, tmp_path):
+    run = Path(demo_runs["2 workers"].location)
+    other = _job(tmp_path, '[test]\nsource = "digits"\nsplit = "train"\nbatch_size = 50\n', "other.toml")
     out = tmp_path / "eval"
-    result = _quantray("evaluate", run, "--data", other, "--samples", "300", "--out", out)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "FP32 vs INT8 (300 test samples)" in result.stdout and f"evaluation of {run}" in result.stdout
-    assert "calibrate" not in result.stderr  # no calibration progress: the run's INT8 model is reused
+    code, stdout, err = _main(capsys, "evaluate", run, "--data", other, "--samples", 300, "--out", out)
+    assert code == 0, err
+    assert "FP32 vs INT8 (300 test samples)" in stdout and f"evaluation of {run}" in stdout
+    assert not any("calibrate" in line for line in err)  # no calibration: the run's INT8 model is reused
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["spec"]["test"]["split"] == "train" and manifest["evaluation"]["samples"] == 300
     assert (out / "data.toml").read_text() == other.read_text()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 300 and metrics["int8"]["top1"] >= 0.9  # digits it was calibrated near
-    assert _quantray("report", out).returncode == 0
+    assert _main(capsys, "report", out)[0] == 0
 
 
-def test_evaluate_refuses_what_it_cannot_trust_with_one_line(cli_run, tmp_path):
-    run, _ = cli_run
+def test_evaluate_refuses_what_it_cannot_trust_with_one_line(capsys, demo_runs, tmp_path):
     copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
+    shutil.copytree(demo_runs["2 workers"].location, copy)
 
     def refused(*args, expected):
-        result = _quantray("evaluate", *args, "--out", tmp_path / "never")
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
+        message = _one_line_error(capsys, 2, "evaluate", *args, "--out", tmp_path / "never")
+        assert expected in message
         assert not (tmp_path / "never").exists()
 
-    no_test = tmp_path / "no_test.toml"
-    no_test.write_text('[calibration]\nsource = "digits"\n')
+    no_test = _job(tmp_path, '[calibration]\nsource = "digits"\n', "no_test.toml")
     refused(copy, "--data", no_test, expected="no_test.toml: test missing section [test]")
-    typo = tmp_path / "typo.toml"
-    typo.write_text('[test]\nsource = "digits"\nbatchsize = 8\n')
+    typo = _job(tmp_path, '[test]\nsource = "digits"\nbatchsize = 8\n', "typo.toml")
     refused(copy, "--data", typo, expected="[test] batchsize unknown key (did you mean 'batch_size'?)")
     refused(tmp_path, expected="not a quantray run directory (no manifest.json)")
     refused(copy, "--samples", 5000, expected="[test] samples = 5000: asked for 5000 samples but the split has only 359")
@@ -112,3 +133,30 @@ def test_evaluate_refuses_what_it_cannot_trust_with_one_line(cli_run, tmp_path):
     refused(copy, expected="the FP32 model is not the one this run quantized")
     (copy / "model_int8.pth").write_bytes(b"truncated")
     refused(copy, expected="model_int8.pth: missing or changed since the run")
+
+
+def test_a_failure_at_run_time_exits_1_with_one_line(capsys, ray_cluster, tmp_path):
+    job = _job(tmp_path, DEMO.replace('[test]\nsource = "digits"\nsplit = "test"',
+                                      '[test]\nsource = "factory"\nfactory = "quantray.testing:digits_failing"\n'
+                                      'kwargs = { split = "test", fail_at = 0 }'))
+    code, _, err = _main(capsys, "run", job, "--out", tmp_path / "r")
+    assert code == 1 and err[-1] == ("quantray: error: evaluate: test batches 0, 4 of 6: sample 0 failed to load: "
+                                     "ValueError: cannot decode sample 0")
+    assert all(line.startswith(("calibrate: pass", "evaluate ")) for line in err[:-1])  # progress, then the error
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_demo_runs_as_a_user_types_it_with_no_warnings(tmp_path):
+    """The installed command, a fresh HOME, no RAY_AUTH_MODE: Ray keeps token authentication for the
+    local cluster it starts (the token lands in HOME), and says nothing about it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "QUANTRAY_CACHE")}
+    env["HOME"] = str(tmp_path / "home")
+    exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
+    result = subprocess.run([exe, "run", "jobs/digits.toml", "--out", tmp_path / "run", "--workers", "2"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FP32 vs INT8" in result.stdout and "top-1 accuracy" in result.stdout and "worst of" in result.stdout
+    assert "Token authentication" not in result.stderr and "Warning" not in result.stderr
+    assert (tmp_path / "home" / ".ray" / "auth_token").is_file()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["fp32"]["top1"] >= 0.95 and metrics["int8"]["top1"] >= metrics["fp32"]["top1"] - 0.01

@@ -60,3 +60,12 @@ def test_sample_that_fails_to_load_names_index_and_file(tmp_path):
     dataset = data.build_dataset(DataSpec(source="imagefolder", root=root, transform="to_tensor"))
     with pytest.raises(DataError, match=r"sample 3 \(.*rose/1.jpg\) failed to load"):
         data.load_batch(dataset, [0, 3])
+
+
+def test_digits_are_scikit_learn_s_own_without_importing_it():
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    both = data.digits("all")
+    assert torch.equal(both.tensors[0], torch.tensor(raw.images, dtype=torch.float32).unsqueeze(1) / 16.0)
+    assert torch.equal(both.tensors[1], torch.tensor(raw.target))

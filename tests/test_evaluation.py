@@ -1,23 +1,23 @@
 """Evaluation shards merge exactly into what one pass over the whole split gives."""
 
 import torch
+from conftest import serial_calibration
 
-from quantray import calibration, data, evaluation
+from quantray import data, evaluation, flow
 
 
 def test_sharded_evaluation_merges_to_the_single_pass_result(tiny_model, digits_plan):
     spec, _, batches, example = digits_plan
-    logs, counts = calibration.calibrate_serial(tiny_model, example, "x86", spec, batches, [list(range(len(batches)))])
-    prepared = calibration.prepare(tiny_model, "x86", example)
-    calibration.observers.load_merged(prepared, "exact", logs, counts)
-    int8 = calibration.convert(prepared)
+    prepared, _ = serial_calibration(tiny_model, example, "x86", spec, batches, [list(range(len(batches)))])
+    int8 = flow.convert(prepared)
     test = data.digits("test")
     test_batches = data.make_batches(list(range(len(test))), 50)
     whole = evaluation.merge_results([evaluation.evaluate_shard(tiny_model, int8, test, sum(test_batches, []), 50)])
     shards = [evaluation.evaluate_shard(tiny_model, int8, test, b, 50) for b in reversed(test_batches)]
     merged = evaluation.merge_results(shards)
     assert merged == whole and merged.counts["n"] == len(test) and merged.index == list(range(len(test)))
-    logits = tiny_model(test.tensors[0])
+    with torch.inference_mode():
+        logits = tiny_model(test.tensors[0])
     assert merged.counts["fp32_top1"] == int((logits.argmax(1) == test.tensors[1]).sum())
     metrics = evaluation.accuracy_metrics(merged)
     assert metrics == evaluation.accuracy_metrics(whole)
@@ -29,7 +29,9 @@ def test_sharded_evaluation_merges_to_the_single_pass_result(tiny_model, digits_
     assert sum(map(sum, confusion)) == len(test)
     diagonal = sum(confusion[k][k] for k in range(len(confusion)))
     assert diagonal == merged.counts["int8_top1"]
-    expected_sqnr = 10 * torch.log10((logits.double() ** 2).sum() / ((int8(test.tensors[0]).double() - logits.double()) ** 2).sum())
+    with torch.inference_mode():
+        noise = ((int8(test.tensors[0]).double() - logits.double()) ** 2).sum()
+    expected_sqnr = 10 * torch.log10((logits.double() ** 2).sum() / noise)
     assert abs(metrics["logit_sqnr_db"] - float(expected_sqnr)) < 1e-6
 
 

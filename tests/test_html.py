@@ -18,7 +18,9 @@ REQUIRED = os.environ.get("QUANTRAY_REQUIRE_CHROMIUM") == "1"
 
 @pytest.fixture(scope="module")
 def run(demo_runs):
-    return demo_runs["2 workers"]
+    from pathlib import Path
+
+    return Path(demo_runs["2 workers"].location)
 
 
 def test_the_page_is_self_contained_and_names_the_worst_layers(run):

@@ -3,17 +3,16 @@
 import math
 
 import torch
+from conftest import serial_calibration
 
-from quantray import calibration, data, layers
+from quantray import data, flow, layers
 from quantray.spec import QuantSpec
 
 
 def _int8(model, digits_plan, quant="x86"):
     spec, _, batches, example = digits_plan
-    logs, counts = calibration.calibrate_serial(model, example, quant, spec, batches, [list(range(len(batches)))])
-    prepared = calibration.prepare(model, quant, example)
-    calibration.observers.load_merged(prepared, "exact", logs, counts)
-    return calibration.convert(prepared)
+    prepared, _ = serial_calibration(model, example, quant, spec, batches, [list(range(len(batches)))])
+    return flow.convert(prepared)
 
 
 def test_layer_sqnr_merges_exactly_and_the_last_layer_equals_the_logit_sqnr(tiny_model, digits_plan):

@@ -27,8 +27,16 @@ def test_checkpoint_that_does_not_fit_names_the_mismatch(tmp_path):
 
 def test_checkpoint_holding_code_is_refused_by_weights_only(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=7), tmp_path / "pickled_module.pth")  # a whole module
-    with pytest.raises(SpecError, match="cannot load as a state_dict with weights_only=True"):
+    with pytest.raises(SpecError, match=r"holds a pickled torchvision.models.resnet.ResNet object, not just weights"):
         build_model(ModelSpec(arch="resnet18", num_classes=7, checkpoint=tmp_path / "pickled_module.pth"), "job.toml")
+
+
+def test_a_truncated_checkpoint_is_named_as_unreadable(tmp_path):
+    torch.save(torchvision.models.resnet18(num_classes=7).state_dict(), tmp_path / "ckpt.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "ckpt.pth").read_bytes()[:1000])
+    with pytest.raises(SpecError, match=r"cut.pth': not a readable torch file \(RuntimeError: PytorchStreamReader "
+                                        r"failed reading zip archive: failed finding central directory\); save the weights"):
+        build_model(ModelSpec(arch="resnet18", num_classes=7, checkpoint=tmp_path / "cut.pth"), "job.toml")
 
 
 def test_factory_with_kwargs_and_factory_errors():
@@ -45,3 +53,14 @@ def test_dataset_factory_gets_its_kwargs():
                     kwargs={"size": 3, "image_size": [1, 8, 8], "transform": None})
     dataset = build_dataset(spec)
     assert len(dataset) == 3
+
+
+def test_a_model_without_checkpoint_is_built_from_its_seed_and_leaves_the_caller_s_random_state():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = build_model(ModelSpec(arch="resnet18", num_classes=3))
+    assert torch.equal(torch.rand(1), expected_next)  # the caller's generator was not consumed
+    b = build_model(ModelSpec(arch="resnet18", num_classes=3))
+    c = build_model(ModelSpec(arch="resnet18", num_classes=3, seed=1))
+    assert torch.equal(a.fc.weight, b.fc.weight) and not torch.equal(a.fc.weight, c.fc.weight)

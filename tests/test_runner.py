@@ -1,123 +1,120 @@
-"""The Ray shell: modes on real actors, lost workers, and errors that stay one line."""
+"""The Ray shell: actors run the same protocol as the serial executor, lost workers are replaced,
+and every failure of an actor or a task is one line naming where and why."""
 
 import io
-import json
-from pathlib import Path
+import os
 
 import pytest
+from conftest import quiet, serial_calibration
 from rich.console import Console
 
-from quantray import data, runner
-from quantray.errors import CalibrationError, DataError
-from quantray.job import run_job
-from quantray.spec import QuantSpec, load_spec
+from quantray import data, flow, merge, runner, sites
+from quantray.calibration import calibrate
+from quantray.errors import CalibrationError, DataError, QuantrayError
+from quantray.modes import MODES, Plan
+from quantray.spec import DataSpec, QuantSpec
+from quantray.testing import dies, fails
 
-ROOT = Path(__file__).resolve().parents[1]
-X86 = QuantSpec()
+
+def ray_calibration(model, example, quant, data_spec, batches, shards, *, order=None, max_attempts=3, console=None,
+                    signature=None):
+    prepared = flow.prepare(model, quant, example)
+    observed = sites.observed_values(prepared)
+    with runner.Cluster() as cluster:
+        args = (model, example, quant, data_spec, 1, signature or sites.signature(observed))
+        with runner.ActorExecutor(cluster, args, len(shards), max_attempts=max_attempts, console=console,
+                                  order=order) as executor:
+            result = calibrate(MODES[quant.mode], executor, Plan(batches, shards, observed))
+    result.stats.load(prepared)
+    return prepared, result
+
+
+def test_actors_run_the_protocol_to_the_serial_result_in_every_mode(ray_cluster, tiny_model, digits_plan):
+    """The same workers serve every mode (a mode changes the passes, not the prepared model): fast
+    runs last, as it leaves torch's own observer state on the workers."""
+    spec, _, batches, example = digits_plan
+    shards = data.assign_shards(len(batches), 3)
+    prepared = flow.prepare(tiny_model, "x86", example)
+    observed = sites.observed_values(prepared)
+    with runner.Cluster() as cluster:
+        args = (tiny_model, example, QuantSpec(), spec, 1, sites.signature(observed))
+        with runner.ActorExecutor(cluster, args, len(shards), order=[2, 0, 1]) as executor:
+            results = {mode: calibrate(MODES[mode], executor, Plan(batches, shards, observed))
+                       for mode in ("exact", "replay", "fast")}
+    for mode, result in results.items():
+        ours = flow.prepare(tiny_model, "x86", example)
+        result.stats.load(ours)
+        reference, _ = serial_calibration(tiny_model, example, QuantSpec(mode=mode), spec, batches, shards)
+        assert merge.state_digest(ours) == merge.state_digest(reference), mode
+        assert result.info["mode"] == mode and result.info["bytes_from_workers"] > 0
+    assert results["fast"].info["attempts"] == {0: 1, 1: 1, 2: 1}
 
 
 def test_worker_setup_error_keeps_its_type_and_message(ray_cluster, tiny_model, digits_plan):
     spec, _, batches, example = digits_plan
-    with runner.Cluster() as cluster:
-        with pytest.raises(CalibrationError, match=r"^shard \d: this worker's prepare_fx gave other observers"):
-            runner.calibrate(cluster, tiny_model, example, X86, spec, batches[:2], [[0], [1]], 1,
-                             signature=[("activation_post_process_0", "MinMaxObserver")])
+    with pytest.raises(CalibrationError, match=r"^shard \d: this worker's prepare_fx gave other observers"):
+        ray_calibration(tiny_model, example, QuantSpec(), spec, batches[:2], [[0], [1]],
+                        signature=[("activation_post_process_0", "MinMaxObserver", ())])
 
 
-def test_bad_sample_on_a_worker_names_shard_batch_and_sample(ray_cluster, tiny_model, digits_plan):
+def test_a_sample_that_fails_to_load_names_the_first_such_batch_and_the_sample(ray_cluster, tiny_model, digits_plan):
     spec, _, batches, example = digits_plan
-    broken = [batches[0], [10**6]]  # an index past the end of the split
-    with runner.Cluster() as cluster:
-        with pytest.raises(DataError, match=r"^sample 1000000 failed to load: IndexError.*\(shard 1, batch 1, samples"):
-            runner.calibrate(cluster, tiny_model, example, X86, spec, broken, [[0], [1]], 1, signature=None)
+    broken = [batches[0], [10**6], [10**6 + 1]]  # indices past the end of the split
+    with pytest.raises(DataError, match=r"^sample 1000000 failed to load: IndexError.*\(calibration batch 1, "
+                                        r"samples 1000000\.\.1000000\)$"):
+        ray_calibration(tiny_model, example, QuantSpec(), spec, broken, [[0, 1], [2]], order=[1, 0])
 
 
-def _killer_job(tmp_path: Path, marker: Path | None, mode: str = "exact", attempts: int = 3) -> Path:
-    """The demo job, its calibration data served by a dataset that SIGKILLs the worker process
-    loading the first sample of shard 1 of 2, once if `marker` is given, else every time."""
-    spec = load_spec(ROOT / "jobs" / "digits.toml").calibration
-    batches = data.make_batches(data.sample_indices(1438, spec.samples, spec.seed), spec.batch_size)
-    kill_at = batches[data.assign_shards(len(batches), 2)[1][0]][0]
-    kwargs = f'{{ split = "train", kill_at = {kill_at}{"" if marker is None else f", marker = {str(marker)!r}"} }}'
-    text = (ROOT / "jobs" / "digits.toml").read_text()
-    text = text.replace('source = "digits"\nsplit = "train"',
-                        f'source = "factory"\nfactory = "quantray.testing:digits_killer"\nkwargs = {kwargs}')
-    text = text.replace('backend = "x86"', f'backend = "x86"\nmode = "{mode}"')
-    text = text.replace("threads = 1 ", f"threads = 1\nmax_attempts = {attempts} ")
-    job = tmp_path / f"killer-{mode}-{attempts}.toml"
-    job.write_text(text)
-    return job
+def _killer(kill_at: int, marker=None) -> DataSpec:
+    """The digits train split from a dataset whose process dies loading sample `kill_at` (once, if a
+    marker file is given: it is created first, so the retry on a new worker goes through)."""
+    kwargs = {"split": "train", "kill_at": kill_at, **({"marker": str(marker)} if marker else {})}
+    return DataSpec(source="factory", factory="quantray.testing:digits_killer", kwargs=kwargs, samples=200,
+                    batch_size=32)
 
 
-@pytest.mark.parametrize("mode", ["exact", "replay"])
-def test_killed_worker_is_replaced_and_the_result_is_bit_identical(ray_cluster, tmp_path, mode):
-    quiet = Console(file=io.StringIO())
-    undisturbed_marker = tmp_path / "already-killed"
-    undisturbed_marker.touch()  # the dataset only kills while the marker is absent
-    undisturbed = run_job(load_spec(_killer_job(tmp_path, undisturbed_marker, mode)), workers=2,
-                          out=tmp_path / "undisturbed", console=quiet, use_cache=False)
+def test_killed_worker_is_replaced_and_the_result_is_bit_identical(ray_cluster, tiny_model, digits_plan, tmp_path):
+    spec, _, batches, example = digits_plan
+    shards = data.assign_shards(len(batches), 2)
+    quant = QuantSpec()
     log = io.StringIO()
-    disturbed = run_job(load_spec(_killer_job(tmp_path, tmp_path / "kill-once", mode)), workers=2,
-                        out=tmp_path / "disturbed", console=Console(file=log, width=300), use_cache=False)
-    assert (tmp_path / "kill-once").exists()  # a worker really was killed
-    assert "calibration worker for shard 1 died (ActorDiedError); redoing the shard" in log.getvalue()
-    manifests = [json.loads((d / "manifest.json").read_text()) for d in (undisturbed, disturbed)]
-    assert manifests[0]["calibration_stats"]["attempts"] == {"0": 1, "1": 1}
-    assert manifests[1]["calibration_stats"]["attempts"] == {"0": 1, "1": 2}
-    assert manifests[0]["qparams_digest"] == manifests[1]["qparams_digest"]
-    assert (undisturbed / "qparams.parquet").read_bytes() == (disturbed / "qparams.parquet").read_bytes()
+    disturbed, result = ray_calibration(tiny_model, example, quant, _killer(batches[shards[1][0]][0], tmp_path / "once"),
+                                        batches, shards, console=Console(file=log, width=300))
+    assert (tmp_path / "once").exists()  # a worker really was killed
+    assert "calibration worker for shard 1 died (ActorDiedError); redoing the shard on a new worker, attempt 2 of 3" in log.getvalue()
+    assert result.info["attempts"] == {0: 1, 1: 2}
+    reference, _ = serial_calibration(tiny_model, example, quant, spec, batches, shards)
+    assert merge.state_digest(disturbed) == merge.state_digest(reference)
 
 
-def test_worker_that_keeps_dying_fails_the_run_naming_the_shard(ray_cluster, tmp_path):
-    job = _killer_job(tmp_path, marker=None, attempts=2)
+def test_worker_that_keeps_dying_fails_the_run_naming_the_shard(ray_cluster, tiny_model, digits_plan):
+    spec, _, batches, example = digits_plan
+    shards = data.assign_shards(len(batches), 2)
     with pytest.raises(CalibrationError, match=r"^calibration shard 1 failed on all 2 attempts \(\[run\] max_attempts\); "
                                                r"last cause: ActorDiedError"):
-        run_job(load_spec(job), workers=2, out=tmp_path / "never", console=Console(file=io.StringIO()))
-    assert not (tmp_path / "never").exists()
+        ray_calibration(tiny_model, example, QuantSpec(), _killer(batches[shards[1][0]][0]), batches, shards,
+                        max_attempts=2, console=quiet())
 
 
-@pytest.mark.parametrize("mode", ["exact", "replay", "fast"])
-def test_actors_give_the_serial_reference_result_in_every_mode(ray_cluster, tiny_model, digits_plan, mode):
-    from quantray import calibration, observers
-
-    spec, dataset, batches, example = digits_plan
-    quant = QuantSpec(mode=mode)
-    shards = data.assign_shards(len(batches), 3)
-    prepared = calibration.prepare(tiny_model, quant, example)
-    with runner.Cluster() as cluster:
-        logs, pass2, stats = runner.calibrate(cluster, tiny_model, example, quant, spec, batches, shards, 1,
-                                              observers.observer_signature(prepared))
-    observers.load_merged(prepared, mode, logs, pass2)
-    reference = calibration.prepare(tiny_model, quant, example)
-    observers.load_merged(reference, mode, *calibration.calibrate_serial(tiny_model, example, quant, spec, batches, shards))
-    assert observers.state_digest(prepared) == observers.state_digest(reference)
-    assert stats["mode"] == mode and stats["bytes_from_workers"] > 0 and set(stats["attempts"].values()) == {1}
-    if mode == "replay":  # and replay is torch's own single-process calibration
-        torch_prepared = calibration.prepare(tiny_model, quant, example)
-        for batch in batches:
-            torch_prepared(data.load_batch(dataset, batch)[0])
-        assert observers.state_digest(prepared) == observers.state_digest(torch_prepared)
+def test_tasks_return_in_order_and_a_killed_task_is_retried(ray_cluster, tmp_path):
+    marker = str(tmp_path / "died-once")
+    assert runner.map_tasks(dies, [(1, marker), (2, marker), (3, marker)], stage="evaluate",
+                            describe=["a", "b", "c"]) == [2, 4, 6]
+    assert os.path.exists(marker)
 
 
-def test_killed_evaluation_task_is_retried_and_metrics_are_identical(ray_cluster, tmp_path):
-    text = (ROOT / "jobs" / "digits.toml").read_text()
-    outs = {}
-    for name, marker in (("undisturbed", tmp_path / "already"), ("disturbed", tmp_path / "kill-once")):
-        if name == "undisturbed":
-            marker.touch()
-        test_section = (f'source = "factory"\nfactory = "quantray.testing:digits_killer"\n'
-                        f'kwargs = {{ split = "test", kill_at = 200, marker = "{marker}" }}')
-        job = tmp_path / f"{name}.toml"
-        job.write_text(text.replace('[test]\nsource = "digits"\nsplit = "test"', f"[test]\n{test_section}"))
-        outs[name] = run_job(load_spec(job), workers=2, out=tmp_path / name, console=Console(file=io.StringIO()))
-    assert (tmp_path / "kill-once").exists()  # an evaluation worker really died
-    for name in ("metrics.json", "predictions.parquet", "layers.parquet"):
-        before = (outs["undisturbed"] / name).read_bytes()
-        after = (outs["disturbed"] / name).read_bytes()
-        if name == "metrics.json":  # latency is measured, not merged: compare everything else
-            before, after = (json.loads(b) for b in (before, after))
-            for m in (before, after):
-                m.pop("speed")
-                for model in ("fp32", "int8"):
-                    m[model].pop("latency_ms"), m[model].pop("torchscript_latency_ms", None)
-        assert before == after, name
+def test_an_exception_in_user_code_inside_a_task_is_one_line_naming_stage_and_batches(ray_cluster):
+    with pytest.raises(QuantrayError) as info:
+        runner.map_tasks(fails, [(1,), (2,)], stage="evaluate", describe=["test batches 0, 2 of 4", "test batches 1, 3 of 4"])
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 1
+    assert message in ("evaluate: test batches 0, 2 of 4: ValueError: no good: 1",
+                       "evaluate: test batches 1, 3 of 4: ValueError: no good: 2")
+
+
+def test_a_task_whose_process_keeps_dying_is_one_line_after_its_retries(ray_cluster):
+    with pytest.raises(QuantrayError) as info:
+        runner.map_tasks(dies, [(1,)], stage="evaluate", describe=["test batches 0, 1 of 2"], max_retries=1)
+    assert str(info.value) == ("evaluate: test batches 0, 1 of 2: its worker process died 2 times (WorkerCrashedError); "
+                               "see the Ray logs for why (out of memory is the usual cause)")
+    assert info.value.exit_code == 1

@@ -85,21 +85,3 @@ def test_broken_spec_fails_the_job_with_the_spec_error_in_its_logs(head, tmp_pat
     assert result.returncode == 1
     assert "[calibration] sample unknown key (did you mean 'samples'?)" in result.stdout + result.stderr
     assert not (tmp_path / "run").exists()
-
-
-def test_run_directory_can_be_a_pyarrow_uri(ray_cluster, tmp_path):
-    import io
-
-    from rich.console import Console
-
-    from quantray.artifacts import sha256_file
-    from quantray.job import run_job
-    from quantray.spec import load_spec
-
-    uri = f"file://{tmp_path}/store/runs/digits"
-    assert run_job(load_spec(ROOT / "jobs" / "digits.toml"), workers=2, out=uri,
-                   console=Console(file=io.StringIO())) == uri
-    written = tmp_path / "store" / "runs" / "digits"
-    manifest = json.loads((written / "manifest.json").read_text())
-    assert {p.name for p in written.iterdir()} == set(manifest["files"]) | {"manifest.json"}
-    assert all(sha256_file(written / name) == digest for name, digest in manifest["files"].items())

@@ -5,8 +5,9 @@
 
 The seed loop is the article's: prepare_fx with the x86 qconfig, forward passes over the batches
 (10 images each), convert_fx; it is timed at torch's default thread count and at one thread.
-quantray runs the same images in the same batches through `runner.calibrate` on Ray actors (one
-thread each), then load_merged and convert_fx; Ray's start-up is timed apart. resnet18 sees random
+quantray runs the same images in the same batches through `calibration.calibrate` on Ray actors
+(`runner.ActorExecutor`, one thread each), loads the merged statistics and runs convert_fx; Ray's
+start-up is timed apart. resnet18 sees random
 224x224 images (untrained weights: speed does not depend on them); digits uses the demo CNN on
 real 8x8 digits. Ratios are against the seed loop measured in the same run.
 """
@@ -64,29 +65,31 @@ def _seed_loop(model, dataset, batches, threads) -> float:
 
 
 def _quantray(cluster, model, spec, dataset, batches, workers, mode):
-    from quantray import observers, runner
-    from quantray.calibration import convert, prepare
+    from quantray import flow, runner, sites
+    from quantray.calibration import calibrate
     from quantray.data import assign_shards, load_batch
+    from quantray.modes import MODES, Plan
     from quantray.spec import QuantSpec
 
     quant = QuantSpec(mode=mode)
     start = time.perf_counter()
     example = load_batch(dataset, batches[0][:1])[0]
-    prepared = prepare(model, quant, example)
-    logs, pass2, stats = runner.calibrate(cluster, model, example, quant, spec, batches,
-                                          assign_shards(len(batches), workers), 1,
-                                          observers.observer_signature(prepared))
-    observers.load_merged(prepared, mode, logs, pass2)
-    convert(prepared)
-    return time.perf_counter() - start, stats
+    prepared = flow.prepare(model, quant, example)
+    observed = sites.observed_values(prepared)
+    shards = assign_shards(len(batches), workers)
+    with runner.ActorExecutor(cluster, (model, example, quant, spec, 1, sites.signature(observed)), len(shards)) as ex:
+        result = calibrate(MODES[mode], ex, Plan(batches, shards, observed))
+    result.stats.load(prepared)
+    flow.convert(prepared)
+    return time.perf_counter() - start, result.info
 
 
 def _profile(model, dataset, batches) -> None:
     """Where a batch's time goes, one process, one thread: the forward pass alone, and with each
     kind of observer work (pass 1 logging, exact pass 2 counting, torch's HistogramObserver)."""
-    from quantray import observers
-    from quantray.calibration import prepare
+    from quantray import flow, merge, sites
     from quantray.data import load_batch
+    from quantray.probes import attach_probes
 
     torch.set_num_threads(1)
     inputs = [load_batch(dataset, b)[0] for b in batches]
@@ -101,23 +104,28 @@ def _profile(model, dataset, batches) -> None:
 
     with torch.inference_mode():
         rows = {"FP32 forward only": timed(model)}
-        seed = prepare(model, "x86", example)
+        seed = flow.prepare(model, "x86", example)
         rows["torch HistogramObserver (seed loop)"] = timed(seed)
-        probed = prepare(model, "x86", example)
-        probes = observers.attach_probes(probed)
+        probed = flow.prepare(model, "x86", example)
+        observed = sites.observed_values(probed)
+        recorder = attach_probes(probed)
 
         def log(x):
-            observers.start_log(probes)
+            recorder.start_log()
             probed(x)
 
         rows["pass 1: exact (min, max) log"] = timed(log)
         logs = {}
         for b, x in enumerate(inputs):
-            observers.start_log(probes)
+            log(x)
+            logs[b] = dict(recorder.batch_log())
+        recorder.start_counts(merge.count_requests(observed, logs))
+
+        def count(x):
+            recorder.start_batch()
             probed(x)
-            logs[b] = observers.batch_log(probes)
-        observers.start_counts(probes, observers.global_ranges(logs))
-        rows["pass 2: fixed-range counts"] = timed(probed)
+
+        rows["pass 2: fixed-range counts"] = timed(count)
     base = rows["FP32 forward only"]
     print(f"  profile, 1 thread, {sum(len(x) for x in inputs)} images: ms per image")
     for name, ms in rows.items():
@@ -133,8 +141,8 @@ def main() -> None:
     parser.add_argument("--profile", type=int, metavar="N", help="only profile N images' batches in one process")
     args = parser.parse_args()
 
-    from quantray.calibration import quiet_torch_warnings
     from quantray.data import make_batches
+    from quantray.flow import quiet_torch_warnings
     from quantray.runner import Cluster
 
     quiet_torch_warnings()

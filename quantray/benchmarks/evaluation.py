@@ -10,7 +10,7 @@ batches, with the same models.
 
 The seed: `test_accuracy(model_fp32)` then `test_accuracy(model_int8)`, each a DataLoader loop
 (batch `--batch`, no loader workers, torch's default thread count), as the article runs them.
-quantray: the evaluation stage of `quantray run` (`job.evaluate_stage`, its "evaluate" timing) on
+quantray: the evaluation stage of `quantray run` (`stages.evaluate`, its "evaluate" timing) on
 a local Ray cluster of `--workers` CPUs: tasks of one thread each, each image decoded once, INT8 run
 as the TorchScript artifact. Timed on a cold cluster (its worker processes start and import torch),
 warm, with the per-layer diagnostics a run adds by default (64 samples), storing the FP32 outputs,
@@ -56,11 +56,12 @@ def main() -> None:
     import ray
     import torchvision
 
-    from quantray import runner
-    from quantray.calibration import convert, prepare, quiet_torch_warnings
+    from rich.console import Console
+
+    from quantray import runner, stages
     from quantray.data import build_dataset, load_batch
     from quantray.evaluation import state_dict_bytes
-    from quantray.job import Timings, evaluate_stage
+    from quantray.flow import convert, prepare, quiet_torch_warnings
     from quantray.spec import DataSpec, JobSpec, ModelSpec, QuantSpec, RunSpec
     from quantray.testing import write_flowers102
 
@@ -109,18 +110,18 @@ def main() -> None:
         print(f"Ray start-up (apart):                  {time.perf_counter() - t:7.1f} s")
         job = JobSpec(name="bench", path=Path(tmp) / "bench.toml", model=ModelSpec(arch="resnet18", num_classes=102),
                       calibration=spec, test=spec, quantization=quant,
-                      run=RunSpec(cache_dir=Path(tmp) / "stats", latency_warmup=0, latency_iters=1, throughput_batch=1))
+                      run=RunSpec(cache_dir=str(Path(tmp) / "stats"), latency_warmup=0, latency_iters=1, throughput_batch=1))
         runs = (("quantray, cold workers", 0, False), ("quantray, warm workers", 0, False),
                 ("quantray, warm, + per-layer SQNR (64)", 64, False),
                 ("quantray, warm, storing FP32 outputs", 0, True),
                 ("quantray, warm, FP32 outputs stored", 0, True))
         with runner.Cluster() as cluster:
             for label, layer_samples, use_cache in runs:
-                timings = Timings()
+                ctx = stages.Context(console=Console(stderr=True), cluster=cluster)
                 one = dataclasses.replace(job, run=dataclasses.replace(job.run, layer_samples=layer_samples))
-                outcome = evaluate_stage(cluster, one, spec, fp32, dataset, list(range(n)), calib[:1], state,
-                                         script.getvalue(), None, timings.stage, use_cache)
-                wall, merged = timings["evaluate"], outcome.merged
+                loaded = stages.Job(one, fp32, state_dict_bytes(fp32), dataset, list(range(n)), calib[:1])
+                outcome = stages.evaluate(ctx, loaded, stages.Quantized(state, script.getvalue()), use_cache)
+                wall, merged = ctx.timings["evaluate"], outcome.merged
                 fp32_acc = merged.counts["fp32_top1"] / n
                 int8_acc = merged.counts["int8_top1"] / n
                 same = (sum(a == b for a, b in zip(merged.rows["fp32_pred"], seed_fp32_pred)),

@@ -1,0 +1,155 @@
+"""The public API: run a job, evaluate a finished run again. The CLI is a thin layer over these.
+
+    import quantray
+    result = quantray.run("jobs/digits.toml", workers=2)     # calibrate, convert, evaluate, write
+    result.metrics["int8"]["top1"], result.location
+    model = result.int8()                                    # the INT8 model, rebuilt on demand
+    again = quantray.evaluate(result.location, samples=300)  # no calibration
+
+Both check everything they can before the expensive stages (the job file, the output location, the
+model, the data) and write their directory whole or not at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from . import runner, stages
+from .artifacts import RunFiles, load_quantized
+from .report import make_progress, print_summary
+from .spec import JobSpec, load_spec, load_test_section, parse_spec
+from .store import StagedDir, is_uri
+
+__all__ = ["run", "evaluate", "RunResult"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A written run (or evaluation) directory: where it is, its metrics and manifest, as written."""
+
+    location: str | Path
+    metrics: dict
+    manifest: dict
+    layers: list[dict]
+
+    def int8(self):
+        """The INT8 model, rebuilt from the run's files with the seed's recipe."""
+        return load_quantized(self.location)
+
+    def print(self, console: Console | None = None) -> None:
+        """The comparison table, as `quantray run` prints it."""
+        print_summary(console or Console(), self.metrics, self.manifest, self.location)
+
+
+def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Path | None = None,
+        address: str | None = None, use_cache: bool = True, console: Console | None = None,
+        shard_order=None, before_commit=None, context: stages.Context | None = None) -> RunResult:
+    """Run a job file (or a loaded JobSpec): calibrate on Ray, convert, evaluate, write a run directory.
+
+    `workers`: calibration actors (default: the job's, else the CPUs Ray sees); `out`: the run
+    directory to create, a local path or a URI (default runs/NAME-TIMESTAMP); `address`: an existing
+    Ray cluster (default $RAY_ADDRESS, else a local one is started and stopped); `use_cache=False`
+    recomputes every stored statistic. `shard_order` (tests) permutes the order shards are handed
+    out; `before_commit(run, manifest)` may add files to the staged directory (refresh's drift).
+    """
+    spec = job if isinstance(job, JobSpec) else load_spec(job)
+    ctx = context or stages.Context(console=console or Console(stderr=True))
+    started = ctx.clock()
+    if not out:
+        out = Path("runs") / f"{spec.name}-{ctx.now().astimezone():%Y%m%d-%H%M%S}"
+    stages.check_stats_location(spec, use_cache)
+    with StagedDir(out) as staged:  # --out is checked before the model is built
+        with ctx.stage("load"):
+            loaded = stages.load(spec)
+        with ctx.stage("prepare"):
+            prepared = stages.prepare(loaded)
+        with _cluster(ctx, address):
+            with make_progress(ctx.console) as ctx.progress:
+                with ctx.stage("calibrate"):
+                    calibrated = stages.calibrate(ctx, loaded, prepared, workers=workers, use_cache=use_cache,
+                                                  shard_order=shard_order)
+                with ctx.stage("convert"):
+                    quantized = stages.quantize(calibrated)
+                evaluation = stages.evaluate(ctx, loaded, quantized, use_cache)
+        with ctx.stage("write"):
+            stages.write_qparams(staged, quantized)
+            staged.write_bytes("job.toml", spec.path.read_bytes())
+            metrics = stages.write_results(staged, evaluation, len(loaded.fp32_bytes), len(quantized.state),
+                                           len(quantized.script))
+        manifest = stages.manifest(ctx, loaded, evaluation, qparams_digest=quantized.digest,
+                                   input_shape=list(loaded.example.shape), calibrated=calibrated, started=started)
+        if before_commit is not None:
+            before_commit(staged, manifest)
+        stages.write_html(staged, metrics, evaluation.layers, manifest)
+        location = staged.commit(manifest)
+    return RunResult(location, metrics, staged.manifest, evaluation.layers)
+
+
+def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: int | None = None,
+             out: str | Path | None = None, address: str | None = None, use_cache: bool = True,
+             console: Console | None = None, context: stages.Context | None = None) -> RunResult:
+    """Evaluate a finished run's INT8 model again, without calibrating, into a new directory.
+
+    `data`: a TOML file whose [test] table (keys as in a job's, paths relative to that file) replaces
+    the run's test set; `samples`: how many test samples to draw. The run's INT8 files and job.toml
+    must match its manifest, and the FP32 model rebuilt from its job must be the one it quantized.
+    The result's directory defaults to RUN_DIR-eval-TIMESTAMP beside the run; the run is never changed.
+    """
+    ctx = context or stages.Context(console=console or Console(stderr=True))
+    started = ctx.clock()
+    with ctx.stage("load"):
+        files = RunFiles(run_dir)
+        manifest = files.manifest
+        job_toml, int8_state, script = (files.read(n) for n in ("job.toml", "model_int8.pth", "model_int8.pt"))
+        job_path = Path(manifest["job"]["path"])
+        spec = parse_spec(tomllib.loads(job_toml.decode()), job_path, manifest["job"]["base_dir"])
+        test = load_test_section(data) if data is not None else spec.test
+        if samples is not None:
+            test = dataclasses.replace(test, samples=samples)
+        spec = dataclasses.replace(spec, test=test)
+        stages.check_stats_location(spec, use_cache)
+    if not out:
+        name = f"-eval-{ctx.now().astimezone():%Y%m%d-%H%M%S}"
+        out = f"{files.location}{name}" if is_uri(files.location) else Path(f"{files.location}{name}")
+    with StagedDir(out) as staged:  # --out is checked before the model is built
+        with ctx.stage("load"):
+            where = f"{data}: [test]" if data is not None else f"{job_path}: [test]"
+            loaded = stages.load_for_evaluation(spec, manifest, where)
+        with _cluster(ctx, address):
+            with make_progress(ctx.console) as ctx.progress:
+                evaluation = stages.evaluate(ctx, loaded, stages.Quantized(int8_state, script), use_cache)
+        with ctx.stage("write"):
+            metrics = stages.write_results(staged, evaluation, len(loaded.fp32_bytes), len(int8_state), len(script))
+            if data is not None:
+                staged.write_bytes("data.toml", Path(data).read_bytes())
+        evaluates = {"run_dir": str(files.location if is_uri(files.location) else Path(files.location).resolve()),
+                     "created": manifest["created"],
+                     "files": {k: manifest["files"][k] for k in ("model_int8.pth", "model_int8.pt")}}
+        summary = stages.manifest(ctx, loaded, evaluation, qparams_digest=manifest["qparams_digest"],
+                                  input_shape=manifest["input_shape"], evaluates=evaluates, started=started)
+        stages.write_html(staged, metrics, evaluation.layers, summary)
+        location = staged.commit(summary)
+    return RunResult(location, metrics, staged.manifest, evaluation.layers)
+
+
+class _cluster:
+    """ctx.cluster for the duration of a block; its start-up is timed as the "ray_start" stage."""
+
+    def __init__(self, ctx: stages.Context, address: str | None):
+        self.ctx, self.cluster = ctx, runner.Cluster(address)
+
+    def __enter__(self):
+        with self.ctx.stage("ray_start"):  # timed apart: a fixed cost, not calibration
+            self.ctx.cluster = self.cluster.__enter__()
+        return self.ctx.cluster
+
+    def __exit__(self, *exc):
+        self.ctx.cluster = None
+        return self.cluster.__exit__(*exc)
+

@@ -1,0 +1,209 @@
+"""Merge modes, one object each: their passes, the unit each pass computes and stores, a typed merged
+result, and how that result is loaded into a prepared model.
+
+    mode = MODES["exact"]
+    stats = calibration.calibrate(mode, executor, plan).stats    # runs mode.passes
+    counts = stats.load(prepared)                                 # any config over the same FP32 graph
+
+| mode   | pass 1 (unit)                      | pass 2 (unit)                                  | result       |
+| exact  | exact (min, max) per value (batch) | float64 counts over global ranges (shard)      | ExactStats   |
+| replay | exact (min, max) per value (batch) | torch's update histograms, planned (batch)     | ReplayStats  |
+| fast   | the same, and torch's observers (shard) | none                                      | FastStats    |
+
+A pass is a `Pass`: which units it has, what a unit's stored entry is keyed by, the worker calls
+that compute a unit, how their returns make the entry, whether a stored entry covers what this
+config needs, and how a stored entry and a new one join. `calibration.calibrate` runs passes over
+any executor; nothing here knows about Ray or storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import merge
+from .probes import count_key
+from .sites import HISTOGRAM, Observed, observed_values
+
+__all__ = ["Plan", "Pass", "Mode", "ExactStats", "ReplayStats", "FastStats", "MODES"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to calibrate: batches (sample indices, canonical order), shards (batch ids per worker),
+    the driver's observers and what they observe, and one identity per batch for stored statistics."""
+
+    batches: list[list[int]]
+    shards: list[list[int]]
+    observed: dict[str, Observed]
+    identities: list[str] | None = None
+
+    def shard_of(self, batch_id: int) -> int:
+        return next(s for s, shard in enumerate(self.shards) if batch_id in shard)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One pass of a mode over a plan (see the module docstring)."""
+
+    name: str                                        # "pass1" | "pass2": manifests, stored-entry kinds
+    unit: str                                        # "batch" | "shard": computed, stored and redone as one
+    units: list[int]
+    key: Callable[[int], list]                       # a unit's stored entry is keyed by these (and the store's base)
+    calls: Callable[[int], list[tuple[str, tuple]]]  # worker (method, args) that compute a unit, in order
+    collect: Callable[[int, list], Any]              # a unit's entry from its calls' return values
+    covers: Callable[[int, Any], bool]               # a stored entry holds all this config needs of the unit
+    combine: Callable[[Any, Any], Any]               # a stored entry joined with a new one
+
+
+@dataclass
+class ExactStats:
+    """Pass-1 logs ({batch: {value: {reduction: (min, max) | None}}}) and float64 counts per (value, range, bins)."""
+
+    logs: dict[int, dict]
+    counts: dict[tuple, tuple]
+
+    def load(self, prepared) -> dict[str, int]:
+        observed = observed_values(prepared)
+        merge.load_minmax(prepared, observed, self.logs)
+        return merge.load_exact(prepared, observed, self.logs, self.counts)
+
+
+@dataclass
+class ReplayStats:
+    """Pass-1 logs and, per batch, torch's update histogram per (value, planned range, bins)."""
+
+    logs: dict[int, dict]
+    updates: dict[int, dict]
+
+    def load(self, prepared) -> dict[str, int]:
+        observed = observed_values(prepared)
+        merge.load_minmax(prepared, observed, self.logs)
+        merge.load_replay(prepared, observed, self.logs, self.updates)
+        return {}
+
+
+@dataclass
+class FastStats:
+    """Pass-1 logs and each shard's torch histogram states (shard order), keyed by `merge.sites_key`."""
+
+    logs: dict[int, dict]
+    states: list[dict]
+
+    def load(self, prepared) -> dict[str, int]:
+        observed = observed_values(prepared)
+        merge.load_minmax(prepared, observed, self.logs)
+        merge.load_fast(prepared, observed, self.states)
+        return {}
+
+
+class Mode:
+    name: str
+    passes: tuple[Callable, ...]  # each: (plan, done passes {name: {unit: entry}}, share) -> Pass
+
+    def merge(self, plan: Plan, done: dict):
+        raise NotImplementedError
+
+
+def _log_pass(plan: Plan, done: dict, share) -> Pass:
+    """Pass 1, per batch: the exact (min, max) of every observed value."""
+    need = merge.needed_values(plan.observed)
+    return Pass("pass1", "batch", list(range(len(plan.batches))),
+                key=lambda b: ["log", plan.identities[b]],
+                calls=lambda b: [("log", (b, plan.batches[b]))],
+                collect=lambda b, returned: returned[0],
+                covers=lambda b, entry: _covers(entry, need),
+                combine=_union_logs)
+
+
+def _covers(log: dict, need: set) -> bool:
+    return all(value in log and reduction in log[value] for value, reduction in need)
+
+
+def _union_logs(old: dict, new: dict) -> dict:
+    return {v: {**old.get(v, {}), **new.get(v, {})} for v in {*old, *new}}
+
+
+def _union(old: dict, new: dict) -> dict:
+    return {**old, **new}
+
+
+class Exact(Mode):
+    """Histograms over the global range: bit-identical for any worker count, shard or batch order."""
+
+    name = "exact"
+
+    def _count_pass(self, plan: Plan, done: dict, share) -> Pass:
+        requests = merge.count_requests(plan.observed, done["pass1"])
+        want = {count_key(v, *r) for v, wanted in requests.items() for r in wanted}
+        shared = share(requests)
+        return Pass("pass2", "shard", list(range(len(plan.shards))) if requests else [],  # no histograms: no pass 2
+                    # counts accumulate on the worker: a shard is one unit, redone whole after a lost worker
+                    key=lambda s: ["count", [plan.identities[b] for b in plan.shards[s]]],
+                    calls=lambda s: [("start_counts", (shared,)), *[("count", (b, plan.batches[b])) for b in plan.shards[s]],
+                                     ("collect_counts", ())],
+                    collect=lambda s, returned: returned[-1],
+                    covers=lambda s, entry: want <= entry.keys(),
+                    combine=_union)
+
+    @property
+    def passes(self):
+        return (_log_pass, self._count_pass)
+
+    def merge(self, plan: Plan, done: dict) -> ExactStats:
+        return ExactStats(done["pass1"], merge.sum_counts(done["pass2"][s] for s in sorted(done["pass2"])))
+
+
+class Replay(Mode):
+    """torch's own single-process calibration, replayed on the driver in sample-index order."""
+
+    name = "replay"
+
+    def _replay_pass(self, plan: Plan, done: dict, share) -> Pass:
+        requests = merge.replay_requests(plan.observed, done["pass1"])
+        want = {b: {count_key(v, *r) for v, wanted in requests[b].items() for r in wanted} for b in requests}
+        return Pass("pass2", "batch", list(range(len(plan.batches))),
+                    key=lambda b: ["replay", plan.identities[b]],
+                    calls=lambda b: [("replay", (b, plan.batches[b], requests[b]))],
+                    collect=lambda b, returned: returned[0],
+                    covers=lambda b, entry: want[b] <= entry.keys(),
+                    combine=_union)
+
+    @property
+    def passes(self):
+        return (_log_pass, self._replay_pass)
+
+    def merge(self, plan: Plan, done: dict) -> ReplayStats:
+        return ReplayStats(done["pass1"], done["pass2"])
+
+
+class Fast(Mode):
+    """One pass; each worker's torch observers over its shard, re-binned on the driver (approximate)."""
+
+    name = "fast"
+
+    def _fast_pass(self, plan: Plan, done: dict, share) -> Pass:
+        need = merge.needed_values(plan.observed)
+        states = {merge.sites_key(o) for o in plan.observed.values() if o.kind == HISTOGRAM}
+        return Pass("pass1", "shard", list(range(len(plan.shards))),
+                    key=lambda s: ["fast", [plan.identities[b] for b in plan.shards[s]]],
+                    calls=lambda s: [*[("log", (b, plan.batches[b], True)) for b in plan.shards[s]],
+                                     ("observer_states", ())],
+                    collect=lambda s, returned: {"logs": dict(zip(plan.shards[s], returned)), "states": returned[-1]},
+                    covers=lambda s, entry: (states <= entry["states"].keys()
+                                             and all(_covers(entry["logs"].get(b, {}), need) for b in plan.shards[s])),
+                    combine=lambda old, new: {"logs": {b: _union_logs(old["logs"].get(b, {}), log)
+                                                       for b, log in new["logs"].items()},
+                                              "states": _union(old["states"], new["states"])})
+
+    @property
+    def passes(self):
+        return (self._fast_pass,)
+
+    def merge(self, plan: Plan, done: dict) -> FastStats:
+        shards = done["pass1"]
+        logs = {b: shards[s]["logs"][b] for s in sorted(shards) for b in plan.shards[s]}
+        return FastStats(logs, [shards[s]["states"] for s in sorted(shards)])
+
+
+MODES: dict[str, Mode] = {m.name: m for m in (Exact(), Replay(), Fast())}
