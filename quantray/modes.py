@@ -57,44 +57,48 @@ class Pass:
 
 
 @dataclass
-class ExactStats:
-    """Pass-1 logs ({batch: {value: {reduction: (min, max) | None}}}) and float64 counts per (value, range, bins)."""
+class _Stats:
+    """Pass-1 logs ({batch: {value: {reduction: (min, max) | None}}}), which every mode has: min/max
+    observers are loaded from them; histogram observers by the mode's own result (`_histograms`)."""
 
     logs: dict[int, dict]
-    counts: dict[tuple, tuple]
 
     def load(self, prepared) -> dict[str, int]:
+        """Write the statistics into `prepared`'s observers (any config over the same FP32 graph);
+        returns the values each histogram observer counted, where the mode knows it."""
         observed = observed_values(prepared)
         merge.load_minmax(prepared, observed, self.logs)
+        return self._histograms(prepared, observed) or {}
+
+
+@dataclass
+class ExactStats(_Stats):
+    """And float64 counts per (value, range, bins)."""
+
+    counts: dict[tuple, tuple]
+
+    def _histograms(self, prepared, observed):
         return merge.load_exact(prepared, observed, self.logs, self.counts)
 
 
 @dataclass
-class ReplayStats:
-    """Pass-1 logs and, per batch, torch's update histogram per (value, planned range, bins)."""
+class ReplayStats(_Stats):
+    """And, per batch, torch's update histogram per (value, planned range, bins)."""
 
-    logs: dict[int, dict]
     updates: dict[int, dict]
 
-    def load(self, prepared) -> dict[str, int]:
-        observed = observed_values(prepared)
-        merge.load_minmax(prepared, observed, self.logs)
+    def _histograms(self, prepared, observed):
         merge.load_replay(prepared, observed, self.logs, self.updates)
-        return {}
 
 
 @dataclass
-class FastStats:
-    """Pass-1 logs and each shard's torch histogram states (shard order), keyed by `merge.sites_key`."""
+class FastStats(_Stats):
+    """And each shard's torch histogram states (shard order), keyed by `merge.sites_key`."""
 
-    logs: dict[int, dict]
     states: list[dict]
 
-    def load(self, prepared) -> dict[str, int]:
-        observed = observed_values(prepared)
-        merge.load_minmax(prepared, observed, self.logs)
+    def _histograms(self, prepared, observed):
         merge.load_fast(prepared, observed, self.states)
-        return {}
 
 
 class Mode:
