@@ -97,6 +97,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
         rebuild_history(reg)
         raise
     _failpoint("committed")
+    result.print(console)
     metrics = result.metrics
     row.update(data_digest=result.manifest["data_digest"], qparams_digest=result.manifest["qparams_digest"],
                fp32_top1=metrics["fp32"]["top1"], int8_top1=metrics["int8"]["top1"], fp32_top5=metrics["fp32"]["top5"],

@@ -232,12 +232,7 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, use_cache: bool = Tru
         store = _stats_store(job, use_cache)
         keys = [[store.key("fp32-logits", identities[b]) for b in ids] for ids in task_batches] if store else None
         stored = [[store.get(k) for k in group] for group in keys] if store else [[None] * len(ids) for ids in task_batches]
-        layer_batches, covered = [], 0  # whole batches from the first, until layer_samples are covered
-        for b in test_batches:
-            if covered >= run.layer_samples:
-                break
-            layer_batches.append(b)
-            covered += len(b)
+        layer_batches = _first_batches(test_batches, run.layer_samples)
         n_layer = min(len(layer_batches), cluster.cpus)
         layer_groups = [layer_batches[i::n_layer] for i in range(n_layer)]
         fp32, script, state = cluster.put(job.fp32), cluster.put(quantized.script), cluster.put(quantized.state)
@@ -245,7 +240,8 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, use_cache: bool = Tru
                       run.threads) for ids, known in zip(task_batches, stored)]
         arg_lists += [(fp32, state, spec.quantization, job.example, test, group, run.threads) for group in layer_groups]
         describe = [f"test batches {_ids(ids)} of {len(test_batches)}" for ids in task_batches]
-        describe += [f"per-layer SQNR, batches of samples {_ids([g[0] for g in group])}" for group in layer_groups]
+        describe += [f"per-layer SQNR on the test batches from samples {_ids([g[0] for g in group])}"
+                     for group in layer_groups]
         weights = [sum(len(test_batches[b]) for b in ids) for ids in task_batches] + [sum(map(len, g)) for g in layer_groups]
         results = runner.map_tasks(_evaluation_task, [(i < len(task_batches), *a) for i, a in enumerate(arg_lists)],
                                    stage="evaluate", describe=describe, progress=ctx.progress, weights=weights)
@@ -270,6 +266,17 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, use_cache: bool = Tru
     plan = {"samples": len(job.test_idx), "batches": test_batches, "tasks": task_batches, "fp32_batches_reused": reused,
             "layer_samples": sum(map(len, layer_batches)), "layer_tasks": layer_groups}
     return Evaluation(merged, layers, speed, plan, identities)
+
+
+def _first_batches(batches: list[list[int]], samples: int) -> list[list[int]]:
+    """Whole batches from the first, until `samples` are covered (per-layer SQNR's share)."""
+    out, covered = [], 0
+    for batch in batches:
+        if covered >= samples:
+            break
+        out.append(batch)
+        covered += len(batch)
+    return out
 
 
 def _evaluation_task(accuracy: bool, *args):

@@ -76,7 +76,7 @@ def quiet():
     return Console(file=io.StringIO(), width=300)
 
 
-DEMO_LAYOUTS = {"1 worker": (1, None), "2 workers": (2, None), "3 workers, reversed": (3, [2, 1, 0])}
+DEMO_LAYOUTS = {"1 worker": (1, None), "2 workers": (2, [1, 0])}  # 2 workers: shard 1 handed out first
 
 
 @pytest.fixture(scope="session")

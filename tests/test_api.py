@@ -36,9 +36,9 @@ def _job(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
     return job
 
 
-def test_qparams_are_bit_identical_for_1_2_3_workers_and_permuted_shards(demo_runs):
+def test_qparams_are_bit_identical_for_1_and_2_workers_with_shards_handed_out_in_reverse(demo_runs):
     dirs = {k: Path(r.location) for k, r in demo_runs.items()}
-    assert [r.manifest["workers"] for r in demo_runs.values()] == [1, 2, 3]
+    assert [r.manifest["workers"] for r in demo_runs.values()] == [1, 2]
     for name in ("qparams.parquet", "model_int8.pth"):
         assert len({_sha(d / name) for d in dirs.values()}) == 1, name
     assert len({r.manifest["qparams_digest"] for r in demo_runs.values()}) == 1
@@ -66,7 +66,7 @@ def test_demo_accuracy_and_predictions_agree_with_the_metrics(demo_runs):
 
 
 def test_seed_recipe_torchscript_and_the_result_s_model_match_the_in_memory_int8_model(demo_runs):
-    result = demo_runs["3 workers, reversed"]
+    result = demo_runs["2 workers"]
     run = Path(result.location)
     batches, shards = result.manifest["calibration"]["batches"], result.manifest["calibration"]["shards"]
     spec = load_spec(DEMO_JOB)
@@ -127,7 +127,7 @@ def test_speed_is_measured_in_a_task_holding_a_whole_node(demo_runs):
 
 
 def test_evaluating_a_run_again_reproduces_its_predictions_and_metrics(demo_runs, tmp_path):
-    run = demo_runs["3 workers, reversed"]
+    run = demo_runs["2 workers"]
     again = quantray.evaluate(run.location, out=tmp_path / "again", console=quiet())
     for name in ("predictions.parquet", "layers.parquet"):
         assert _sha(Path(again.location) / name) == _sha(Path(run.location) / name), name
