@@ -29,7 +29,7 @@ from .digest import sha256_bytes
 from .errors import QuantrayError, SpecError
 from .store import Store
 
-__all__ = ["RunFiles", "load_quantized", "read_manifest", "software_versions",
+__all__ = ["RunFiles", "load_quantized", "software_versions",
            "QPARAMS_SCHEMA", "PREDICTIONS_SCHEMA", "LAYERS_SCHEMA"]
 
 QPARAMS_SCHEMA = pa.schema([
@@ -84,10 +84,6 @@ def software_versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pa.__version__,
             "quantray": __version__, "machine": platform.machine()}
-
-
-def read_manifest(run_dir: str | Path) -> dict:
-    return RunFiles(run_dir).manifest
 
 
 def load_quantized(run_dir: str | Path) -> torch.nn.Module:

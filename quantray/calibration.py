@@ -117,6 +117,7 @@ class CalibrationWorker:
         if signature is not None and [tuple(s) for s in signature] != sites.signature(self._observed):
             raise CalibrationError(f"shard {shard}: this worker's prepare_fx gave other observers than the "
                                    "driver's; workers and driver need the same torch version")
+        self._observers = sites.find_observers(self._model)  # the instances the probes will hold
         self._recorder = attach_probes(self._model)
         self._dataset = data_mod.build_dataset(data, where="[calibration]")
         self._batches: dict[int, torch.Tensor] = {}
@@ -152,7 +153,7 @@ class CalibrationWorker:
         out = {}
         for o in self._observed.values():
             if o.kind == sites.HISTOGRAM:
-                obs = self._model.get_submodule(o.name).observer
+                obs = self._observers[o.name]
                 seen = bool(torch.isfinite(obs.min_val).all())
                 out[sites_key(o)] = (obs.min_val.clone(), obs.max_val.clone(), obs.histogram.clone()) if seen else None
         return out

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["make_progress", "comparison_table", "class_table", "layer_table", "print_summary", "print_run"]
+__all__ = ["make_progress", "comparison_table", "class_table", "layer_table", "print_summary"]
 
 
 def make_progress(console: Console) -> Progress:
@@ -90,14 +90,3 @@ def print_summary(console: Console, metrics: dict, manifest: dict, run_dir) -> N
 
 def _ratio(fp32: float, int8: float, better: str, worse: str) -> str:
     return f"{fp32 / int8:.2f}x {better}" if int8 <= fp32 else f"{int8 / fp32:.2f}x {worse}"
-
-
-def print_run(console: Console, run_dir) -> None:
-    """`quantray report RUN_DIR`: the summary again, from the run directory's files alone."""
-    import json
-    from pathlib import Path
-
-    from .artifacts import read_manifest
-
-    manifest = read_manifest(run_dir)
-    print_summary(console, json.loads((Path(run_dir) / "metrics.json").read_text()), manifest, run_dir)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 from torch.ao.quantization.observer import (
     FixedQParamsObserver,
@@ -159,9 +160,17 @@ def _values(model: fx.GraphModule) -> dict[fx.Node, Value]:
         if node.op == "call_module":
             module = model.get_submodule(node.target)
             parts += [f"{type(module).__module__}.{type(module).__qualname__}", repr(module)]
+        elif node.op == "get_attr":  # a constant the trace captured: not always in the state_dict
+            parts.append(_attribute(model, node.target))
         keys[node] = f"{node.name}@{digest(parts)[:20]}"
         out[node] = Value(keys[node], _label(model, node))
     return out
+
+
+def _attribute(model: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    value = getattr(model.get_submodule(owner), name, None)
+    return value if isinstance(value, torch.Tensor) else repr(type(value))
 
 
 def _target(node: fx.Node) -> str:

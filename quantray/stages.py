@@ -166,6 +166,7 @@ def calibrate(ctx: Context, job: Job, prepared: nn.Module, *, workers: int | Non
     if reused:
         ctx.console.print("reused stored statistics: " + ", ".join(f"{k} {hit} of {total}" for k, (hit, total) in
                                                                     reused.items()) + f" (from {store.location})")
+    _warn_unwritable(ctx, store)
     counts = result.stats.load(prepared)
     return Calibrated(prepared, counts, plan, result.info)
 
@@ -177,6 +178,12 @@ def check_stats_location(spec: JobSpec, use_cache: bool) -> None:
             Store(spec.run.cache_dir or default_location(), "[run] cache_dir")
         except SpecError as e:
             raise SpecError(f"{spec.path}: {e}") from None
+
+
+def _warn_unwritable(ctx: Context, store: StatsStore | None) -> None:
+    if store is not None and store.unwritable:
+        ctx.console.print(f"[yellow]could not store statistics in {store.location} ({store.unwritable}); "
+                          "the run goes on without storing them[/]")
 
 
 def _stats_store(job: Job, use_cache: bool) -> StatsStore | None:
@@ -255,6 +262,7 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, use_cache: bool = Tru
             if reused:
                 ctx.console.print(f"reused stored FP32 outputs: {reused} of {len(test_batches)} test batches "
                                   f"(from {store.location})")
+            _warn_unwritable(ctx, store)
         layers = layer_rows(merge_layers(results[len(task_batches):]))
     with ctx.stage("speed"):
         # The throughput batch repeats test samples as needed: speed does not depend on which.

@@ -27,18 +27,14 @@ from .data import sample_file
 from .digest import digest, state_dict_digest
 from .store import Store
 
-__all__ = ["StatsStore", "batch_identities", "default_location", "quantray_home"]
+__all__ = ["StatsStore", "batch_identities", "default_location"]
 
 FORMAT = 2  # bumped when the layout of stored entries changes: older entries are then never read
 
 
-def quantray_home() -> Path:
-    """quantray's own folder: $QUANTRAY_CACHE, else ~/.cache/quantray."""
-    return Path(os.environ.get("QUANTRAY_CACHE", Path.home() / ".cache" / "quantray"))
-
-
 def default_location() -> Path:
-    return quantray_home() / "stats"
+    """Where statistics are stored without [run] cache_dir: $QUANTRAY_CACHE/stats, else ~/.cache/quantray/stats."""
+    return Path(os.environ.get("QUANTRAY_CACHE", Path.home() / ".cache" / "quantray")) / "stats"
 
 
 class StatsStore:
@@ -48,6 +44,7 @@ class StatsStore:
         self.store = Store(location, what)
         self.base = digest(["quantray-stats", FORMAT, state_dict_digest(model), threads, torch.__version__])
         self.hits = self.misses = 0
+        self.unwritable: str | None = None  # why entries could not be stored, if they could not
 
     @property
     def location(self):
@@ -69,9 +66,16 @@ class StatsStore:
         return value
 
     def put(self, key: str, value) -> None:
+        """Store an entry; a location that cannot be written is remembered, not fatal: the run's
+        results do not depend on its stored statistics."""
+        if self.unwritable is not None:
+            return
         buffer = io.BytesIO()
         torch.save(value, buffer)
-        self.store.write(buffer.getvalue(), f"{key}.pt")
+        try:
+            self.store.write(buffer.getvalue(), f"{key}.pt")
+        except OSError as e:
+            self.unwritable = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
 def batch_identities(dataset, data_spec, batches: list[list[int]]) -> list[str]:

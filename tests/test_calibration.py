@@ -302,3 +302,24 @@ def test_spec_qconfig_choices_convert_and_keep_fp32_types(digits_plan, backend):
     assert type(int8.get_submodule("3")) is torch.nn.Linear
     x = data.load_batch(dataset, batches[0])[0]
     assert torch.allclose(int8(x), model(x), atol=0.5)
+
+
+def test_a_constant_the_graph_reads_is_part_of_the_key_of_every_value_after_it(digits_plan):
+    """A tensor attribute that is not in the state_dict still decides what the graph computes."""
+    _, _, _, example = digits_plan
+
+    class Shifted(torch.nn.Module):
+        def __init__(self, shift):
+            super().__init__()
+            self.fc = torch.nn.Linear(64, 4)
+            self.shift = torch.tensor(shift)  # a plain attribute: FX reads it with get_attr
+
+        def forward(self, x):
+            return self.fc(torch.flatten(x, 1) + self.shift)
+
+    keys = []
+    for shift in (0.0, 1.0):
+        torch.manual_seed(0)
+        observed = sites.observed_values(flow.prepare(Shifted(shift).eval(), "x86", example))
+        keys.append([v.key for o in observed.values() for v in o.values])
+    assert keys[0][0] == keys[1][0] and keys[0][1:] != keys[1][1:]  # the input is the same; what follows is not

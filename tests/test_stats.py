@@ -137,3 +137,11 @@ def test_batch_identities_follow_the_files(tmp_path):
     _image(tmp_path / "x" / "3.png", 99)
     after = batch_identities(build_dataset(spec), spec, [[0, 1], [2, 3]])
     assert before[0] == after[0] and before[1] != after[1]
+
+
+def test_a_location_that_cannot_be_written_is_remembered_not_fatal(tiny_model, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    store = StatsStore(tmp_path / "a-file" / "stats", tiny_model, threads=1)
+    store.put(store.key("log", "b"), {"x": torch.ones(1)})
+    assert store.unwritable and store.unwritable.startswith(("NotADirectoryError", "FileExistsError", "OSError"))
+    assert store.get(store.key("log", "b")) is None
