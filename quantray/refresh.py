@@ -96,7 +96,6 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
         _write_gate(reg, row)
         rebuild_history(reg)
         raise
-    _failpoint("committed")
     result.print(console)
     metrics = result.metrics
     row.update(data_digest=result.manifest["data_digest"], qparams_digest=result.manifest["qparams_digest"],
@@ -105,12 +104,10 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     reasons = gate(spec, metrics, previous_metrics)
     row.update(gate="failed" if reasons else "passed", reason="; ".join(reasons))
     _write_gate(reg, row)
-    _failpoint("gated")
     if not reasons:
         reg.write(json_bytes({"run_id": run_id, "qparams_digest": row["qparams_digest"],
                               "promoted_at": now().isoformat()}), "PROMOTED")
-        _failpoint("promoted")
-        reg.write(b"", "promotions", run_id)
+        reg.write(b"", "promotions", run_id)  # a kill before this line: the next refresh's _tidy writes it
         row["promoted"] = True
     rebuild_history(reg)
     verdict = "promoted" if row["promoted"] else f"not promoted: {row['reason']}"
@@ -223,7 +220,7 @@ def _print_drift(console: Console, rows: list[dict], against: str, most: int = 5
 
 
 def _failpoint(name: str) -> None:
-    """Tests of crash safety set QUANTRAY_KILL_AT to one of these names: the process SIGKILLs itself
-    there, exactly as a machine that loses power would stop (no cleanup runs)."""
+    """A test of crash safety sets QUANTRAY_KILL_AT=name: the process SIGKILLs itself there, exactly
+    as a machine that loses power would stop (no cleanup runs)."""
     if os.environ.get("QUANTRAY_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)

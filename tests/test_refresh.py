@@ -1,5 +1,5 @@
 """The nightly refresh: gate and drift (pure), a history that concurrent refreshes cannot lose rows
-of, tidying after killed refreshes, and real refreshes through Ray, SIGKILLed at chosen points."""
+of, tidying after killed refreshes, and real refreshes through Ray, one SIGKILLed mid-run."""
 
 import datetime
 import io
@@ -196,13 +196,13 @@ def test_a_failed_run_is_recorded_as_an_error_night(registry, tmp_path):
     assert (registry / "PROMOTED").read_text() == before and not (registry / "runs" / last["run_id"]).exists()
 
 
-@pytest.mark.parametrize("point", ["staged", "promoted"])
-def test_sigkill_leaves_the_promoted_model_and_history_intact(registry, ray_cluster, tmp_path, point):
-    """`quantray refresh` killed with SIGKILL where it has staged its run / moved PROMOTED but not yet
-    marked it; the next refresh's tidying repairs what it left."""
+def test_sigkill_leaves_the_promoted_model_and_history_intact(registry, ray_cluster, tmp_path):
+    """`quantray refresh` killed with SIGKILL with its run staged, not yet committed; the next
+    refresh's tidying removes what it left. (The later windows, a run committed but not gated and a
+    promotion not yet marked, are built and tidied in the test above.)"""
     promoted_before = Path(promoted_run(str(registry)))
     rows_before = len(_history(registry))
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, QUANTRAY_KILL_AT=point)
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, QUANTRAY_KILL_AT="staged")
     exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
     job = _job(tmp_path, "\n[gate]\nmax_top1_drop = 0.05\n")
     proc = subprocess.run([exe, "refresh", str(job), "--registry", str(registry), "--workers", "2"], env=env,
@@ -211,13 +211,7 @@ def test_sigkill_leaves_the_promoted_model_and_history_intact(registry, ray_clus
     promoted = Path(promoted_run(str(registry)))
     assert _intact(promoted) and len(_history(registry)) == rows_before  # readable, not yet rebuilt
     hidden = [p for p in (registry / "runs").iterdir() if p.name.startswith(".")]
-    if point == "staged":
-        assert promoted == promoted_before and hidden  # the staging folder the kill left
-    else:
-        assert promoted != promoted_before and not (registry / "promotions" / promoted.name).exists()
+    assert promoted == promoted_before and hidden  # the staging folder the kill left
     _tidy(Store(str(registry), "--registry"), quiet())
     assert not [p for p in (registry / "runs").iterdir() if p.name.startswith(".")]
-    history = _history(registry)
-    if point == "promoted":
-        assert history[-1]["run_id"] == promoted.name and history[-1]["promoted"] and history[-1]["gate"] == "passed"
-    assert all(_intact(p) for p in (registry / "runs").iterdir())
+    assert len(_history(registry)) == rows_before and all(_intact(p) for p in (registry / "runs").iterdir())

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from quantray import data, flow, merge, runner, sites
 from quantray.calibration import calibrate
-from quantray.errors import CalibrationError, DataError, QuantrayError
+from quantray.errors import CalibrationError, QuantrayError
 from quantray.modes import MODES, Plan
 from quantray.spec import DataSpec, QuantSpec
 from quantray.testing import dies, fails
@@ -55,14 +55,6 @@ def test_worker_setup_error_keeps_its_type_and_message(ray_cluster, tiny_model, 
     with pytest.raises(CalibrationError, match=r"^shard \d: this worker's prepare_fx gave other observers"):
         ray_calibration(tiny_model, example, QuantSpec(), spec, batches[:2], [[0], [1]],
                         signature=[("activation_post_process_0", "MinMaxObserver", ())])
-
-
-def test_a_sample_that_fails_to_load_names_the_first_such_batch_and_the_sample(ray_cluster, tiny_model, digits_plan):
-    spec, _, batches, example = digits_plan
-    broken = [batches[0], [10**6], [10**6 + 1]]  # indices past the end of the split
-    with pytest.raises(DataError, match=r"^sample 1000000 failed to load: IndexError.*\(calibration batch 1, "
-                                        r"samples 1000000\.\.1000000\)$"):
-        ray_calibration(tiny_model, example, QuantSpec(), spec, broken, [[0, 1], [2]], order=[1, 0])
 
 
 def _killer(kill_at: int, marker=None) -> DataSpec:
