@@ -80,6 +80,7 @@ class Job:
     example: torch.Tensor
     calib_ds: object = None
     calib_idx: list[int] | None = None
+    stats: StatsStore | None = field(default=None, repr=False)  # opened once, by the first stage that needs it
 
     @property
     def where(self) -> str:
@@ -190,7 +191,9 @@ def _stats_store(job: Job, use_cache: bool) -> StatsStore | None:
     run = job.spec.run
     if not (use_cache and run.cache):
         return None
-    return StatsStore(run.cache_dir or default_location(), job.fp32, run.threads)
+    if job.stats is None:  # its key base digests the FP32 weights: once per job
+        job.stats = StatsStore(run.cache_dir or default_location(), job.fp32, run.threads)
+    return job.stats
 
 
 @dataclass
