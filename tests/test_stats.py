@@ -87,7 +87,7 @@ def test_a_changed_image_recomputes_only_its_batch_in_pass_1(ray_cluster, tmp_pa
         for i in range(8):
             _image(images / name / f"{i}.png", 100 * k + i)
     job = tmp_path / "images.toml"
-    job.write_text("""
+    job.write_text(f"""
 [model]
 factory = "quantray.testing:tiny_cnn"   # no checkpoint: built from the fixed seed, the same weights every run
 [calibration]
@@ -100,7 +100,7 @@ source = "imagefolder"
 root = "images"
 transform = "to_tensor"
 [run]
-cache_dir = "stats"
+cache_dir = "file://{tmp_path}/stats"   # stored statistics at a URI
 latency_warmup = 1
 latency_iters = 5
 throughput_batch = 2
@@ -116,6 +116,7 @@ layer_samples = 0
     assert second["calibration_stats"]["cached"]["pass2"][0] <= 1  # the changed batch's shard is counted again
     assert "reused stored statistics: pass1 5 of 6" in said
     assert second["qparams_digest"] != first["qparams_digest"]
+    assert any(p.name.startswith("log-") for p in (tmp_path / "stats").iterdir())
 
 
 def test_batch_identities_follow_the_files(tmp_path):
