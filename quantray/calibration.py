@@ -38,7 +38,6 @@ class Failure:
 
     batch_id: int
     message: str
-    exit_code: int = 1
 
 
 @dataclass

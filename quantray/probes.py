@@ -143,12 +143,13 @@ def attach_probes(model: torch.fx.GraphModule) -> Recorder:
     """Point every observer call of `model`'s graph, in place, at a probe of its own (the observer
     it replaces stays with the probe); return the recorder the probes report to."""
     recorder = Recorder()
-    kinds = {id(model.get_submodule(o.name)): o.kind for o in sites.observed_values(model).values()}
     for node, value in sites.observer_calls(model):
         observer = model.get_submodule(node.target)
         if isinstance(observer, _Probe):
             raise CalibrationError(f"observer {node.target} is called at two places in the graph; "
                                    "quantray needs one call site per observer attribute")
+        # kind_of also refuses observer classes quantray cannot merge exactly, by name
+        probe = _Probe(recorder, value, observer, sites.kind_of(node.target, observer))
         parent, _, leaf = node.target.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, _Probe(recorder, value, observer, kinds[id(observer)]))
+        setattr(model.get_submodule(parent), leaf, probe)
     return recorder
