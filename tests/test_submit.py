@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
          "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
-         "object-manager-port", "min-worker-port")
+         "object-manager-port")
 
 
 def _free_port() -> int:
@@ -30,7 +30,10 @@ def _free_port() -> int:
 def head():
     temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's unix sockets live under it
     ports = {name: _free_port() for name in PORTS}
-    ports["max-worker-port"] = ports["min-worker-port"] + 200
+    # Workers take a range of 200 ports: one that holds none of the single ports above (Ray refuses an
+    # overlap: "worker_ports is trying to use a port number ... used by other components").
+    low = next(p for p in iter(_free_port, None) if not any(p <= q <= p + 200 for q in ports.values()))
+    ports.update({"min-worker-port": low, "max-worker-port": low + 200})
     # Loopback test cluster: no token auth, on server and clients alike (DESIGN.md).
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
