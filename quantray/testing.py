@@ -40,19 +40,24 @@ def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=
 
 
 def article_job(base: str | Path, *, samples: int = 20, latency_iters: int = 100, threads: int = 1,
-                classes=(1, 17, 40, 77, 101, 102), run_extra: str = "") -> Path:
+                classes=(1, 17, 40, 77, 101, 102), run_extra: str = "", train: int | None = None, val: int = 1,
+                test: int = 2) -> Path:
     """jobs/flowers102_resnet18.toml made runnable here: a written Flowers102 folder (see
-    `write_flowers102`, with `verify = false`), an untrained resnet18 checkpoint (seed 0), and the
-    given sample count, latency runs and threads; `run_extra` is added to its [run] table.
+    `write_flowers102`, with `verify = false`; `train`/`val`/`test` images per class), an untrained
+    resnet18 checkpoint (seed 0), and the given sample count, latency runs and threads; `run_extra`
+    is added to its [run] table. Data and checkpoint already written under `base` are kept.
     Returns the job file's path."""
     import torch
     import torchvision
 
     base = Path(base)
-    write_flowers102(base / "data", classes=classes, train=max(4, -(-samples // len(classes))))
+    if not (base / "data" / "flowers-102" / "setid.mat").exists():
+        write_flowers102(base / "data", classes=classes, train=train or max(4, -(-samples // len(classes))),
+                         val=val, test=test)
     (base / "checkpoints").mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18(num_classes=102).state_dict(), base / "checkpoints" / "resnet18.pth")
+    if not (base / "checkpoints" / "resnet18.pth").exists():
+        torch.manual_seed(0)
+        torch.save(torchvision.models.resnet18(num_classes=102).state_dict(), base / "checkpoints" / "resnet18.pth")
     text = (Path(__file__).resolve().parents[1] / "jobs" / "flowers102_resnet18.toml").read_text()
     for old, new in (('"../checkpoints/resnet18_flowers102.pth"', f'"{base / "checkpoints" / "resnet18.pth"}"'),
                      ('root = "../data"', f'root = "{base / "data"}"\nverify = false'),
