@@ -69,21 +69,21 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
             loaded = stages.load(spec)
         with ctx.stage("prepare"):
             prepared = stages.prepare(loaded)
-        with _cluster(ctx, address):
-            with make_progress(ctx.console) as ctx.progress:
+        with _cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
+            with stages.start_workers(ctx, loaded, prepared, workers=workers, shard_order=shard_order) as pool:
                 with ctx.stage("calibrate"):
-                    calibrated = stages.calibrate(ctx, loaded, prepared, workers=workers, use_cache=use_cache,
-                                                  shard_order=shard_order)
+                    calibrated = stages.calibrate(ctx, loaded, prepared, pool, use_cache=use_cache)
                 with ctx.stage("convert"):
                     quantized = stages.quantize(calibrated)
-                evaluation = stages.evaluate(ctx, loaded, quantized, use_cache)
+                evaluation = stages.evaluate(ctx, loaded, quantized, pool, use_cache)
         with ctx.stage("write"):
             stages.write_qparams(staged, quantized)
             staged.write_bytes("job.toml", spec.path.read_bytes())
             metrics = stages.write_results(staged, evaluation, len(loaded.fp32_bytes), len(quantized.state),
                                            len(quantized.script))
         manifest = stages.manifest(ctx, loaded, evaluation, qparams_digest=quantized.digest,
-                                   input_shape=list(loaded.example.shape), calibrated=calibrated, started=started)
+                                   input_shape=list(loaded.example.shape), calibrated=calibrated, started=started,
+                                   pool=pool)
         if before_commit is not None:
             before_commit(staged, manifest)
         stages.write_html(staged, metrics, evaluation.layers, manifest)
@@ -121,9 +121,10 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
         with ctx.stage("load"):
             where = f"{data}: [test]" if data is not None else f"{job_path}: [test]"
             loaded = stages.load_for_evaluation(spec, manifest, where)
-        with _cluster(ctx, address):
-            with make_progress(ctx.console) as ctx.progress:
-                evaluation = stages.evaluate(ctx, loaded, stages.Quantized(int8_state, script), use_cache)
+        with _cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
+            with stages.start_workers(ctx, loaded) as pool:
+                evaluation = stages.evaluate(ctx, loaded, stages.Quantized(int8_state, script, digest=manifest["qparams_digest"]),
+                                             pool, use_cache)
         with ctx.stage("write"):
             metrics = stages.write_results(staged, evaluation, len(loaded.fp32_bytes), len(int8_state), len(script))
             if data is not None:
@@ -132,7 +133,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
                      "created": manifest["created"],
                      "files": {k: manifest["files"][k] for k in ("model_int8.pth", "model_int8.pt")}}
         summary = stages.manifest(ctx, loaded, evaluation, qparams_digest=manifest["qparams_digest"],
-                                  input_shape=manifest["input_shape"], evaluates=evaluates, started=started)
+                                  input_shape=manifest["input_shape"], evaluates=evaluates, started=started, pool=pool)
         stages.write_html(staged, metrics, evaluation.layers, summary)
         location = staged.commit(summary)
     return RunResult(location, metrics, staged.manifest, evaluation.layers)

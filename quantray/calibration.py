@@ -14,6 +14,7 @@ the run with the first such batch in sample order, whichever worker found it fir
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -54,17 +55,22 @@ def calibrate(mode: Mode, executor, plan: Plan, *, store=None, progress=None, cl
     info: dict = {"mode": mode.name, "cached": {}}
     done: dict = {}
     started = clock()
+    ran: set = set()
     for make_pass in mode.passes:
         t = clock()
         step = make_pass(plan, done, executor.share)
-        done[step.name], info["cached"][step.name] = _run_pass(step, plan, executor, store, progress)
+        done[step.name], info["cached"][step.name] = _run_pass(step, plan, executor, store, progress, ran)
         info[f"{step.name}_s"] = round(clock() - t, 4)
+    if ran:  # where pass 2's batches came from; the workers free what pass 1 kept
+        sources = executor.run({s: [(s, "pass2_sources", ())] for s in sorted(ran)})
+        info["pass2_batches"] = {k: sum(v[k] for v in sources.values()) for k in ("memory", "disk", "forward")}
+        info["peak_kept_bytes"] = {s: v["peak_kept_bytes"] for s, v in sorted(sources.items())}
     info.update(bytes_from_workers=executor.bytes_received, attempts=dict(executor.attempts),
-                actors_ready_s=round(executor.ready_at - started, 4) if executor.ready_at else 0.0)
+                actors_ready_s=round(max(0.0, executor.ready_at - started), 4) if executor.ready_at else 0.0)
     return Calibration(mode.merge(plan, done), info)
 
 
-def _run_pass(step: Pass, plan: Plan, executor, store, progress) -> tuple[dict, list[int]]:
+def _run_pass(step: Pass, plan: Plan, executor, store, progress, ran: set) -> tuple[dict, list[int]]:
     found, stale, keys = {}, {}, {}
     if store is not None:
         for unit in step.units:
@@ -87,6 +93,7 @@ def _run_pass(step: Pass, plan: Plan, executor, store, progress) -> tuple[dict, 
             progress.advance(bar, delta)
 
     results = executor.run(by_shard, advance) if by_shard else {}
+    ran.update(by_shard)
     failures = [v for v in results.values() if isinstance(v, Failure)]
     if failures:
         first = min(failures, key=lambda f: f.batch_id)
@@ -106,7 +113,7 @@ class CalibrationWorker:
     """
 
     def __init__(self, model, example_inputs: torch.Tensor, quant, data, threads: int,
-                 signature: list | None = None, shard: int = 0):
+                 signature: list | None = None, shard: int = 0, memory_bytes: int = 0):
         flow.quiet_torch_warnings()
         # Same intra-op thread count for every worker count: reduction order may depend on it.
         torch.set_num_threads(threads)
@@ -120,15 +127,24 @@ class CalibrationWorker:
         self._recorder = attach_probes(self._model)
         self._dataset = data_mod.build_dataset(data, where="[calibration]")
         self._batches: dict[int, torch.Tensor] = {}
+        self._kept = KeptValues(memory_bytes)
 
     def log(self, batch_id: int, indices: list[int], fast: bool = False):
         """Pass 1 on one batch: the exact (min, max) of each observed value, or a `Failure`.
-        `fast`: torch's own histogram observers run too (fast mode)."""
+        `fast`: torch's own histogram observers run too (fast mode). Not in fast mode, the
+        histogram-observed values are kept for pass 2 where the memory budget (or disk) allows."""
         self._recorder.start_log(fast)
+        if not fast and self._kept.budget:
+            self._recorder.keep()
+        t = time.perf_counter()
         try:
             self._forward(batch_id, indices)
         except DataError as e:
             return Failure(batch_id, str(e))
+        finally:
+            kept, self._recorder.kept = self._recorder.kept, None
+        if kept and self._kept.add(batch_id, list(kept.values()), time.perf_counter() - t):
+            self._batches.pop(batch_id, None)  # pass 2 needs no input for a kept batch
         return self._recorder.batch_log()
 
     def start_counts(self, requests: dict) -> None:
@@ -136,7 +152,28 @@ class CalibrationWorker:
 
     def count(self, batch_id: int, indices: list[int]) -> None:
         """Exact pass 2 on one batch: counts over the requested ranges, kept on the worker."""
-        self._forward(batch_id, indices)
+        self._pass2(batch_id, indices)
+
+    def _pass2(self, batch_id: int, indices: list[int]) -> None:
+        """Pass 2 on one batch: its values as pass 1 kept them, else from a second forward."""
+        kept = self._kept.take(batch_id)
+        if kept is None:
+            self._kept.sources["forward"] += 1
+            self._forward(batch_id, indices)
+            return
+        self._recorder.start_batch()
+        for value, x in kept:
+            self._recorder.observe(value, x)
+
+    def pass2_sources(self) -> dict:
+        """How many pass-2 batches came from memory, from disk and from a second forward; frees
+        what pass 1 kept (and the calibration inputs): calibration is over."""
+        sources = dict(self._kept.sources)
+        sources["peak_kept_bytes"] = self._kept.peak
+        self._kept.clear()
+        self._kept.sources, self._kept.peak = dict.fromkeys(sources.keys() - {"peak_kept_bytes"}, 0), 0
+        self._batches.clear()
+        return sources
 
     def collect_counts(self) -> dict:
         return self._recorder.collect_counts()
@@ -144,7 +181,7 @@ class CalibrationWorker:
     def replay(self, batch_id: int, indices: list[int], requests: dict) -> dict:
         """Replay pass 2 on one batch: torch's update histogram of each value over its planned ranges."""
         self._recorder.start_replay(requests)
-        self._forward(batch_id, indices)
+        self._pass2(batch_id, indices)
         return self._recorder.batch_updates()
 
     def observer_states(self) -> dict:
@@ -174,12 +211,101 @@ class CalibrationWorker:
             raise type(e)(f"{e} (shard {self._shard}, {where})") from None
 
 
+class KeptValues:
+    """Pass 1's histogram-observed values, per batch, for pass 2. `budget` bounds the worker's whole
+    resident memory: what it already holds (its model, data and the run-time) is measured at the
+    first batch, and room for a forward pass (twice the first batch's values) is left free. Past
+    that, batches go to local disk while writing and reading one back costs less than the forward
+    that would recompute it (timed on the first one spilled), else they are not kept. Batches are
+    kept whole or not at all."""
+
+    def __init__(self, budget: int):
+        self.budget, self.used, self.peak = budget, 0, 0
+        self.sources = {"memory": 0, "disk": 0, "forward": 0}
+        self._room: int | None = None  # bytes kept values may take, set at the first batch
+        self._memory: dict[int, list] = {}
+        self._disk: dict[int, str] = {}
+        self._dir = None
+        self._disk_left = 0
+        self._spill_ok = True
+
+    def add(self, batch_id: int, values: list, forward_s: float) -> bool:
+        """Keep a batch's values if there is room; returns whether they were kept."""
+        size = sum(x.numel() * x.element_size() for _, x in values)
+        if self._room is None:
+            self._room = self.budget - resident_bytes() - 2 * size
+        if self.used + size <= self._room:
+            self._memory[batch_id] = values
+            self.used += size
+            self.peak = max(self.peak, self.used)
+            return True
+        return self._spill(batch_id, values, size, forward_s)
+
+    def _spill(self, batch_id: int, values: list, size: int, forward_s: float) -> bool:
+        import shutil
+        import tempfile
+
+        if not self._spill_ok:
+            return False
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="quantray-kept-")
+            self._disk_left = shutil.disk_usage(self._dir.name).free // 4
+        if size > self._disk_left:
+            return False
+        path = f"{self._dir.name}/{batch_id}.pt"
+        t = time.perf_counter()
+        torch.save(values, path)
+        written = time.perf_counter() - t
+        # Reading back costs about as much as writing here: worth it only if both beat a forward.
+        self._spill_ok = 2 * written < forward_s
+        self._disk[batch_id], self._disk_left = path, self._disk_left - size
+        return True
+
+    def take(self, batch_id: int) -> list | None:
+        """The batch's kept values (and forget them), or None."""
+        if batch_id in self._memory:
+            values = self._memory.pop(batch_id)
+            self.used -= sum(x.numel() * x.element_size() for _, x in values)
+            self.sources["memory"] += 1
+            return values
+        if batch_id in self._disk:
+            import os
+
+            path = self._disk.pop(batch_id)
+            values = torch.load(path, weights_only=False)
+            os.remove(path)
+            self.sources["disk"] += 1
+            return values
+        return None
+
+    def clear(self) -> None:
+        self._memory.clear()
+        self._disk.clear()
+        self.used = 0
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc/self/statm; elsewhere its peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class SerialExecutor:
     """Every shard's calls in this process, one `CalibrationWorker` per shard (made on first use).
     `order` permutes the order in which shards run (the result must not change)."""
 
-    def __init__(self, model, example_inputs, quant, data, threads: int = 1, signature=None, order=None):
+    def __init__(self, model, example_inputs, quant, data, threads: int = 1, signature=None, order=None,
+                 memory_bytes: int = 0):
         self._args = (model, example_inputs, quant, data, threads, signature)
+        self._memory_bytes = memory_bytes
         self._order, self._workers = order, {}
         self.attempts: dict[int, int] = {}
         self.bytes_received, self.ready_at = 0, None
@@ -198,7 +324,7 @@ class SerialExecutor:
         order = [s for s in (self._order or sorted(calls)) if s in calls]
         for shard in order:
             if shard not in self._workers:
-                self._workers[shard] = CalibrationWorker(*self._args, shard=shard)
+                self._workers[shard] = CalibrationWorker(*self._args, shard=shard, memory_bytes=self._memory_bytes)
                 self.attempts[shard] = 1
             for key, method, args in calls[shard]:
                 results[key] = getattr(self._workers[shard], method)(*args)

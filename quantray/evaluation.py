@@ -1,6 +1,6 @@
 """Evaluation: test batches -> counts and predictions; exact merge; latency; size.
 
-No Ray here: `evaluate_batches` and `measure_models` are the bodies of the tasks `runner` fans out
+No Ray here: `worker.Worker` runs these on each test batch and measures speed with them
 (`evaluate_shard` is the same in one process). `merge_results` sums integer counts and orders
 per-sample rows by sample index, so the merged metrics (float sums included) are the same whatever
 the shard count or completion order.
@@ -18,8 +18,8 @@ from torch import nn
 
 from . import data as data_mod
 
-__all__ = ["ShardResult", "evaluate_shard", "evaluate_batches", "score_batch", "merge_results", "accuracy_metrics",
-           "wilson", "measure_latency", "measure_throughput", "measure_speed", "measure_models", "state_dict_bytes"]
+__all__ = ["ShardResult", "evaluate_shard", "score_batch", "merge_results", "accuracy_metrics",
+           "wilson", "measure_latency", "measure_throughput", "measure_speed", "processor", "state_dict_bytes"]
 
 COUNT_KEYS = ("n", "fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "agree")
 COLUMNS = ("index", "label", "fp32_pred", "int8_pred", "fp32_top5", "int8_top5", "fp32_margin", "int8_margin",
@@ -49,28 +49,6 @@ def evaluate_shard(fp32: nn.Module, int8: nn.Module, dataset, indices: list[int]
             x, y = data_mod.load_batch(dataset, batch)
             results.append(score_batch(batch, y, fp32(x), int8(x)))
     return merge_results(results)
-
-
-def evaluate_batches(fp32: nn.Module, int8_script: bytes, backend: str, data, batches: list[list[int]],
-                     stored: list, threads: int) -> tuple[ShardResult, dict[int, torch.Tensor]]:
-    """A task's share of the test split: FP32 (or its logits stored by an earlier run, `stored[k]`)
-    and the INT8 TorchScript artifact on each batch. Returns the merged result and the FP32 logits
-    it computed, by position in `batches`."""
-    from .flow import quiet_torch_warnings, set_engine
-
-    quiet_torch_warnings()
-    torch.set_num_threads(threads)
-    set_engine(backend)
-    int8 = torch.jit.load(io.BytesIO(int8_script))
-    dataset = data_mod.build_dataset(data, where="[test]")
-    results, computed = [], {}
-    with torch.inference_mode():
-        for k, (batch, logits) in enumerate(zip(batches, stored)):
-            x, y = data_mod.load_batch(dataset, batch)
-            if logits is None:
-                logits = computed[k] = fp32(x)
-            results.append(score_batch(batch, y, logits, int8(x)))
-    return merge_results(results), computed
 
 
 def score_batch(indices: list[int], labels: torch.Tensor, fp32_logits: torch.Tensor, int8_logits: torch.Tensor) -> ShardResult:
@@ -166,69 +144,72 @@ def wilson(successes: int, n: int, z: float = Z95) -> list[float]:
     return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
-def measure_latency(model, example: torch.Tensor, warmup: int, iters: int) -> dict[str, float]:
-    """Milliseconds per call at the example's batch size after `warmup` calls: the mean over
-    `iters` calls (the seed's method), and the median and 90th percentile of the single calls."""
+def measure_latency(model, example: torch.Tensor, warmup: int, iters: int, precision: float = 0.0,
+                    least: int = 10) -> dict:
+    """Milliseconds per call at the example's batch size after `warmup` calls. Calls are timed one
+    by one until the 95% interval of their mean is within +-`precision` of it (at least `least`
+    calls), or `iters` calls (always `iters` with precision 0: the seed's method). Returns the mean,
+    median, 90th percentile, the interval's half-width and the calls timed."""
     with torch.inference_mode():
         for _ in range(warmup):
             model(example)
-        times = []
-        start = time.perf_counter()
-        for _ in range(iters):
+        times, total, squares = [], 0.0, 0.0
+        while len(times) < iters:
             t = time.perf_counter()
             model(example)
-            times.append(time.perf_counter() - t)
-        mean = (time.perf_counter() - start) / iters
+            dt = time.perf_counter() - t
+            times.append(dt)
+            total, squares = total + dt, squares + dt * dt
+            n = len(times)
+            if precision > 0 and n >= min(least, iters) and _half_width(total, squares, n) <= precision * total / n:
+                break
+    n = len(times)
+    mean = total / n
+    half = _half_width(total, squares, n)
     times.sort()
-    return {"mean_ms": mean * 1e3, "p50_ms": _quantile(times, 0.5) * 1e3, "p90_ms": _quantile(times, 0.9) * 1e3}
+    return {"mean_ms": mean * 1e3, "p50_ms": _quantile(times, 0.5) * 1e3, "p90_ms": _quantile(times, 0.9) * 1e3,
+            "ci95_ms": half * 1e3 if math.isfinite(half) else None, "iters": n}
 
 
-def measure_throughput(model, batch: torch.Tensor, warmup: int, iters: int) -> float:
-    """Samples per second at the batch's size, after `warmup` calls."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(batch)
-        start = time.perf_counter()
-        for _ in range(iters):
-            model(batch)
-        return len(batch) * iters / (time.perf_counter() - start)
+def _half_width(total: float, squares: float, n: int) -> float:
+    """Half-width of the 95% interval of a mean from n samples' sum and sum of squares (Student t)."""
+    if n < 2:
+        return math.inf
+    variance = max(0.0, (squares - total * total / n) / (n - 1))
+    return _t95(n - 1) * math.sqrt(variance / n)
 
 
-def measure_speed(models: dict, example: torch.Tensor, batch: torch.Tensor, warmup: int, iters: int) -> dict:
-    """For each named model, in turn: batch-1 latency (mean, p50, p90 after `warmup` calls, over
-    `iters` calls) and throughput at the batch's size (a tenth of the calls)."""
+def _t95(df: int) -> float:
+    """Student's t quantile for a two-sided 95% interval (Cornish-Fisher expansion: within 0.2% of
+    the table from 5 degrees of freedom on, within 3.1% at 2)."""
+    z = Z95
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2) \
+        + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3)
+
+
+def measure_throughput(model, batch: torch.Tensor, warmup: int, iters: int, precision: float = 0.0) -> dict:
+    """Samples per second at the batch's size: calls timed as in `measure_latency`."""
+    timed = measure_latency(model, batch, warmup, iters, precision, least=5)
+    return {"throughput_per_s": len(batch) * 1e3 / timed["mean_ms"], "throughput_iters": timed["iters"]}
+
+
+def measure_speed(models: dict, example: torch.Tensor, batch: torch.Tensor | None, warmup: int, iters: int,
+                  precision: float = 0.0) -> dict:
+    """For each named model, in turn: batch-1 latency (see `measure_latency`) and, given a batch,
+    throughput at its size (a fifth of the warm-up and a tenth of the calls, at most)."""
     x = example[:1]
     speed = {}
     for name, model in models.items():
-        speed[name] = measure_latency(model, x, warmup, iters)
-        speed[name]["throughput_per_s"] = measure_throughput(model, batch, max(1, warmup // 5), max(1, iters // 10))
-    speed["conditions"] = {"latency_batch_size": 1, "warmup": warmup, "iters": iters,
-                           "throughput_batch_size": len(batch), "throughput_iters": max(1, iters // 10)}
+        speed[name] = measure_latency(model, x, warmup, iters, precision)
+        if batch is not None:
+            speed[name].update(measure_throughput(model, batch, max(1, warmup // 5), max(1, iters // 10), precision))
+    speed["conditions"] = {"latency_batch_size": 1, "warmup": warmup, "iters": iters, "precision": precision}
+    if batch is not None:
+        speed["conditions"]["throughput_batch_size"] = len(batch)
     return speed
 
 
-def measure_models(fp32: nn.Module, int8_script: bytes, int8_state: bytes, quant, example: torch.Tensor,
-                   x: torch.Tensor, batch: torch.Tensor, threads: int, warmup: int, iters: int, cpus: int) -> dict:
-    """Latency (on `x`) and throughput (on `batch`) of FP32, INT8 eager and the INT8 TorchScript
-    artifact, in a task that holds all `cpus` CPUs of its node. `example` has the input shape the
-    INT8 model was prepared with."""
-    import platform
-
-    from .flow import quiet_torch_warnings, rebuild_int8
-
-    quiet_torch_warnings()
-    torch.set_num_threads(threads)
-    int8 = rebuild_int8(fp32, quant, example, torch.load(io.BytesIO(int8_state), weights_only=True))
-    scripted = torch.jit.load(io.BytesIO(int8_script))
-    speed = measure_speed({"fp32": fp32, "int8": int8, "int8_torchscript": scripted}, x, batch, warmup, iters)
-    speed["conditions"].update(
-        where=f"one Ray task holding all {cpus} CPUs of its node, nothing else scheduled there",
-        host=platform.node(), processor=_processor(), threads=threads, torch_threads=torch.get_num_threads(),
-        engine=torch.backends.quantized.engine)
-    return speed
-
-
-def _processor() -> str:
+def processor() -> str:
     """The CPU model, from /proc/cpuinfo where there is one."""
     import platform
 

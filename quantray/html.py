@@ -13,6 +13,8 @@ from __future__ import annotations
 import html
 import math
 
+from .report import throughput_row
+
 __all__ = ["render", "COLORS"]
 
 COLORS = {"fp32": "#1b6ca8", "int8": "#d95f02", "script": "#7a3e9d", "bad": "#c0392b", "good": "#2e8b57",
@@ -76,11 +78,10 @@ def _summary(metrics: dict) -> str:
                      _ratio(fp32["latency_ms"], int8["torchscript_latency_ms"], "faster", "slower")])
     speed = metrics.get("speed")
     if speed:
-        b = speed["conditions"]["throughput_batch_size"]
-        rows.append([f"throughput, batch {b}", f"{speed['fp32']['throughput_per_s']:.0f}/s",
-                     f"{speed['int8']['throughput_per_s']:.0f}/s",
-                     _ratio(1 / speed["fp32"]["throughput_per_s"], 1 / speed["int8"]["throughput_per_s"],
-                            "faster", "slower")])
+        row = throughput_row(speed)
+        if row:
+            label, fp32_rate, int8_rate = row
+            rows.append([label, f"{fp32_rate:.0f}/s", f"{int8_rate:.0f}/s", _ratio(1 / fp32_rate, 1 / int8_rate, "faster", "slower")])
     rows.append(["size (state_dict)", f"{fp32['size_mb']:.3f} MB", f"{int8['size_mb']:.3f} MB",
                  _ratio(fp32["size_mb"], int8["size_mb"], "smaller", "larger")])
     if "torchscript_size_mb" in int8:

@@ -8,7 +8,8 @@
 Pass 2, by mode: `start_counts(requests)` counts each value into float64 bins over fixed ranges
 across a shard (exact); `start_replay(requests)` takes torch's own update histogram of each value
 over its planned running range (replay). With `fast`, histogram probes also feed torch's own
-observer during pass 1 (fast mode). Values a graph computes twice under two observers are
+observer during pass 1 (fast mode). After `keep()`, pass 1 also keeps each histogram-observed
+tensor, so that pass 2 can `observe` it again without a forward. Values a graph computes twice under two observers are
 recorded once. Pure torch: no Ray, no driver-side merging (`merge`).
 """
 
@@ -39,6 +40,7 @@ class Recorder:
         self.requests: dict[str, list[tuple]] = {}  # value -> [(lo, hi, bins)] (count and replay phases)
         self.counts: dict[tuple, list] = {}         # count key -> [float64 bins, values counted]
         self.updates: dict[tuple, torch.Tensor] = {}
+        self.kept: dict | None = None
         self._done: set = set()
 
     def start_log(self, fast: bool = False) -> None:
@@ -78,10 +80,21 @@ class Recorder:
         return self.updates
 
     def see(self, probe: "_Probe", x: torch.Tensor) -> None:
-        value = probe.value
         if self.phase == "log":
             self._log(probe, x)
-        elif (value.key, self.phase) in self._done:
+            if self.kept is not None and probe.kind == sites.HISTOGRAM and probe.value.key not in self.kept:
+                self.kept[probe.value.key] = (probe.value, x.clone())  # clone: a later in-place op may change x
+        else:
+            self.observe(probe.value, x)
+
+    def keep(self) -> None:
+        """From now on, pass 1 also keeps each histogram-observed value (float32, unchanged) in
+        `kept` ({value key: (value, tensor)}), for pass 2 to count without a second forward."""
+        self.kept = {}
+
+    def observe(self, value: sites.Value, x: torch.Tensor) -> None:
+        """Pass 2's handling of one observed value (from a forward, or kept from pass 1)."""
+        if (value.key, self.phase) in self._done:
             return
         elif self.phase == "count":
             self._count(value, x)

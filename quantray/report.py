@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-__all__ = ["make_progress", "comparison_table", "class_table", "layer_table", "print_summary"]
+__all__ = ["make_progress", "comparison_table", "throughput_row", "class_table", "layer_table", "print_summary"]
 
 
 def make_progress(console: Console) -> Progress:
@@ -31,15 +31,27 @@ def comparison_table(metrics: dict) -> Table:
     if speed:
         table.add_row("latency p50/p90", *(f"{speed[m]['p50_ms']:.2f}/{speed[m]['p90_ms']:.2f} ms" for m in ("fp32", "int8")),
                       f"script {speed['int8_torchscript']['p50_ms']:.2f} ms")
-        table.add_row(f"throughput, batch {speed['conditions']['throughput_batch_size']}",
-                      *(f"{speed[m]['throughput_per_s']:.0f}/s" for m in ("fp32", "int8")),
-                      _ratio(1 / speed["fp32"]["throughput_per_s"], 1 / speed["int8"]["throughput_per_s"], "faster", "slower"))
+        row = throughput_row(speed)
+        if row:
+            label, fp32_rate, int8_rate = row
+            table.add_row(label, f"{fp32_rate:.0f}/s", f"{int8_rate:.0f}/s", _ratio(1 / fp32_rate, 1 / int8_rate, "faster", "slower"))
     if "top1_ci95" in fp32:
         table.add_row("top-1 95% CI", _interval(fp32["top1_ci95"]), _interval(int8["top1_ci95"]), "")
     table.add_row("top-1 agreement", "", f"{metrics['agreement']:.2%}", "")
     if metrics.get("logit_sqnr_db") is not None:
         table.add_row("logit SQNR", "", f"{metrics['logit_sqnr_db']:.1f} dB", "")
     return table
+
+
+def throughput_row(speed: dict) -> tuple[str, float, float] | None:
+    """(label, FP32 rate, INT8 rate): INT8 eager where it was measured, else the TorchScript model
+    (the evaluation's timings); None where no throughput was measured."""
+    int8 = "int8" if "throughput_per_s" in speed.get("int8", {}) else "int8_torchscript"
+    if "throughput_per_s" not in speed.get("fp32", {}) or "throughput_per_s" not in speed.get(int8, {}):
+        return None
+    source = "" if int8 == "int8" else ", INT8 TorchScript, in evaluation"
+    return (f"throughput, batch {speed['conditions']['throughput_batch_size']}{source}",
+            speed["fp32"]["throughput_per_s"], speed[int8]["throughput_per_s"])
 
 
 def class_table(metrics: dict, most: int = 5) -> Table | None:

@@ -2,14 +2,18 @@
 and in; what the work is, and what is stored, is decided by the caller.
 
     with Cluster(address) as cluster:
-        executor = ActorExecutor(cluster, worker_args, n_shards)      # calibration: stateful actors
-        results = map_tasks(fn, [args, ...], stage="evaluate", ...)   # evaluation: plain tasks
-        speed = on_whole_node(fn, *args)                              # a task alone on a node
+        with WorkerPool(cluster, worker_args, worker_kwargs, size) as pool:   # one pool per job
+            results = pool.run({worker: [(key, method, args), ...]}, stage="calibrate")
+            results = pool.run({...}, stage="evaluate")                       # the same processes
+            node_held = pool.holds_node(0)                                    # speed: alone on its node?
+        results = map_tasks(fn, [args, ...], stage="evaluate", ...)           # plain tasks
+        speed = on_whole_node(fn, *args)                                      # a task alone on a node
 
-Calibration runs on hand-written actors (their state must come back, and Ray Data's actor pools
-cost 3x here, DESIGN.md); evaluation runs as tasks. Large objects go by reference (`put` once).
-Every failure (a process that died past its retries, an exception raised in user code inside a
-task) becomes one QuantrayError line naming the stage, the shard or batches and the cause.
+A job's work runs on one pool of hand-written actors (`worker.Worker`): they are started once and
+keep the FP32 model, the datasets and the prepared and INT8 models between stages (Ray Data's
+actor pools cost 3x here, DESIGN.md). Large objects go by reference (`put` once). Every failure (a
+process that died past its retries, an exception raised in user code) becomes one QuantrayError
+line naming the stage, the worker or batches and the cause.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import time
 
 import ray
 
-from .calibration import CalibrationWorker
 from .errors import CalibrationError, QuantrayError, SpecError
+from .worker import Worker
 
-__all__ = ["Cluster", "ActorExecutor", "map_tasks", "on_whole_node"]
+__all__ = ["Cluster", "WorkerPool", "map_tasks", "on_whole_node"]
 
 
 class _DropTokenNotice(logging.Filter):
@@ -68,117 +72,179 @@ class Cluster:
     def cpus(self) -> int:
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
+    def memory_per_worker(self, workers: int) -> int:
+        """A worker's memory budget: three quarters of its share of the smallest node's memory that
+        Ray gives to tasks and actors (Ray's default: 70% of what was free at start-up)."""
+        nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+        per_node = -(-max(1, workers) // max(1, len(nodes)))
+        smallest = min(n["Resources"].get("memory", 0) for n in nodes) if nodes else 0
+        return int(smallest * 0.75 / per_node)
+
     @staticmethod
     def put(obj):
         """A reference to `obj` in the object store, to pass to many tasks at the cost of one."""
         return ray.put(obj)
 
 
-class _CalibrationActor(CalibrationWorker):
-    """Runs CalibrationWorker's constructor in `setup`: an exception raised in an actor's __init__
-    reaches the driver only as text, one raised in a method keeps its type and message."""
+class _Actor(Worker):
+    """Runs Worker's constructor in `setup`: an exception raised in an actor's __init__ reaches the
+    driver only as text, one raised in a method keeps its type and message."""
 
     def __init__(self, *args, **kwargs):
         self._init_args = (args, kwargs)
 
-    def setup(self) -> None:
+    def setup(self) -> dict:
+        """Builds the worker; returns the seconds from its process's start to this call (Ray's
+        worker start-up, the imports) and the seconds the build took."""
+        import psutil  # a Ray dependency
+
+        started = time.time() - psutil.Process().create_time()
         args, kwargs = self._init_args
         super().__init__(*args, **kwargs)
+        return {"process_start_s": round(started, 3), "build_s": self.setup_s}
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
 
-class ActorExecutor:
-    """One actor per shard (started on first use) and a driver-side table of its in-flight calls.
+class WorkerPool:
+    """A job's workers: `size` actors (started on first use, kept until the pool closes) and a
+    driver-side table of their in-flight calls.
 
-    When an actor dies, its shard's calls of the current pass are dropped and resubmitted, in order,
-    to a new actor, up to `max_attempts` per shard. (ActorPool would drop the actor and lose its
-    items; `max_task_retries` would also re-run deterministic crashes.) Errors raised by quantray
-    code are not retried: they would fail again.
+    When an actor dies, its calls of the current `run` are dropped and resubmitted, in order, to a
+    new actor, up to `max_attempts` per worker: each run's calls for a worker must be enough for a
+    fresh one (e.g. load the INT8 model before evaluating). (ActorPool would drop the actor and
+    lose its items; `max_task_retries` would also re-run deterministic crashes.) Errors raised by
+    quantray code are not retried: they would fail again.
     """
 
-    def __init__(self, cluster: Cluster, worker_args: tuple, n_shards: int, *, max_attempts: int = 3,
-                 console=None, order=None):
+    def __init__(self, cluster: Cluster, worker_args: tuple, worker_kwargs: dict, size: int, *,
+                 max_attempts: int = 3, console=None, order=None):
         # With more workers than CPUs, actors share CPUs instead of waiting forever for a free one.
-        num_cpus = min(1.0, cluster.cpus / max(1, n_shards))
-        self._cls = ray.remote(num_cpus=num_cpus, max_restarts=0)(_CalibrationActor)
+        self.num_cpus = min(1.0, cluster.cpus / max(1, size))
+        self._cls = ray.remote(num_cpus=self.num_cpus, max_restarts=0)(_Actor)
         model, *rest = worker_args
-        self._args = (ray.put(model), *rest)
+        self._args, self._kwargs = (ray.put(model), *rest), worker_kwargs
+        self.size = size
         self._order = list(order) if order is not None else None
         self.max_attempts, self.console = max_attempts, console
         self.attempts: dict[int, int] = {}
         self.bytes_received = 0
         self.actors, self._setup = {}, {}
-        self.ready_at = None  # when the last actor finished its setup (start-up cost, for profiles)
+        self.setup_s: dict[int, dict] = {}  # each worker's start-up: process start to setup, then its build
+        self.started_at = self.ready_at = None  # when start() was called, when the last setup finished
 
-    def __enter__(self) -> "ActorExecutor":
+    def __enter__(self) -> "WorkerPool":
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop every worker now (their CPUs are free at once); a later `run` starts new ones."""
         for actor in self.actors.values():
             ray.kill(actor)
+        self.actors.clear()
+        self._setup.clear()
 
     share = staticmethod(ray.put)
 
-    def _start(self, s: int) -> None:
-        self.attempts.setdefault(s, 1)
-        self.actors[s] = self._cls.remote(*self._args, shard=s)
-        self._setup[s] = self.actors[s].setup.remote()  # actor calls run in submission order
+    def start(self) -> None:
+        """Start every worker now (they build in parallel with whatever the driver does next)."""
+        self.started_at = time.perf_counter()
+        for w in range(self.size):
+            if w not in self.actors:
+                self._start(w)
 
-    def run(self, calls: dict[int, list], on_result=None) -> dict:
-        """Submit each shard's [(key, method, args)] to its actor, in order; return {key: result}."""
+    def _start(self, w: int) -> None:
+        self.attempts.setdefault(w, 1)
+        self.actors[w] = self._cls.remote(*self._args, **self._kwargs, index=w)
+        self._setup[w] = self.actors[w].setup.remote()  # actor calls run in submission order
+
+    def run(self, calls: dict[int, list], on_result=None, stage: str = "calibrate", describe=None) -> dict:
+        """Submit each worker's [(key, method, args)] to it, in order; return {key: result}. An
+        error raised in a call names `stage` and `describe(key)` (calibration's errors name their
+        shard and batch themselves)."""
         in_flight, results, owner = {}, {}, {}
 
-        def submit(s):
-            if s not in self.actors:
-                self._start(s)
-            if s in self._setup:
-                in_flight[self._setup.pop(s)] = (s, None, "setup", self.attempts[s])
-            for key, method, args in calls[s]:
-                in_flight[getattr(self.actors[s], method).remote(*args)] = (s, key, method, self.attempts[s])
+        def submit(w):
+            if w not in self.actors:
+                self._start(w)
+            if w in self._setup:
+                in_flight[self._setup.pop(w)] = (w, None, "setup", self.attempts[w])
+            for key, method, args in calls[w]:
+                in_flight[getattr(self.actors[w], method).remote(*args)] = (w, key, method, self.attempts[w])
 
-        for s in [s for s in (self._order or sorted(calls)) if s in calls]:
-            submit(s)
+        for w in [w for w in (self._order or sorted(calls)) if w in calls]:
+            submit(w)
         while in_flight:
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            s, key, method, attempt = in_flight.pop(ref)
+            w, key, method, attempt = in_flight.pop(ref)
             try:
                 value = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:  # quantray's errors name their shard and batch
-                raise _quantray_cause(e) or _one_line(e, f"calibrate: shard {s}") from None
+            except ray.exceptions.RayTaskError as e:
+                if stage == "calibrate":  # calibration's errors name their shard and batch
+                    raise _quantray_cause(e) or _one_line(e, _where(stage, w)) from None
+                what = describe(key) if describe is not None and key is not None else None
+                raise _one_line(e, f"{stage}: {what}" if what else _where(stage, w)) from None
             except ray.exceptions.RayActorError as e:
-                if attempt != self.attempts[s]:
+                if attempt != self.attempts[w]:
                     continue  # a call to an actor already replaced
                 cause = _quantray_cause(e)
                 if cause is not None:
                     raise cause from None
-                for r in [r for r, entry in in_flight.items() if entry[0] == s]:
+                for r in [r for r, entry in in_flight.items() if entry[0] == w]:
                     del in_flight[r]
-                for k in [k for k, s2 in owner.items() if s2 == s]:
+                for k in [k for k, w2 in owner.items() if w2 == w]:
                     del results[k], owner[k]
                     if on_result is not None:
-                        on_result(k, _method_of(calls[s], k), -1)
-                self._replace(s, e)
-                submit(s)
+                        on_result(k, _method_of(calls[w], k), -1)
+                self._replace(w, e, stage)
+                submit(w)
                 continue
             if method == "setup":
-                self.ready_at = time.perf_counter()
+                self.ready_at, self.setup_s[w] = time.perf_counter(), value
                 continue
-            results[key], owner[key] = value, s
+            results[key], owner[key] = value, w
             self.bytes_received += len(pickle.dumps(value))
             if on_result is not None:
                 on_result(key, method, 1)
         return results
 
-    def _replace(self, s: int, error: Exception) -> None:
+    def node_of(self, w: int) -> str:
+        return ray.get(self.actors[w].node_id.remote())
+
+    def holds_node(self, w: int) -> bool:
+        """Whether this pool's actors hold every CPU of worker `w`'s node: then, with the others
+        idle, nothing else can run there (timings)."""
+        if w not in self.actors:
+            self.run({w: []}, stage="speed")
+        nodes = ray.get([actor.node_id.remote() for actor in self.actors.values()])
+        node = nodes[list(self.actors).index(w)]
+        held = self.num_cpus * nodes.count(node)
+        total = next(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node)
+        return held >= total - 1e-6
+
+    def _replace(self, w: int, error: Exception, stage: str) -> None:
         cause = _first_line(error)
-        if self.attempts[s] >= self.max_attempts:
-            raise CalibrationError(f"calibration shard {s} failed on all {self.max_attempts} attempts "
-                                   f"([run] max_attempts); last cause: {type(error).__name__}: {cause}")
-        ray.kill(self.actors[s])
-        self.attempts[s] += 1
+        if self.attempts[w] >= self.max_attempts:
+            if stage == "calibrate":
+                raise CalibrationError(f"calibration shard {w} failed on all {self.max_attempts} attempts "
+                                       f"([run] max_attempts); last cause: {type(error).__name__}: {cause}")
+            raise QuantrayError(f"{stage}: worker {w} failed on all {self.max_attempts} attempts ([run] max_attempts); "
+                                f"last cause: {type(error).__name__}: {cause}")
+        ray.kill(self.actors[w])
+        self.attempts[w] += 1
         if self.console is not None:
-            self.console.print(f"[yellow]calibration worker for shard {s} died ({type(error).__name__}); "
-                               f"redoing the shard on a new worker, attempt {self.attempts[s]} of {self.max_attempts}[/]")
-        self._start(s)
+            what, redo = ((f"calibration worker for shard {w}", "the shard") if stage == "calibrate"
+                          else (f"worker {w} ({stage})", "its calls"))
+            self.console.print(f"[yellow]{what} died ({type(error).__name__}); redoing {redo} on a new worker, "
+                               f"attempt {self.attempts[w]} of {self.max_attempts}[/]")
+        self._start(w)
+
+
+def _where(stage: str, w: int) -> str:
+    return f"calibrate: shard {w}" if stage == "calibrate" else f"{stage}: worker {w}"
 
 
 def _method_of(calls: list, key) -> str:

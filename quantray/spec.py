@@ -89,9 +89,11 @@ class RunSpec:
     cache: bool = True
     cache_dir: str | None = None  # a folder (relative to the job file) or a URI pyarrow.fs opens
     latency_warmup: int = 10
-    latency_iters: int = 100
-    throughput_batch: int = 32
+    latency_iters: int = 100       # at most this many timed calls per model (the article's method: exactly 100)
+    latency_precision: float = 0.02  # stop once the 95% interval of the mean is within +-2% of it; 0: always latency_iters
+    throughput_batch: int = 0      # 0: throughput from the evaluation's own timings; N: measured at batch N on the node
     layer_samples: int = 64  # test samples (whole batches, from the first) for per-layer SQNR; 0: none
+    memory_gb: float | None = None  # per worker's resident memory, keeping pass-1 activations for pass 2; None: derived; 0: keep none
 
 
 @dataclass(frozen=True)
@@ -314,10 +316,12 @@ def _check_quant(q: QuantSpec, ctx: _Context) -> None:
 
 def _check_run(r: RunSpec, ctx: _Context) -> RunSpec:
     for key, low in (("workers", 1), ("threads", 1), ("max_attempts", 1), ("latency_warmup", 0), ("latency_iters", 1),
-                     ("throughput_batch", 1), ("layer_samples", 0)):
+                     ("throughput_batch", 0), ("layer_samples", 0), ("latency_precision", 0), ("memory_gb", 0)):
         value = getattr(r, key)
         if value is not None and value < low:
             ctx.fail("run", key, f"= {value}: must be at least {low}")
+    if r.latency_precision >= 1:
+        ctx.fail("run", "latency_precision", f"= {r.latency_precision}: a fraction of the mean (0.02 = +-2%), below 1")
     if r.cache_dir is not None:
         location = r.cache_dir
         if not location.strip():

@@ -31,8 +31,8 @@ from .calibration import calibrate as run_protocol
 from .data import assign_shards, build_dataset, load_batch, make_batches, sample_indices
 from .digest import sha256_bytes
 from .errors import QuantrayError, SpecError
-from .evaluation import ShardResult, accuracy_metrics, evaluate_batches, measure_models, merge_results, state_dict_bytes
-from .layers import layer_rows, layer_task, merge_layers
+from .evaluation import ShardResult, accuracy_metrics, merge_results, state_dict_bytes
+from .layers import layer_rows, merge_layers
 from .models import build_model
 from .modes import MODES, Plan
 from .sites import observed_values, signature
@@ -146,23 +146,44 @@ class Calibrated:
     info: dict
 
 
-def calibrate(ctx: Context, job: Job, prepared: nn.Module, *, workers: int | None = None, use_cache: bool = True,
-              shard_order=None) -> Calibrated:
-    """Calibrate on one Ray actor per shard with the job's merge mode, reusing stored statistics."""
+def start_workers(ctx: Context, job: Job, prepared: nn.Module | None = None, *, workers: int | None = None,
+                  shard_order=None) -> runner.WorkerPool:
+    """The job's pool of workers, started now: they build the FP32 model's prepared copy (when
+    `prepared` is given: calibration) and the datasets while the driver goes on. Its size is
+    `workers`, else the job's, else the CPUs Ray sees, and no more than there are batches to share."""
+    spec = job.spec
+    wanted = workers or spec.run.workers or ctx.cluster.cpus
+    n_test = len(make_batches(job.test_idx, spec.test.batch_size))
+    n_calib = len(make_batches(job.calib_idx, spec.calibration.batch_size)) if prepared is not None else 0
+    size = max(1, min(wanted, max(n_test, n_calib)))
+    kwargs = {"test": spec.test}
+    memory = None
+    if prepared is not None:
+        if spec.run.memory_gb is not None:
+            memory = {"memory_gb": spec.run.memory_gb, "from": "[run] memory_gb"}
+        else:
+            memory = {"memory_gb": round(ctx.cluster.memory_per_worker(size) / 2 ** 30, 3),
+                      "from": "3/4 of the smallest node's Ray memory, over the workers it runs"}
+        kwargs.update(calibration=spec.calibration, signature=signature(observed_values(prepared)),
+                      memory_bytes=int(memory["memory_gb"] * 2 ** 30))
+    pool = runner.WorkerPool(ctx.cluster, (job.fp32, job.example, spec.quantization, spec.run.threads), kwargs, size,
+                             max_attempts=spec.run.max_attempts, console=ctx.console, order=shard_order)
+    pool.wanted, pool.memory = wanted, memory
+    pool.start()
+    return pool
+
+
+def calibrate(ctx: Context, job: Job, prepared: nn.Module, pool: runner.WorkerPool, *, use_cache: bool = True) -> Calibrated:
+    """Calibrate on the pool (one shard per worker) with the job's merge mode, reusing stored statistics."""
     spec = job.spec
     batches = make_batches(job.calib_idx, spec.calibration.batch_size)
-    wanted = workers or spec.run.workers or ctx.cluster.cpus
-    shards = assign_shards(len(batches), wanted)
-    if len(shards) < wanted:
-        ctx.console.print(f"[yellow]{len(batches)} calibration batches: using {len(shards)} workers, not {wanted}[/]")
-    observed = observed_values(prepared)
-    plan = Plan(batches, shards, observed, batch_identities(job.calib_ds, spec.calibration, batches))
+    shards = assign_shards(len(batches), pool.wanted)
+    if len(shards) < pool.wanted:
+        ctx.console.print(f"[yellow]{len(batches)} calibration batches: using {len(shards)} workers, not {pool.wanted}[/]")
+    plan = Plan(batches, shards, observed_values(prepared), batch_identities(job.calib_ds, spec.calibration, batches))
     store = _stats_store(job, use_cache)
-    args = (job.fp32, job.example, spec.quantization, spec.calibration, spec.run.threads, signature(observed))
-    with runner.ActorExecutor(ctx.cluster, args, len(shards), max_attempts=spec.run.max_attempts,
-                              console=ctx.console, order=shard_order) as executor:
-        result = run_protocol(MODES[spec.quantization.mode], executor, plan, store=store, progress=ctx.progress,
-                              clock=ctx.clock)
+    result = run_protocol(MODES[spec.quantization.mode], pool, plan, store=store, progress=ctx.progress,
+                          clock=ctx.clock)
     reused = {k: v for k, v in result.info["cached"].items() if v[0]}
     if reused:
         ctx.console.print("reused stored statistics: " + ", ".join(f"{k} {hit} of {total}" for k, (hit, total) in
@@ -226,57 +247,121 @@ class Evaluation:
     identities: list[str]
 
 
-def evaluate(ctx: Context, job: Job, quantized: Quantized, use_cache: bool = True) -> Evaluation:
-    """Accuracy and per-layer SQNR in parallel Ray tasks, then speed in a task that holds a node.
+def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPool, use_cache: bool = True) -> Evaluation:
+    """Accuracy and per-layer SQNR on the pool's workers, then speed on one of them alone on its node.
 
     The FP32 logits of each test batch are stored (with the calibration statistics, keyed by the
     FP32 weights, threads, torch version and the batch's sample identities) and reused by later runs
-    and evaluations of the same model on the same images: nightly runs then compute only INT8."""
-    spec, cluster = job.spec, ctx.cluster
+    and evaluations of the same model on the same images: nightly runs then compute only INT8.
+    FP32 speed figures are stored too, per host, and reused by reruns there (marked so)."""
+    spec = job.spec
     run, test = spec.run, spec.test
     test_batches = make_batches(job.test_idx, test.batch_size)
     identities = batch_identities(job.test_ds, test, test_batches)
+    store = _stats_store(job, use_cache)
     with ctx.stage("evaluate"):
-        n_tasks = min(len(test_batches), 2 * cluster.cpus)
-        task_batches = [list(range(i, len(test_batches), n_tasks)) for i in range(n_tasks)]
-        store = _stats_store(job, use_cache)
-        keys = [[store.key("fp32-logits", identities[b]) for b in ids] for ids in task_batches] if store else None
-        stored = [[store.get(k) for k in group] for group in keys] if store else [[None] * len(ids) for ids in task_batches]
+        n = min(pool.size, len(test_batches))
+        keys = [store.key("fp32-logits", identity) for identity in identities] if store else None
+        stored = [store.get(k) for k in keys] if store else [None] * len(test_batches)
         layer_batches = _first_batches(test_batches, run.layer_samples)
-        n_layer = min(len(layer_batches), cluster.cpus)
-        layer_groups = [layer_batches[i::n_layer] for i in range(n_layer)]
-        fp32, script, state = cluster.put(job.fp32), cluster.put(quantized.script), cluster.put(quantized.state)
-        arg_lists = [(fp32, script, spec.quantization.backend, test, [test_batches[b] for b in ids], cluster.put(known),
-                      run.threads) for ids, known in zip(task_batches, stored)]
-        arg_lists += [(fp32, state, spec.quantization, job.example, test, group, run.threads) for group in layer_groups]
-        describe = [f"test batches {_ids(ids)} of {len(test_batches)}" for ids in task_batches]
-        describe += [f"per-layer SQNR on the test batches from samples {_ids([g[0] for g in group])}"
-                     for group in layer_groups]
-        weights = [sum(len(test_batches[b]) for b in ids) for ids in task_batches] + [sum(map(len, g)) for g in layer_groups]
-        results = runner.map_tasks(_evaluation_task, [(i < len(task_batches), *a) for i, a in enumerate(arg_lists)],
-                                   stage="evaluate", describe=describe, progress=ctx.progress, weights=weights)
-        shards = results[:len(task_batches)]
-        merged = merge_results(s for s, _ in shards)
-        reused = sum(t is not None for group in stored for t in group)
+        layer_groups = [layer_batches[w::n] for w in range(n)]
+        load = ("int8", "load_int8", (quantized.digest + sha256_bytes(quantized.state)[:16],
+                                      pool.share(quantized.script), pool.share(quantized.state)))
+        calls = {w: [load] for w in range(n)}
+        for b, batch in enumerate(test_batches):  # round-robin: every worker gets a share of every region
+            calls[b % n].append((("batch", b), "evaluate", (batch, stored[b])))
+        for w, group in enumerate(layer_groups):
+            if group:
+                calls[w].append((("layers", w), "layers", (group,)))
+        weight = {("batch", b): len(batch) for b, batch in enumerate(test_batches)}
+        weight.update({("layers", w): sum(map(len, g)) for w, g in enumerate(layer_groups)})
+        bar = ctx.progress.add_task("evaluate", total=sum(weight.values())) if ctx.progress is not None else None
+
+        def advance(key, method, delta):
+            if bar is not None and key in weight:
+                ctx.progress.advance(bar, delta * weight[key])
+
+        def describe(key):
+            kind, i = key
+            return (f"test batch {i} of {len(test_batches)}" if kind == "batch"
+                    else f"per-layer SQNR on the test batches from samples {', '.join(str(b[0]) for b in layer_groups[i])}")
+
+        results = pool.run(calls, advance, stage="evaluate", describe=lambda key: describe(key) if key != "int8" else None)
+        scored = [results[("batch", b)] for b in range(len(test_batches))]
+        merged = merge_results(r for r, _, _ in scored)
+        reused = sum(t is not None for t in stored)
         if store:
-            for g, (_, computed) in enumerate(shards):
-                for k, tensor in computed.items():
-                    store.put(keys[g][k], tensor)
+            for b, (_, logits, _) in enumerate(scored):
+                if logits is not None:
+                    store.put(keys[b], logits)
             if reused:
                 ctx.console.print(f"reused stored FP32 outputs: {reused} of {len(test_batches)} test batches "
                                   f"(from {store.location})")
-            _warn_unwritable(ctx, store)
-        layers = layer_rows(merge_layers(results[len(task_batches):]))
+        layers = layer_rows(merge_layers(results[("layers", w)] for w, g in enumerate(layer_groups) if g))
     with ctx.stage("speed"):
-        # The throughput batch repeats test samples as needed: speed does not depend on which.
-        batch = load_batch(job.test_ds, (job.test_idx * run.throughput_batch)[:run.throughput_batch])[0]
-        speed, node = runner.on_whole_node(measure_models, job.fp32, quantized.script, quantized.state,
-                                           spec.quantization, job.example[:1], batch[:1], batch, run.threads,
-                                           run.latency_warmup, run.latency_iters)
-        speed["conditions"]["node"] = node
-    plan = {"samples": len(job.test_idx), "batches": test_batches, "tasks": task_batches, "fp32_batches_reused": reused,
-            "layer_samples": sum(map(len, layer_batches)), "layer_tasks": layer_groups}
+        speed = _speed(ctx, job, quantized, pool, store, scored, n)
+        _warn_unwritable(ctx, store)
+    plan = {"samples": len(job.test_idx), "batches": test_batches, "workers": {w: [b for b in range(len(test_batches))
+                                                                                   if b % n == w] for w in range(n)},
+            "fp32_batches_reused": reused, "layer_samples": sum(map(len, layer_batches)), "layer_workers": layer_groups}
     return Evaluation(merged, layers, speed, plan, identities)
+
+
+def _speed(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPool, store, scored: list, n: int) -> dict:
+    """Latency (to [run] latency_precision) of FP32, INT8 and the TorchScript artifact on worker 0
+    when the pool holds its whole node (the other workers idle), else in a task holding a node.
+    Throughput: measured there at [run] throughput_batch, or taken from the evaluation's timings."""
+    run = job.spec.run
+    x = load_batch(job.test_ds, job.test_idx[:1])[0]
+    batch = None
+    if run.throughput_batch:  # the batch repeats test samples as needed: speed does not depend on which
+        batch = load_batch(job.test_ds, (job.test_idx * run.throughput_batch)[:run.throughput_batch])[0]
+    args = (x, batch, run.latency_warmup, run.latency_iters, run.latency_precision)
+    host_key = known = None
+    if pool.holds_node(0):
+        if store:  # FP32 figures measured on this host, under these conditions, are reused
+            host = pool.run({0: [("host", "host_facts", ())]}, stage="speed")["host"]
+            host_key = store.key("fp32-speed", host, list(x.shape), None if batch is None else list(batch.shape),
+                                 run.latency_warmup, run.latency_iters, run.latency_precision)
+            known = store.get(host_key)
+        speed = pool.run({0: [("speed", "speed", (*args, ("fp32",) if known else ()))]}, stage="speed")["speed"]
+        speed["conditions"].update(node=pool.node_of(0),
+                                   where="worker 0 of the job's pool, whose workers hold all CPUs of its node; the others idle")
+    else:  # the pool's work is done: its CPUs go to the task
+        pool.stop()
+        speed, node = runner.on_whole_node(_speed_task, job.fp32, job.example, job.spec.quantization, run.threads,
+                                           quantized.script, quantized.state, args, ())
+        speed["conditions"].update(node=node, where=f"one Ray task holding all {speed.pop('cpus')} CPUs of its node, "
+                                                    "nothing else scheduled there")
+    if known:
+        speed["fp32"] = {**known, "reused": True}
+    elif host_key:
+        store.put(host_key, {**speed["fp32"], "measured": ctx.now().isoformat()})
+    if batch is None:  # throughput from the evaluation's own forward timings
+        seconds = {"fp32": 0.0, "int8_torchscript": 0.0}
+        samples = dict.fromkeys(seconds, 0)
+        for (result, _, timed) in scored:
+            for model, s in timed.items():
+                seconds[model] += s
+                samples[model] += result.counts["n"]
+        for model in seconds:
+            if seconds[model] > 0:
+                speed[model]["throughput_per_s"] = samples[model] / seconds[model]
+        speed["conditions"]["throughput"] = (
+            f"from the evaluation: each test batch's forward time (batch size {job.spec.test.batch_size}) on "
+            f"{n} workers running at once, {run.threads} thread(s) each; per worker")
+        speed["conditions"]["throughput_batch_size"] = job.spec.test.batch_size
+    else:
+        speed["conditions"]["throughput"] = f"measured on the node at batch {run.throughput_batch}, after latency"
+    return speed
+
+
+def _speed_task(fp32, example, quant, threads, script, state, args, skip, cpus):
+    from .worker import Worker
+
+    worker = Worker(fp32, example, quant, threads)
+    worker.load_int8("", script, state)
+    return {**worker.speed(*args, skip), "cpus": cpus}
 
 
 def _first_batches(batches: list[list[int]], samples: int) -> list[list[int]]:
@@ -288,16 +373,6 @@ def _first_batches(batches: list[list[int]], samples: int) -> list[list[int]]:
         out.append(batch)
         covered += len(batch)
     return out
-
-
-def _evaluation_task(accuracy: bool, *args):
-    """One task body for both kinds of evaluation task, so that one map_tasks call runs them together.
-    (Arguments stay top-level: Ray resolves object references only there.)"""
-    return evaluate_batches(*args) if accuracy else layer_task(*args)
-
-
-def _ids(ids: list[int], most: int = 6) -> str:
-    return ", ".join(map(str, ids[:most])) + (f" and {len(ids) - most} more" if len(ids) > most else "")
 
 
 def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, int8_size: int, script_size: int) -> dict:
@@ -333,7 +408,8 @@ def write_html(run: StagedDir, metrics: dict, layers: list[dict], manifest: dict
 
 
 def manifest(ctx: Context, job: Job, evaluation: Evaluation, *, qparams_digest: str, input_shape: list[int],
-             calibrated: Calibrated | None = None, evaluates: dict | None = None, started: float) -> dict:
+             calibrated: Calibrated | None = None, evaluates: dict | None = None, started: float,
+             pool: runner.WorkerPool | None = None) -> dict:
     """manifest.json for a run (`calibrated`) or an evaluation of one (`evaluates`)."""
     spec = job.spec
     out = {"quantray": __version__, "created": ctx.now().isoformat(),
@@ -351,8 +427,12 @@ def manifest(ctx: Context, job: Job, evaluation: Evaluation, *, qparams_digest: 
                    data_digest=sha256_bytes("\n".join(plan.identities + evaluation.identities).encode()),
                    calibration_stats=calibrated.info)
     if evaluates is not None:
-        out.update(evaluates=evaluates, workers=len(evaluation.plan["tasks"]),
+        out.update(evaluates=evaluates, workers=len(evaluation.plan["workers"]),
                    data_digest=sha256_bytes("\n".join(evaluation.identities).encode()))
+    if pool is not None:  # the fixed cost of the job's workers, and the memory each may keep
+        out["pool"] = {"workers": pool.size, "cpus_each": pool.num_cpus, "memory": pool.memory,
+                       "ready_s": round(pool.ready_at - pool.started_at, 4) if pool.ready_at else None,
+                       "startup_s": {str(w): v for w, v in sorted(pool.setup_s.items())}}
     out.update(timings_s=ctx.timings, wall_s=round(ctx.clock() - started, 4))
     return out
 

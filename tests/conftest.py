@@ -57,14 +57,15 @@ def digits_plan():
     return spec, dataset, batches, example
 
 
-def serial_calibration(model, example, quant, data_spec, batches, shards, *, order=None, store=None):
+def serial_calibration(model, example, quant, data_spec, batches, shards, *, order=None, store=None, memory_bytes=0):
     """The protocol in this process: (the driver's prepared model with the statistics loaded, the
     calibration result). `quant` is a QuantSpec or a backend name."""
     quant = QuantSpec(backend=quant) if isinstance(quant, str) else quant
     prepared = flow.prepare(model, quant, example)
     observed = sites.observed_values(prepared)
     plan = Plan(batches, shards, observed, [f"batch-{b}" for b in range(len(batches))] if store else None)
-    with SerialExecutor(model, example, quant, data_spec, 1, sites.signature(observed), order=order) as executor:
+    with SerialExecutor(model, example, quant, data_spec, 1, sites.signature(observed), order=order,
+                        memory_bytes=memory_bytes) as executor:
         result = calibrate(MODES[quant.mode], executor, plan, store=store)
     result.stats.load(prepared)
     return prepared, result

@@ -323,3 +323,24 @@ def test_a_constant_the_graph_reads_is_part_of_the_key_of_every_value_after_it(d
         observed = sites.observed_values(flow.prepare(Shifted(shift).eval(), "x86", example))
         keys.append([v.key for o in observed.values() for v in o.values])
     assert keys[0][0] == keys[1][0] and keys[0][1:] != keys[1][1:]  # the input is the same; what follows is not
+
+
+@pytest.mark.parametrize("mode", ["exact", "replay"])
+def test_pass_2_from_kept_values_memory_or_disk_equals_a_second_forward(tiny_model, digits_plan, mode, monkeypatch):
+    """Pass 2 counts what pass 1 kept (in memory up to the budget, then on disk) or runs a second
+    forward: the statistics are bit-identical either way, and the sources are counted."""
+    from quantray import calibration
+
+    spec, _, batches, example = digits_plan
+    shards = data.assign_shards(len(batches), 2)
+    quant = QuantSpec(mode=mode)
+    forward, info = serial_calibration(tiny_model, example, quant, spec, batches, shards)
+    assert info.info["pass2_batches"] == {"memory": 0, "disk": 0, "forward": len(batches)}
+    every, info = serial_calibration(tiny_model, example, quant, spec, batches, shards, memory_bytes=2 ** 40)
+    assert info.info["pass2_batches"] == {"memory": len(batches), "disk": 0, "forward": 0}
+    shard_0 = info.info["peak_kept_bytes"][0]  # all of shard 0's 4 batches of 32
+    monkeypatch.setattr(calibration, "resident_bytes", lambda: 0)  # the budget is then all for kept values
+    some, info = serial_calibration(tiny_model, example, quant, spec, batches, shards, memory_bytes=shard_0)
+    sources = info.info["pass2_batches"]
+    assert sum(sources.values()) == len(batches) and sources["memory"] >= 1 and sources["disk"] + sources["forward"] >= 1
+    assert merge.state_digest(forward) == merge.state_digest(every) == merge.state_digest(some)

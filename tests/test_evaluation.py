@@ -1,5 +1,7 @@
 """Evaluation shards merge exactly into what one pass over the whole split gives."""
 
+import time
+
 import torch
 from conftest import serial_calibration
 
@@ -45,4 +47,19 @@ def test_latency_and_throughput_are_measured_in_their_units(tiny_model):
     stats = evaluation.measure_latency(tiny_model, torch.zeros(1, 1, 8, 8), warmup=2, iters=20)
     assert 0 < stats["p50_ms"] <= stats["p90_ms"] < 1000 and 0 < stats["mean_ms"] < 1000
     assert evaluation._quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and evaluation._quantile([5.0], 0.9) == 5.0
-    assert evaluation.measure_throughput(tiny_model, torch.zeros(16, 1, 8, 8), warmup=1, iters=3) > 16
+    assert evaluation.measure_throughput(tiny_model, torch.zeros(16, 1, 8, 8), warmup=1, iters=3)["throughput_per_s"] > 16
+
+
+def test_latency_stops_at_its_precision_or_its_cap():
+    """Calls are timed until the 95% interval of the mean is within +-precision of it (Student's
+    t, checked against the table), never fewer than 10, never more than `iters`; precision 0
+    times exactly `iters` calls (the seed's method)."""
+    steady = evaluation.measure_latency(lambda x: time.sleep(0.002), torch.zeros(1), warmup=1, iters=200, precision=0.05)
+    assert 10 <= steady["iters"] < 200 and steady["ci95_ms"] <= 0.05 * steady["mean_ms"]
+    calls = iter(range(10 ** 6))
+    noisy = evaluation.measure_latency(lambda x: time.sleep(0.004 * (next(calls) % 2)), torch.zeros(1), warmup=0,
+                                       iters=30, precision=0.01)
+    assert noisy["iters"] == 30 and noisy["ci95_ms"] > 0.01 * noisy["mean_ms"]
+    assert evaluation.measure_latency(lambda x: x, torch.zeros(1), warmup=0, iters=7, precision=0)["iters"] == 7
+    for df, table in ((5, 2.5706), (10, 2.2281), (30, 2.0423)):
+        assert abs(evaluation._t95(df) / table - 1) < 0.002

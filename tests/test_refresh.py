@@ -188,7 +188,7 @@ def test_a_failed_run_is_recorded_as_an_error_night(registry, tmp_path):
                                                    '[test]\nsource = "factory"\nfactory = "quantray.testing:digits_failing"\n'
                                                    'kwargs = { split = "test", fail_at = 5 }'))
     before = (registry / "PROMOTED").read_text()
-    with pytest.raises(QuantrayError, match=r"^evaluate: test batches 0"):
+    with pytest.raises(QuantrayError, match=r"^evaluate: test batch 0 of"):
         refresh(load_spec(failing), str(registry), workers=2, console=quiet())
     last = _history(registry)[-1]
     assert last["gate"] == "error" and last["reason"].endswith("sample 5 failed to load: ValueError: cannot decode sample 5")

@@ -21,9 +21,9 @@ def ray_calibration(model, example, quant, data_spec, batches, shards, *, order=
     prepared = flow.prepare(model, quant, example)
     observed = sites.observed_values(prepared)
     with runner.Cluster() as cluster:
-        args = (model, example, quant, data_spec, 1, signature or sites.signature(observed))
-        with runner.ActorExecutor(cluster, args, len(shards), max_attempts=max_attempts, console=console,
-                                  order=order) as executor:
+        kwargs = {"calibration": data_spec, "signature": signature or sites.signature(observed)}
+        with runner.WorkerPool(cluster, (model, example, quant, 1), kwargs, len(shards), max_attempts=max_attempts,
+                               console=console, order=order) as executor:
             result = calibrate(MODES[quant.mode], executor, Plan(batches, shards, observed))
     result.stats.load(prepared)
     return prepared, result
@@ -31,14 +31,16 @@ def ray_calibration(model, example, quant, data_spec, batches, shards, *, order=
 
 def test_actors_run_the_protocol_to_the_serial_result_in_every_mode(ray_cluster, tiny_model, digits_plan):
     """The same workers serve every mode (a mode changes the passes, not the prepared model): fast
-    runs last, as it leaves torch's own observer state on the workers."""
+    runs last, as it leaves torch's own observer state on the workers. The workers keep pass 1's
+    values for pass 2; the serial reference computes them again with a second forward."""
     spec, _, batches, example = digits_plan
     shards = data.assign_shards(len(batches), 3)
     prepared = flow.prepare(tiny_model, "x86", example)
     observed = sites.observed_values(prepared)
     with runner.Cluster() as cluster:
-        args = (tiny_model, example, QuantSpec(), spec, 1, sites.signature(observed))
-        with runner.ActorExecutor(cluster, args, len(shards), order=[2, 0, 1]) as executor:
+        kwargs = {"calibration": spec, "signature": sites.signature(observed), "memory_bytes": 8 * 2 ** 30}
+        with runner.WorkerPool(cluster, (tiny_model, example, QuantSpec(), 1), kwargs, len(shards),
+                               order=[2, 0, 1]) as executor:
             results = {mode: calibrate(MODES[mode], executor, Plan(batches, shards, observed))
                        for mode in ("exact", "replay", "fast")}
     for mode, result in results.items():
@@ -47,6 +49,8 @@ def test_actors_run_the_protocol_to_the_serial_result_in_every_mode(ray_cluster,
         reference, _ = serial_calibration(tiny_model, example, QuantSpec(mode=mode), spec, batches, shards)
         assert merge.state_digest(ours) == merge.state_digest(reference), mode
         assert result.info["mode"] == mode and result.info["bytes_from_workers"] > 0
+        if mode != "fast":
+            assert result.info["pass2_batches"] == {"memory": len(batches), "disk": 0, "forward": 0}, mode
     assert results["fast"].info["attempts"] == {0: 1, 1: 1, 2: 1}
 
 

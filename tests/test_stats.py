@@ -2,6 +2,7 @@
 them (a rerun computes nothing, a changed image recomputes only its batch)."""
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,11 @@ def test_a_rerun_computes_nothing(demo_runs, tmp_path):
     batches = len(cold["evaluation"]["batches"])  # FP32 logits of every test batch were stored, then reused
     assert (cold["evaluation"]["fp32_batches_reused"], warm["evaluation"]["fp32_batches_reused"]) == (0, batches)
     assert f"reused stored FP32 outputs: {batches} of {batches} test batches" in said
+    # FP32 speed on this host too, marked as reused; INT8 speed is always measured
+    speed = json.loads((tmp_path / "warm" / "metrics.json").read_text())["speed"]
+    cold_speed = demo_runs["2 workers"].metrics["speed"]
+    assert speed["fp32"]["reused"] is True and "reused" not in cold_speed["fp32"] and "reused" not in speed["int8"]
+    assert speed["fp32"]["mean_ms"] == cold_speed["fp32"]["mean_ms"]
     assert demo_runs["1 worker"].manifest["files"]["qparams.parquet"] == cold["files"]["qparams.parquet"]  # uncached
 
 

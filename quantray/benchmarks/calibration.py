@@ -6,7 +6,7 @@
 The seed loop is the article's: prepare_fx with the x86 qconfig, forward passes over the batches
 (10 images each), convert_fx; it is timed at torch's default thread count and at one thread.
 quantray runs the same images in the same batches through `calibration.calibrate` on Ray actors
-(`runner.ActorExecutor`, one thread each), loads the merged statistics and runs convert_fx; Ray's
+(`runner.WorkerPool`, one thread each), loads the merged statistics and runs convert_fx; Ray's
 start-up is timed apart. resnet18 sees random
 224x224 images (untrained weights: speed does not depend on them); digits uses the demo CNN on
 real 8x8 digits. Ratios are against the seed loop measured in the same run.
@@ -64,7 +64,7 @@ def _seed_loop(model, dataset, batches, threads) -> float:
         torch.set_num_threads(previous)
 
 
-def _quantray(cluster, model, spec, dataset, batches, workers, mode):
+def _quantray(cluster, model, spec, dataset, batches, workers, mode, memory_gb):
     from quantray import flow, runner, sites
     from quantray.calibration import calibrate
     from quantray.data import assign_shards, load_batch
@@ -77,11 +77,18 @@ def _quantray(cluster, model, spec, dataset, batches, workers, mode):
     prepared = flow.prepare(model, quant, example)
     observed = sites.observed_values(prepared)
     shards = assign_shards(len(batches), workers)
-    with runner.ActorExecutor(cluster, (model, example, quant, spec, 1, sites.signature(observed)), len(shards)) as ex:
-        result = calibrate(MODES[mode], ex, Plan(batches, shards, observed))
-    result.stats.load(prepared)
-    flow.convert(prepared)
-    return time.perf_counter() - start, result.info
+    kwargs = {"calibration": spec, "signature": sites.signature(observed), "memory_bytes": int(memory_gb * 2 ** 30)}
+    with runner.WorkerPool(cluster, (model, example, quant, 1), kwargs, len(shards)) as pool:
+        pool.start()
+        pool.run({w: [] for w in range(len(shards))})  # the workers up: a job's fixed cost, timed apart
+        ready = time.perf_counter() - start
+        result = calibrate(MODES[mode], pool, Plan(batches, shards, observed))
+        result.stats.load(prepared)
+        flow.convert(prepared)
+        seconds = time.perf_counter() - start
+        rss = pool.run({w: [(w, "peak_rss_mb", ())] for w in range(len(shards))})
+    result.info.update(ready_s=ready, peak_rss_mb=max(rss.values()))
+    return seconds, result.info
 
 
 def _profile(model, dataset, batches) -> None:
@@ -138,6 +145,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--modes", nargs="+", default=["exact", "fast"])
+    parser.add_argument("--memory-gb", type=float, help="each worker's memory budget (default: as a job derives it)")
     parser.add_argument("--profile", type=int, metavar="N", help="only profile N images' batches in one process")
     args = parser.parse_args()
 
@@ -164,15 +172,23 @@ def main() -> None:
         results = {}
         for mode in args.modes:
             for w in args.workers:
-                seconds, stats = _quantray(cluster, model, spec, dataset, batches, w, mode)
-                results[mode, w] = seconds
-                print(f"  quantray {mode:5} {w} worker(s): {seconds:7.2f} s  = {base / seconds:4.2f}x the seed loop "
-                      f"at {default_threads} threads ({seed[1] / seconds:4.2f}x at 1);  pass 1 {stats['pass1_s']:.1f} s"
-                      f" (actors ready after {stats['actors_ready_s']:.1f} s), pass 2 {stats.get('pass2_s', 0):.1f} s, "
-                      f"{stats['bytes_from_workers'] / 1e6:.2f} MB from workers")
+                budget = args.memory_gb if args.memory_gb is not None else cluster.memory_per_worker(w) / 2 ** 30
+                seconds, stats = _quantray(cluster, model, spec, dataset, batches, w, mode, budget)
+                warm = seconds - stats["ready_s"]
+                results[mode, w] = warm
+                kept = stats.get("pass2_batches")
+                print(f"  quantray {mode:5} {w} worker(s): {seconds:7.2f} s = {base / seconds:4.2f}x the seed loop at "
+                      f"{default_threads} threads, of which workers starting {stats['ready_s']:.1f} s; on ready workers "
+                      f"{warm:6.2f} s = {base / warm:4.2f}x ({seed[1] / warm:4.2f}x the loop at 1 thread); pass 1 "
+                      f"{stats['pass1_s']:.1f} s, pass 2 {stats.get('pass2_s', 0):.1f} s"
+                      + (f" (batches from memory {kept['memory']}, disk {kept['disk']}, a second forward "
+                         f"{kept['forward']}; kept at most {max(stats['peak_kept_bytes'].values()) / 2 ** 20:.0f} MiB "
+                         f"per worker of a {budget:.1f} GiB budget)" if kept else "")
+                      + f"; worker peak RSS {stats['peak_rss_mb']:.0f} MiB")
         for mode in args.modes:
             if (mode, 1) in results and (mode, 2) in results:
-                print(f"  {mode}: scaling efficiency 1 -> 2 workers {results[mode, 1] / (2 * results[mode, 2]):.2f}")
+                print(f"  {mode}: scaling efficiency 1 -> 2 workers (ready workers) "
+                      f"{results[mode, 1] / (2 * results[mode, 2]):.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,104 @@
+"""One worker of a job's pool: the same process calibrates a shard, evaluates test batches, logs
+per-layer errors and measures speed, building what it needs once per job.
+
+    worker = Worker(fp32, example, quant, threads, calibration=data_spec, test=data_spec, signature=sig)
+    worker.log(b, indices) ...                        # calibration: CalibrationWorker's protocol
+    worker.load_int8(key, script, state)              # once per INT8 model
+    worker.evaluate(indices, stored_logits)           # one test batch: scores, FP32 logits, seconds
+    worker.layers(batches)                            # per-layer signal and noise
+    worker.speed(x, batch, warmup, iters, precision)  # latency (and throughput) of the models
+
+Plain Python and torch: `runner.WorkerPool` runs it in a Ray actor; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import time
+
+import torch
+
+from . import data as data_mod
+from . import flow
+from .calibration import CalibrationWorker
+from .evaluation import ShardResult, measure_speed, processor, score_batch
+from .layers import LayerResult, layer_errors
+
+__all__ = ["Worker"]
+
+
+class Worker(CalibrationWorker):
+    """`calibration`/`test`: the data specs of the splits this worker will see (None: not needed).
+    `setup_s` is what building it took (prepare_fx and the datasets), for the manifest."""
+
+    def __init__(self, model, example_inputs: torch.Tensor, quant, threads: int, *, calibration=None, test=None,
+                 signature: list | None = None, index: int = 0, memory_bytes: int = 0):
+        started = time.perf_counter()
+        flow.quiet_torch_warnings()
+        torch.set_num_threads(threads)
+        self._fp32, self._example, self._quant, self._threads = model.eval(), example_inputs, quant, threads
+        if calibration is not None:
+            super().__init__(model, example_inputs, quant, calibration, threads, signature, shard=index,
+                             memory_bytes=memory_bytes)
+        self._test = data_mod.build_dataset(test, where="[test]") if test is not None else None
+        self._int8_key, self._script, self._state, self._eager = None, None, None, None
+        self.setup_s = round(time.perf_counter() - started, 4)
+
+    def load_int8(self, key: str, script: bytes, state: bytes) -> None:
+        """The INT8 model to evaluate (TorchScript) and to diagnose and time (eager, rebuilt from its
+        state_dict when first needed: a converted GraphModule does not pickle)."""
+        if key == self._int8_key:
+            return
+        flow.set_engine(self._quant.backend)
+        self._script = torch.jit.load(io.BytesIO(script))
+        self._int8_key, self._state, self._eager = key, state, None
+
+    def _int8_eager(self):
+        if self._eager is None:
+            self._eager = flow.rebuild_int8(self._fp32, self._quant, self._example,
+                                            torch.load(io.BytesIO(self._state), weights_only=True))
+        return self._eager
+
+    def evaluate(self, indices: list[int], stored: torch.Tensor | None) -> tuple[ShardResult, torch.Tensor | None, dict]:
+        """One test batch through FP32 (or its logits stored by an earlier run) and the INT8
+        TorchScript model: the batch's scores, the FP32 logits if computed here, and the seconds
+        each model's forward took (throughput, where no other figure is asked for)."""
+        x, y = data_mod.load_batch(self._test, indices)
+        seconds = {}
+        with torch.inference_mode():
+            logits = stored
+            if logits is None:
+                t = time.perf_counter()
+                logits = self._fp32(x)
+                seconds["fp32"] = time.perf_counter() - t
+            t = time.perf_counter()
+            int8 = self._script(x)
+            seconds["int8_torchscript"] = time.perf_counter() - t
+        return score_batch(indices, y, logits, int8), (logits if stored is None else None), seconds
+
+    def layers(self, batches: list[list[int]]) -> LayerResult:
+        """Per-layer signal and noise of the INT8 model against FP32 on these test batches."""
+        return layer_errors(self._fp32, self._int8_eager(), self._test, batches)
+
+    def peak_rss_mb(self) -> float:
+        """This process's peak resident memory so far, in MiB."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def host_facts(self) -> list:
+        """What a stored FP32 speed figure is valid for: this host, its processor and CPU count."""
+        import os
+
+        return [platform.node(), processor(), os.cpu_count(), self._threads]
+
+    def speed(self, x: torch.Tensor, batch: torch.Tensor | None, warmup: int, iters: int, precision: float,
+              skip: tuple = ()) -> dict:
+        """Latency at batch 1 (and throughput on `batch`) of FP32, INT8 eager and the INT8
+        TorchScript model, in turn, leaving out the models in `skip` (figures known already)."""
+        models = {"fp32": self._fp32, "int8": self._int8_eager(), "int8_torchscript": self._script}
+        speed = measure_speed({k: m for k, m in models.items() if k not in skip}, x, batch, warmup, iters, precision)
+        speed["conditions"].update(host=platform.node(), processor=processor(), threads=self._threads,
+                                   torch_threads=torch.get_num_threads(), engine=torch.backends.quantized.engine)
+        return speed
