@@ -214,7 +214,8 @@ class CalibrationWorker:
 class KeptValues:
     """Pass 1's histogram-observed values, per batch, for pass 2. `budget` bounds the worker's whole
     resident memory: what it already holds (its model, data and the run-time) is measured at the
-    first batch, and room for a forward pass (twice the first batch's values) is left free. Past
+    first batch, and room for a forward pass and the allocator's slack (four times the first batch's
+    values) is left free. Past
     that, batches go to local disk while writing and reading one back costs less than the forward
     that would recompute it (timed on the first one spilled), else they are not kept. Batches are
     kept whole or not at all."""
@@ -233,7 +234,7 @@ class KeptValues:
         """Keep a batch's values if there is room; returns whether they were kept."""
         size = sum(x.numel() * x.element_size() for _, x in values)
         if self._room is None:
-            self._room = self.budget - resident_bytes() - 2 * size
+            self._room = self.budget - resident_bytes() - 4 * size
         if self.used + size <= self._room:
             self._memory[batch_id] = values
             self.used += size

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
@@ -161,3 +162,17 @@ def test_the_demo_runs_as_a_user_types_it_with_no_warnings(tmp_path):
     assert (tmp_path / "home" / ".ray" / "auth_token").is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["fp32"]["top1"] >= 0.95 and metrics["int8"]["top1"] >= metrics["fp32"]["top1"] - 0.01
+
+
+def test_a_worker_killed_while_evaluating_is_replaced_and_the_results_are_unchanged(capsys, ray_cluster, demo_runs,
+                                                                                 tmp_path):
+    """The pool redoes a dead worker's evaluation calls on a new worker: the same predictions."""
+    job = _job(tmp_path, DEMO.replace('[test]\nsource = "digits"\nsplit = "test"',
+                                      '[test]\nsource = "factory"\nfactory = "quantray.testing:digits_killer"\n'
+                                      f'kwargs = {{ split = "test", kill_at = 100, marker = "{tmp_path / "once"}" }}'))
+    code, _, err = _main(capsys, "run", job, "--out", tmp_path / "r", "--workers", "2")
+    assert code == 0 and (tmp_path / "once").exists()  # a worker really was killed
+    said = " ".join(" ".join(err).split())  # rich wraps long lines
+    assert "worker 1 (evaluate) died (ActorDiedError); redoing its calls on a new worker, attempt 2 of 3" in said
+    before = pq.read_table(Path(demo_runs["2 workers"].location) / "predictions.parquet")
+    assert pq.read_table(tmp_path / "r" / "predictions.parquet").equals(before)
