@@ -1,7 +1,7 @@
 """Calibration: one protocol, run over any executor, and the worker class executors drive.
 
     plan = Plan(batches, shards, observed_values(prepared), identities)
-    with SerialExecutor(fp32, example, quant, data_spec, threads=1) as executor:   # or runner.ActorExecutor
+    with SerialExecutor(fp32, example, quant, data_spec, threads=1) as executor:   # or runner.WorkerPool
         result = calibrate(MODES["exact"], executor, plan, store=stats_store)
     counts = result.stats.load(prepared)
     int8 = flow.convert(prepared)

@@ -20,7 +20,7 @@ import torch
 
 from . import data as data_mod
 
-__all__ = ["LayerResult", "layer_errors", "layer_task", "merge_layers", "layer_rows"]
+__all__ = ["LayerResult", "layer_errors", "merge_layers", "layer_rows"]
 
 
 @dataclass
@@ -77,20 +77,6 @@ def layer_errors(fp32: torch.nn.Module, int8: torch.fx.GraphModule, dataset, bat
             result.signal.append(signal)
             result.noise.append(noise)
     return result
-
-
-def layer_task(fp32: torch.nn.Module, int8_state: bytes, quant, example: torch.Tensor, data,
-               batches: list[list[int]], threads: int) -> LayerResult:
-    """A task's share of the per-layer diagnostics: the INT8 GraphModule is rebuilt here from its
-    state_dict (a converted GraphModule does not unpickle)."""
-    import io
-
-    from .flow import quiet_torch_warnings, rebuild_int8
-
-    quiet_torch_warnings()
-    torch.set_num_threads(threads)
-    int8 = rebuild_int8(fp32, quant, example, torch.load(io.BytesIO(int8_state), weights_only=True))
-    return layer_errors(fp32, int8, data_mod.build_dataset(data, where="[test]"), batches)
 
 
 def _tensor(values) -> torch.Tensor | None:
