@@ -123,8 +123,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
             loaded = stages.load_for_evaluation(spec, manifest, where)
         with _cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
             with stages.start_workers(ctx, loaded) as pool:
-                evaluation = stages.evaluate(ctx, loaded, stages.Quantized(int8_state, script, digest=manifest["qparams_digest"]),
-                                             pool, use_cache)
+                evaluation = stages.evaluate(ctx, loaded, stages.Quantized(int8_state, script), pool, use_cache)
         with ctx.stage("write"):
             metrics = stages.write_results(staged, evaluation, len(loaded.fp32_bytes), len(int8_state), len(script))
             if data is not None:

@@ -168,12 +168,8 @@ class CalibrationWorker:
     def pass2_sources(self) -> dict:
         """How many pass-2 batches came from memory, from disk and from a second forward; frees
         what pass 1 kept (and the calibration inputs): calibration is over."""
-        sources = dict(self._kept.sources)
-        sources["peak_kept_bytes"] = self._kept.peak
-        self._kept.clear()
-        self._kept.sources, self._kept.peak = dict.fromkeys(sources.keys() - {"peak_kept_bytes"}, 0), 0
         self._batches.clear()
-        return sources
+        return self._kept.close()
 
     def collect_counts(self) -> dict:
         return self._recorder.collect_counts()
@@ -215,16 +211,15 @@ class KeptValues:
     """Pass 1's histogram-observed values, per batch, for pass 2. `budget` bounds the worker's whole
     resident memory: what it already holds (its model, data and the run-time) is measured at the
     first batch, and room for a forward pass and the allocator's slack (four times the first batch's
-    values) is left free. Past
-    that, batches go to local disk while writing and reading one back costs less than the forward
-    that would recompute it (timed on the first one spilled), else they are not kept. Batches are
-    kept whole or not at all."""
+    values) is left free. Past that, batches go to local disk while writing and reading one back
+    costs less than the forward that would recompute it (timed on the first one spilled), else they
+    are not kept. Batches are kept whole or not at all."""
 
     def __init__(self, budget: int):
         self.budget, self.used, self.peak = budget, 0, 0
         self.sources = {"memory": 0, "disk": 0, "forward": 0}
         self._room: int | None = None  # bytes kept values may take, set at the first batch
-        self._memory: dict[int, list] = {}
+        self._memory: dict[int, tuple[list, int]] = {}  # batch -> (values, bytes)
         self._disk: dict[int, str] = {}
         self._dir = None
         self._disk_left = 0
@@ -236,7 +231,7 @@ class KeptValues:
         if self._room is None:
             self._room = self.budget - resident_bytes() - 4 * size
         if self.used + size <= self._room:
-            self._memory[batch_id] = values
+            self._memory[batch_id] = (values, size)
             self.used += size
             self.peak = max(self.peak, self.used)
             return True
@@ -265,13 +260,11 @@ class KeptValues:
     def take(self, batch_id: int) -> list | None:
         """The batch's kept values (and forget them), or None."""
         if batch_id in self._memory:
-            values = self._memory.pop(batch_id)
-            self.used -= sum(x.numel() * x.element_size() for _, x in values)
+            values, size = self._memory.pop(batch_id)
+            self.used -= size
             self.sources["memory"] += 1
             return values
         if batch_id in self._disk:
-            import os
-
             path = self._disk.pop(batch_id)
             values = torch.load(path, weights_only=False)
             os.remove(path)
@@ -279,13 +272,14 @@ class KeptValues:
             return values
         return None
 
-    def clear(self) -> None:
-        self._memory.clear()
-        self._disk.clear()
-        self.used = 0
+    def close(self) -> dict:
+        """Where pass 2's batches came from and the most bytes kept at once; then forget them all
+        (the next calibration starts counting anew)."""
+        summary = {**self.sources, "peak_kept_bytes": self.peak}
         if self._dir is not None:
             self._dir.cleanup()
-            self._dir = None
+        self.__init__(self.budget)
+        return summary
 
 
 def resident_bytes() -> int:

@@ -9,8 +9,8 @@ Pass 2, by mode: `start_counts(requests)` counts each value into float64 bins ov
 across a shard (exact); `start_replay(requests)` takes torch's own update histogram of each value
 over its planned running range (replay). With `fast`, histogram probes also feed torch's own
 observer during pass 1 (fast mode). After `keep()`, pass 1 also keeps each histogram-observed
-tensor, so that pass 2 can `observe` it again without a forward. Values a graph computes twice under two observers are
-recorded once. Pure torch: no Ray, no driver-side merging (`merge`).
+tensor, so that pass 2 can `observe` it again without a forward. Values a graph computes twice
+under two observers are recorded once. Pure torch: no Ray, no driver-side merging (`merge`).
 """
 
 from __future__ import annotations

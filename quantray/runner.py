@@ -5,7 +5,7 @@ and in; what the work is, and what is stored, is decided by the caller.
         with WorkerPool(cluster, worker_args, worker_kwargs, size) as pool:   # one pool per job
             results = pool.run({worker: [(key, method, args), ...]}, stage="calibrate")
             results = pool.run({...}, stage="evaluate")                       # the same processes
-            node_held = pool.holds_node(0)                                    # speed: alone on its node?
+            node = pool.node_alone(0)                                         # speed: alone on its node?
         results = map_tasks(fn, [args, ...], stage="evaluate", ...)           # plain tasks
         speed = on_whole_node(fn, *args)                                      # a task alone on a node
 
@@ -211,19 +211,15 @@ class WorkerPool:
                 on_result(key, method, 1)
         return results
 
-    def node_of(self, w: int) -> str:
-        return ray.get(self.actors[w].node_id.remote())
-
-    def holds_node(self, w: int) -> bool:
-        """Whether this pool's actors hold every CPU of worker `w`'s node: then, with the others
-        idle, nothing else can run there (timings)."""
+    def node_alone(self, w: int) -> str | None:
+        """Worker `w`'s Ray node id if this pool's actors hold every CPU of that node (then, with the
+        others idle, nothing else can run there: timings), else None."""
         if w not in self.actors:
             self.run({w: []}, stage="speed")
         nodes = ray.get([actor.node_id.remote() for actor in self.actors.values()])
         node = nodes[list(self.actors).index(w)]
-        held = self.num_cpus * nodes.count(node)
         total = next(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node)
-        return held >= total - 1e-6
+        return node if self.num_cpus * nodes.count(node) >= total - 1e-6 else None
 
     def _replace(self, w: int, error: Exception, stage: str) -> None:
         cause = _first_line(error)

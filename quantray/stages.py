@@ -153,8 +153,8 @@ def start_workers(ctx: Context, job: Job, prepared: nn.Module | None = None, *, 
     `workers`, else the job's, else the CPUs Ray sees, and no more than there are batches to share."""
     spec = job.spec
     wanted = workers or spec.run.workers or ctx.cluster.cpus
-    n_test = len(make_batches(job.test_idx, spec.test.batch_size))
-    n_calib = len(make_batches(job.calib_idx, spec.calibration.batch_size)) if prepared is not None else 0
+    n_test = -(-len(job.test_idx) // spec.test.batch_size)
+    n_calib = -(-len(job.calib_idx) // spec.calibration.batch_size) if prepared is not None else 0
     size = max(1, min(wanted, max(n_test, n_calib)))
     kwargs = {"test": spec.test}
     memory = None
@@ -265,8 +265,8 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPo
         stored = [store.get(k) for k in keys] if store else [None] * len(test_batches)
         layer_batches = _first_batches(test_batches, run.layer_samples)
         layer_groups = [layer_batches[w::n] for w in range(n)]
-        load = ("int8", "load_int8", (quantized.digest + sha256_bytes(quantized.state)[:16],
-                                      pool.share(quantized.script), pool.share(quantized.state)))
+        load = ("int8", "load_int8", (sha256_bytes(quantized.state), pool.share(quantized.script),
+                                      pool.share(quantized.state)))
         calls = {w: [load] for w in range(n)}
         for b, batch in enumerate(test_batches):  # round-robin: every worker gets a share of every region
             calls[b % n].append((("batch", b), "evaluate", (batch, stored[b])))
@@ -282,11 +282,13 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPo
                 ctx.progress.advance(bar, delta * weight[key])
 
         def describe(key):
+            if key == "int8":
+                return None
             kind, i = key
             return (f"test batch {i} of {len(test_batches)}" if kind == "batch"
                     else f"per-layer SQNR on the test batches from samples {', '.join(str(b[0]) for b in layer_groups[i])}")
 
-        results = pool.run(calls, advance, stage="evaluate", describe=lambda key: describe(key) if key != "int8" else None)
+        results = pool.run(calls, advance, stage="evaluate", describe=describe)
         scored = [results[("batch", b)] for b in range(len(test_batches))]
         merged = merge_results(r for r, _, _ in scored)
         reused = sum(t is not None for t in stored)
@@ -318,14 +320,15 @@ def _speed(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPool
         batch = load_batch(job.test_ds, (job.test_idx * run.throughput_batch)[:run.throughput_batch])[0]
     args = (x, batch, run.latency_warmup, run.latency_iters, run.latency_precision)
     host_key = known = None
-    if pool.holds_node(0):
+    node = pool.node_alone(0)
+    if node is not None:
         if store:  # FP32 figures measured on this host, under these conditions, are reused
             host = pool.run({0: [("host", "host_facts", ())]}, stage="speed")["host"]
             host_key = store.key("fp32-speed", host, list(x.shape), None if batch is None else list(batch.shape),
                                  run.latency_warmup, run.latency_iters, run.latency_precision)
             known = store.get(host_key)
         speed = pool.run({0: [("speed", "speed", (*args, ("fp32",) if known else ()))]}, stage="speed")["speed"]
-        speed["conditions"].update(node=pool.node_of(0),
+        speed["conditions"].update(node=node,
                                    where="worker 0 of the job's pool, whose workers hold all CPUs of its node; the others idle")
     else:  # the pool's work is done: its CPUs go to the task
         pool.stop()
