@@ -1,6 +1,6 @@
 """Per-layer diagnostics: where does INT8 lose accuracy? SQNR of each quantized layer's output.
 
-    result = layer_errors(fp32, int8_graph, dataset, batches)     # on a worker, per batch
+    result = LayerLogger(fp32, int8_graph).log(x, batch)[1]      # on a worker, per batch
     rows = layer_rows(merge_layers([result, ...]))                # on the driver
 
 torch's Numeric Suite (`torch.ao.ns._numeric_suite_fx`) pairs each quantized node of the converted
@@ -20,7 +20,7 @@ import torch
 
 from . import data as data_mod
 
-__all__ = ["LayerResult", "layer_errors", "merge_layers", "layer_rows"]
+__all__ = ["LayerResult", "LayerLogger", "layer_errors", "merge_layers", "layer_rows"]
 
 
 @dataclass
@@ -37,22 +37,27 @@ class LayerResult:
     noise: list[list[float]] = field(default_factory=list)
 
 
-def layer_errors(fp32: torch.nn.Module, int8: torch.fx.GraphModule, dataset, batches: list[list[int]]) -> LayerResult:
-    """Both models with loggers on every paired layer output, over `batches` of `dataset`."""
-    import torch.ao.ns._numeric_suite_fx as ns
+class LayerLogger:
+    """Both models with loggers on every paired layer output (torch's Numeric Suite); `log` runs
+    one batch through both and returns the FP32 logits (the logged FP32 model computes exactly
+    the FP32 model's outputs) with that batch's per-layer result."""
 
-    from .flow import without_stack_traces
+    def __init__(self, fp32: torch.nn.Module, int8: torch.fx.GraphModule):
+        import torch.ao.ns._numeric_suite_fx as ns
 
-    modules = {n.name: str(n.target) for n in int8.graph.nodes if n.op == "call_module"}
-    with without_stack_traces():  # add_loggers traces both models with FX
-        logged_fp32, logged_int8 = ns.add_loggers("fp32", fp32, "int8", int8, ns.OutputLogger)
-    result = LayerResult()
-    with torch.inference_mode():
-        for batch in batches:
-            x, _ = data_mod.load_batch(dataset, batch)
-            logged_fp32(x)
-            logged_int8(x)
-            info = ns.extract_logger_info(logged_fp32, logged_int8, ns.OutputLogger, "int8")
+        from .flow import without_stack_traces
+
+        self._modules = {n.name: str(n.target) for n in int8.graph.nodes if n.op == "call_module"}
+        with without_stack_traces():  # add_loggers traces both models with FX
+            self._fp32, self._int8 = ns.add_loggers("fp32", fp32, "int8", int8, ns.OutputLogger)
+
+    def log(self, x: torch.Tensor, batch: list[int]) -> tuple[torch.Tensor, LayerResult]:
+        import torch.ao.ns._numeric_suite_fx as ns
+
+        with torch.inference_mode():
+            logits = self._fp32(x)
+            self._int8(x)
+            info = ns.extract_logger_info(self._fp32, self._int8, ns.OutputLogger, "int8")
             layers, signal, noise = [], [], []
             for name, entry in info.items():
                 pair = entry.get("node_output", {})
@@ -62,21 +67,19 @@ def layer_errors(fp32: torch.nn.Module, int8: torch.fx.GraphModule, dataset, bat
                 a, b = _tensor(ref["values"]), _tensor(out["values"])
                 if a is None or b is None or a.shape != b.shape:
                     continue
-                layers.append((name, modules.get(out["ref_node_name"], ""), _short(ref["ref_node_target_type"]),
+                layers.append((name, self._modules.get(out["ref_node_name"], ""), _short(ref["ref_node_target_type"]),
                                _short(out["ref_node_target_type"]), out["values"][0].is_quantized))
                 signal.append(float((a ** 2).sum()))
                 noise.append(float(((b - a) ** 2).sum()))
-            for logger in (*_loggers(logged_fp32), *_loggers(logged_int8)):
+            for logger in (*_loggers(self._fp32), *_loggers(self._int8)):
                 logger.stats.clear()
-            if not result.layers:
-                result.layers = layers
-            elif layers != result.layers:
-                raise ValueError("the logged layers changed between batches")
-            result.batches.append(batch[0])
-            result.samples.append(len(batch))
-            result.signal.append(signal)
-            result.noise.append(noise)
-    return result
+        return logits, LayerResult(layers, [batch[0]], [len(batch)], [signal], [noise])
+
+
+def layer_errors(fp32: torch.nn.Module, int8: torch.fx.GraphModule, dataset, batches: list[list[int]]) -> LayerResult:
+    """`LayerLogger` over `batches` of `dataset`, merged."""
+    logger = LayerLogger(fp32, int8)
+    return merge_layers(logger.log(data_mod.load_batch(dataset, batch)[0], batch)[1] for batch in batches)
 
 
 def _tensor(values) -> torch.Tensor | None:

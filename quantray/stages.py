@@ -263,43 +263,33 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPo
         n = min(pool.size, len(test_batches))
         keys = [store.key("fp32-logits", identity) for identity in identities] if store else None
         stored = [store.get(k) for k in keys] if store else [None] * len(test_batches)
-        layer_batches = _first_batches(test_batches, run.layer_samples)
-        layer_groups = [layer_batches[w::n] for w in range(n)]
+        layer_batches = _first_batches(test_batches, run.layer_samples)  # the first k test batches
+        layer_groups = [layer_batches[w::n] for w in range(n)]  # as handed out below: batch b to worker b % n
         load = ("int8", "load_int8", (sha256_bytes(quantized.state), pool.share(quantized.script),
                                       pool.share(quantized.state)))
         calls = {w: [load] for w in range(n)}
         for b, batch in enumerate(test_batches):  # round-robin: every worker gets a share of every region
-            calls[b % n].append((("batch", b), "evaluate", (batch, stored[b])))
-        for w, group in enumerate(layer_groups):
-            if group:
-                calls[w].append((("layers", w), "layers", (group,)))
+            calls[b % n].append((("batch", b), "evaluate", (batch, stored[b], b < len(layer_batches))))
         weight = {("batch", b): len(batch) for b, batch in enumerate(test_batches)}
-        weight.update({("layers", w): sum(map(len, g)) for w, g in enumerate(layer_groups)})
         bar = ctx.progress.add_task("evaluate", total=sum(weight.values())) if ctx.progress is not None else None
 
         def advance(key, method, delta):
             if bar is not None and key in weight:
                 ctx.progress.advance(bar, delta * weight[key])
 
-        def describe(key):
-            if key == "int8":
-                return None
-            kind, i = key
-            return (f"test batch {i} of {len(test_batches)}" if kind == "batch"
-                    else f"per-layer SQNR on the test batches from samples {', '.join(str(b[0]) for b in layer_groups[i])}")
-
-        results = pool.run(calls, advance, stage="evaluate", describe=describe)
+        results = pool.run(calls, advance, stage="evaluate",
+                           describe=lambda key: None if key == "int8" else f"test batch {key[1]} of {len(test_batches)}")
         scored = [results[("batch", b)] for b in range(len(test_batches))]
-        merged = merge_results(r for r, _, _ in scored)
+        merged = merge_results(r for r, _, _, _ in scored)
         reused = sum(t is not None for t in stored)
         if store:
-            for b, (_, logits, _) in enumerate(scored):
+            for b, (_, logits, _, _) in enumerate(scored):
                 if logits is not None:
                     store.put(keys[b], logits)
             if reused:
                 ctx.console.print(f"reused stored FP32 outputs: {reused} of {len(test_batches)} test batches "
                                   f"(from {store.location})")
-        layers = layer_rows(merge_layers(results[("layers", w)] for w, g in enumerate(layer_groups) if g))
+        layers = layer_rows(merge_layers(layer for _, _, _, layer in scored if layer is not None))
     with ctx.stage("speed"):
         speed = _speed(ctx, job, quantized, pool, store, scored, n)
         _warn_unwritable(ctx, store)
@@ -343,7 +333,7 @@ def _speed(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPool
     if batch is None:  # throughput from the evaluation's own forward timings
         seconds = {"fp32": 0.0, "int8_torchscript": 0.0}
         samples = dict.fromkeys(seconds, 0)
-        for (result, _, timed) in scored:
+        for (result, _, timed, _) in scored:
             for model, s in timed.items():
                 seconds[model] += s
                 samples[model] += result.counts["n"]

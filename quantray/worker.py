@@ -4,8 +4,8 @@ per-layer errors and measures speed, building what it needs once per job.
     worker = Worker(fp32, example, quant, threads, calibration=data_spec, test=data_spec, signature=sig)
     worker.log(b, indices) ...                        # calibration: CalibrationWorker's protocol
     worker.load_int8(key, script, state)              # once per INT8 model
-    worker.evaluate(indices, stored_logits)           # one test batch: scores, FP32 logits, seconds
-    worker.layers(batches)                            # per-layer signal and noise
+    worker.evaluate(indices, stored_logits, layers)   # one test batch: scores, FP32 logits, seconds,
+                                                      #   and with `layers` its per-layer signal and noise
     worker.speed(x, batch, warmup, iters, precision)  # latency (and throughput) of the models
 
 Plain Python and torch: `runner.WorkerPool` runs it in a Ray actor; tests call it directly.
@@ -23,7 +23,7 @@ from . import data as data_mod
 from . import flow
 from .calibration import CalibrationWorker
 from .evaluation import ShardResult, measure_speed, processor, score_batch
-from .layers import LayerResult, layer_errors
+from .layers import LayerLogger, LayerResult
 
 __all__ = ["Worker"]
 
@@ -42,7 +42,7 @@ class Worker(CalibrationWorker):
             super().__init__(model, example_inputs, quant, calibration, threads, signature, shard=index,
                              memory_bytes=memory_bytes)
         self._test = data_mod.build_dataset(test, where="[test]") if test is not None else None
-        self._int8_key, self._script, self._state, self._eager = None, None, None, None
+        self._int8_key, self._script, self._state, self._eager, self._logger = None, None, None, None, None
         self.setup_s = round(time.perf_counter() - started, 4)
 
     def load_int8(self, key: str, script: bytes, state: bytes) -> None:
@@ -52,7 +52,7 @@ class Worker(CalibrationWorker):
             return
         flow.set_engine(self._quant.backend)
         self._script = torch.jit.load(io.BytesIO(script))
-        self._int8_key, self._state, self._eager = key, state, None
+        self._int8_key, self._state, self._eager, self._logger = key, state, None, None
 
     def _int8_eager(self):
         if self._eager is None:
@@ -60,26 +60,28 @@ class Worker(CalibrationWorker):
                                             torch.load(io.BytesIO(self._state), weights_only=True))
         return self._eager
 
-    def evaluate(self, indices: list[int], stored: torch.Tensor | None) -> tuple[ShardResult, torch.Tensor | None, dict]:
-        """One test batch through FP32 (or its logits stored by an earlier run) and the INT8
-        TorchScript model: the batch's scores, the FP32 logits if computed here, and the seconds
-        each model's forward took (throughput, where no other figure is asked for)."""
+    def evaluate(self, indices: list[int], stored: torch.Tensor | None, layers: bool = False
+                 ) -> tuple[ShardResult, torch.Tensor | None, dict, LayerResult | None]:
+        """One test batch through FP32 (or its logits stored by an earlier run, `stored`) and the
+        INT8 TorchScript model: the batch's scores, the FP32 logits if computed here, the seconds
+        each plain forward took (throughput, where no other figure is asked for) and, with
+        `layers`, its per-layer result (the logged FP32 forward then gives the FP32 logits)."""
         x, y = data_mod.load_batch(self._test, indices)
-        seconds = {}
+        seconds, logits, layer = {}, stored, None
         with torch.inference_mode():
-            logits = stored
-            if logits is None:
+            if layers:
+                if self._logger is None:
+                    self._logger = LayerLogger(self._fp32, self._int8_eager())
+                fp32, layer = self._logger.log(x, indices)
+                logits = fp32 if logits is None else logits
+            elif logits is None:
                 t = time.perf_counter()
                 logits = self._fp32(x)
                 seconds["fp32"] = time.perf_counter() - t
             t = time.perf_counter()
             int8 = self._script(x)
             seconds["int8_torchscript"] = time.perf_counter() - t
-        return score_batch(indices, y, logits, int8), (logits if stored is None else None), seconds
-
-    def layers(self, batches: list[list[int]]) -> LayerResult:
-        """Per-layer signal and noise of the INT8 model against FP32 on these test batches."""
-        return layer_errors(self._fp32, self._int8_eager(), self._test, batches)
+        return score_batch(indices, y, logits, int8), (logits if stored is None else None), seconds, layer
 
     def peak_rss_mb(self) -> float:
         """This process's peak resident memory so far, in MiB."""
