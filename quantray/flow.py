@@ -112,6 +112,9 @@ def without_stack_traces():
     first one imports torch._dynamo, about 2 s in every new process (driver, actor, task)."""
     import torch.fx.config
 
+    if not hasattr(torch.fx.config, "do_not_emit_stack_traces"):  # torch < 2.12 has no such switch
+        yield
+        return
     before = torch.fx.config.do_not_emit_stack_traces
     torch.fx.config.do_not_emit_stack_traces = True
     try:
