@@ -34,7 +34,8 @@ __all__ = ["RunFiles", "load_quantized", "software_versions",
 
 QPARAMS_SCHEMA = pa.schema([
     ("name", pa.string()), ("aliases", pa.list_(pa.string())), ("observer", pa.string()), ("dtype", pa.string()),
-    ("min", pa.float64()), ("max", pa.float64()), ("scale", pa.float64()), ("zero_point", pa.int64()),
+    ("min", pa.float64()), ("max", pa.float64()), ("range_method", pa.string()),
+    ("scale", pa.float64()), ("zero_point", pa.int64()),
     ("count", pa.int64()),
 ])
 PREDICTIONS_SCHEMA = pa.schema([

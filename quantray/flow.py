@@ -33,6 +33,7 @@ from torch.ao.quantization.observer import HistogramObserver
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from .errors import QuantrayError, SpecError
+from .ranges import RangeObserver
 from .spec import QuantSpec
 
 __all__ = ["prepare", "convert", "rebuild_int8", "qconfig_mapping", "set_engine", "quiet_torch_warnings",
@@ -71,21 +72,29 @@ def qconfig_mapping(quant: QuantSpec | str) -> QConfigMapping:
     quant = _quant(quant)
     base = get_default_qconfig(quant.backend)
     mapping = get_default_qconfig_mapping(quant.backend) if quant.mapping == "default" else QConfigMapping()
-    mapping.set_global(_qconfig(base, quant.backend, {"activation": quant.activation, "weight": quant.weight}))
+    mapping.set_global(_qconfig(base, quant.backend, {"activation": quant.activation, "weight": quant.weight,
+                                                      "activation_range": quant.activation_range,
+                                                      "percentile": quant.percentile}))
     for type_name, choice in quant.module_types.items():
-        mapping.set_object_type(getattr(torch.nn, type_name), _qconfig(base, quant.backend, choice))
+        mapping.set_object_type(getattr(torch.nn, type_name), _qconfig(base, quant.backend, choice, quant.percentile))
     for module_name, choice in quant.module_names.items():
-        mapping.set_module_name(module_name, _qconfig(base, quant.backend, choice))
+        mapping.set_module_name(module_name, _qconfig(base, quant.backend, choice, quant.percentile))
     return mapping
 
 
-def _qconfig(base: QConfig, backend: str, choice) -> QConfig | None:
+def _qconfig(base: QConfig, backend: str, choice, percentile: float = 99.99) -> QConfig | None:
     if choice == "fp32":
         return None  # the module stays in floating point
     activation, weight = base.activation, base.weight
-    if choice.get("activation"):
-        # The backend's default reduce_range: x86 keeps 7 bits of headroom, qnnpack uses all 8.
-        activation = _ACTIVATIONS[choice["activation"]].with_args(reduce_range=backend == "x86")
+    kind, method = choice.get("activation"), choice.get("activation_range")
+    # The backend's default reduce_range: x86 keeps 7 bits of headroom, qnnpack uses all 8.
+    reduce_range = backend == "x86"
+    if method in ("percentile", "mse", "entropy"):
+        activation = RangeObserver.with_args(method=method, percentile=float(choice.get("percentile", percentile)),
+                                             reduce_range=reduce_range)
+    elif kind or method:  # spec checks that they agree; l2 is the histogram's own search
+        activation = _ACTIVATIONS[kind or ("minmax" if method == "minmax" else "histogram")].with_args(
+            reduce_range=reduce_range)
     if choice.get("weight"):
         weight = _WEIGHTS[choice["weight"]]
     return QConfig(activation=activation, weight=weight)

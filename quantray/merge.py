@@ -19,15 +19,16 @@ import warnings
 
 import torch
 from torch import nn
-from torch.ao.quantization.observer import HistogramObserver, ObserverBase
+from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, ObserverBase
 
 from .digest import update_tensor
 from .errors import CalibrationError
 from .probes import count_key
+from .ranges import RangeObserver
 from .sites import HISTOGRAM, MINMAX, STATELESS, Observed, find_observers, kind_of, observer_aliases
 
 __all__ = ["MissingStatistics", "needed_values", "calls_of", "global_range", "count_requests", "replay_requests",
-           "sum_counts", "load_minmax", "load_exact", "load_replay", "load_fast", "sites_key", "qparam_rows",
+           "sum_counts", "load_minmax", "load_exact", "load_replay", "load_fast", "sites_key", "qparam_rows", "range_method",
            "state_digest"]
 
 Range = tuple[torch.Tensor, torch.Tensor]
@@ -221,18 +222,30 @@ def qparam_rows(model: nn.Module, counts: dict[str, int] | None = None) -> list[
         rows.append({
             "name": name, "aliases": aliases.get(name, []), "observer": type(obs).__name__,
             "dtype": str(obs.dtype).removeprefix("torch."), "min": float(obs.min_val) if seen else None,
-            "max": float(obs.max_val) if seen else None, "scale": float(scale.item()),
+            "max": float(obs.max_val) if seen else None, "range_method": range_method(obs),
+            "scale": float(scale.item()),
             "zero_point": int(zero_point.item()),
             "count": int(counts[name]) if counts and name in counts else None,
         })
     return rows
 
 
+def range_method(obs: ObserverBase) -> str:
+    """How an activation observer chooses its range (`quantray.ranges`)."""
+    if isinstance(obs, RangeObserver):
+        return obs.range_method
+    if isinstance(obs, HistogramObserver):
+        return "l2"
+    return {MovingAverageMinMaxObserver: "moving_average", MinMaxObserver: "minmax"}.get(type(obs), type(obs).__name__)
+
+
 def state_digest(model: nn.Module) -> str:
-    """sha256 of every observer's name, class and state buffers: equal digests, equal INT8 qparams."""
+    """sha256 of every observer's name, class (and range method, where it has a choice) and state
+    buffers: equal digests, equal INT8 qparams."""
     h = hashlib.sha256()
     for name, obs in sorted(find_observers(model).items()):
-        h.update(f"{name}:{type(obs).__name__};".encode())
+        method = f"({obs.range_method})" if isinstance(obs, RangeObserver) else ""  # l2's digests stay as they were
+        h.update(f"{name}:{type(obs).__name__}{method};".encode())
         for key, buf in sorted(obs.state_dict().items()):
             h.update(f"{key}:".encode())
             update_tensor(h, buf)

@@ -34,6 +34,7 @@ from torch.ao.quantization.observer import (
 
 from .digest import digest
 from .errors import CalibrationError
+from .ranges import RangeObserver
 
 __all__ = ["Value", "Observed", "observed_values", "observer_calls", "find_observers", "kind_of", "reduction_of", "observer_aliases", "signature",
            "HISTOGRAM", "MINMAX", "STATELESS", "TENSOR"]
@@ -42,7 +43,7 @@ HISTOGRAM, MINMAX, STATELESS = "histogram", "minmax", "stateless"
 TENSOR = "tensor"  # the reduction of a per-tensor observer: torch.aminmax over the whole value
 # Exact types, not isinstance: MovingAverageMinMaxObserver subclasses MinMaxObserver, and a
 # subclass we have not checked could hold state that our merge would silently get wrong.
-_KINDS = {HistogramObserver: HISTOGRAM, MinMaxObserver: MINMAX, PerChannelMinMaxObserver: MINMAX,
+_KINDS = {HistogramObserver: HISTOGRAM, RangeObserver: HISTOGRAM, MinMaxObserver: MINMAX, PerChannelMinMaxObserver: MINMAX,
           MovingAverageMinMaxObserver: MINMAX, MovingAveragePerChannelMinMaxObserver: MINMAX,
           FixedQParamsObserver: STATELESS, PlaceholderObserver: STATELESS, NoopObserver: STATELESS,
           ReuseInputObserver: STATELESS}

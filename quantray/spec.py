@@ -30,6 +30,7 @@ BACKENDS = ("x86", "qnnpack")
 MODES = ("exact", "replay", "fast")
 MAPPINGS = ("global", "default")
 ACTIVATIONS = ("histogram", "minmax", "moving_average")
+RANGES = ("l2", "minmax", "percentile", "mse", "entropy")  # quantray.ranges.METHODS
 WEIGHTS = ("per_channel", "per_tensor")
 DIGITS_SPLITS = ("train", "test", "all")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -70,12 +71,19 @@ class DataSpec:
 @dataclass(frozen=True)
 class QuantSpec:
     """Backend, merge mode and qconfig choices. `module_types` / `module_names` map a torch.nn class
-    name / a module's qualified name to "fp32" (not quantized) or {activation = ..., weight = ...}."""
+    name / a module's qualified name to "fp32" (not quantized) or a table of the keys below
+    ({activation = ..., activation_range = ..., percentile = ..., weight = ...}).
+
+    `activation` is the observer kind, `activation_range` how a histogram's range is chosen
+    (`quantray.ranges`); they must agree: minmax is both a kind and a range, the other ranges need
+    the histogram, moving_average takes no range. Either alone decides the other."""
 
     backend: str = "x86"
     mode: str = "exact"
     mapping: str = "global"
     activation: str | None = None
+    activation_range: str | None = None  # None: the observer's own (l2 for the backends' default histogram)
+    percentile: float = 99.99            # for activation_range = "percentile": two-sided, (100 - p)th and pth
     weight: str | None = None
     module_types: dict = field(default_factory=dict)
     module_names: dict = field(default_factory=dict)
@@ -288,11 +296,12 @@ def _check_data(d: DataSpec, section: str, ctx: _Context) -> DataSpec:
 
 
 def _check_quant(q: QuantSpec, ctx: _Context) -> None:
-    for key, valid in (("backend", BACKENDS), ("mode", MODES), ("mapping", MAPPINGS),
-                       ("activation", ACTIVATIONS), ("weight", WEIGHTS)):
+    for key, valid in (("backend", BACKENDS), ("mode", MODES), ("mapping", MAPPINGS)):
         value = getattr(q, key)
         if value is not None and value not in valid:
             ctx.fail("quantization", key, f"= {value!r}: unknown {key}{_suggest(value, valid)}; valid: {', '.join(valid)}")
+    _check_choice({"activation": q.activation, "activation_range": q.activation_range, "percentile": q.percentile,
+                   "weight": q.weight}, "", ctx)
     import torch.nn
 
     for table in ("module_types", "module_names"):
@@ -306,12 +315,36 @@ def _check_quant(q: QuantSpec, ctx: _Context) -> None:
                 continue
             if not isinstance(value, dict):
                 ctx.fail("quantization", key, f"= {value!r}: expected \"fp32\" or a table {{ activation = ..., weight = ... }}")
-            for sub, sub_value in value.items():
-                valid = {"activation": ACTIVATIONS, "weight": WEIGHTS}.get(sub)
-                if valid is None:
-                    ctx.fail("quantization", f"{key}.{sub}", f"unknown key{_suggest(sub, ['activation', 'weight'])}; valid keys: activation, weight")
-                if sub_value not in valid:
-                    ctx.fail("quantization", f"{key}.{sub}", f"= {sub_value!r}: valid: {', '.join(valid)}")
+            _check_choice(value, f"{key}.", ctx)
+
+
+_CHOICE_KEYS = {"activation": ACTIVATIONS, "activation_range": RANGES, "percentile": None, "weight": WEIGHTS}
+
+
+def _check_choice(choice: dict, prefix: str, ctx: _Context) -> None:
+    """One qconfig choice (the global keys, or a module table): known keys and values, and an
+    observer kind and range method that agree."""
+    for sub, value in choice.items():
+        if sub not in _CHOICE_KEYS:
+            ctx.fail("quantization", f"{prefix}{sub}", f"unknown key{_suggest(sub, _CHOICE_KEYS)}; valid keys: "
+                                                       f"{', '.join(_CHOICE_KEYS)}")
+        valid = _CHOICE_KEYS[sub]
+        if sub == "percentile":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 50 < value <= 100:
+                ctx.fail("quantization", f"{prefix}{sub}", f"= {value!r}: a percentile above 50 and at most 100 "
+                                                           "(99.99 clips 0.01% of values at each end)")
+        elif value is not None and value not in valid:
+            ctx.fail("quantization", f"{prefix}{sub}", f"= {value!r}: unknown {sub}{_suggest(str(value), valid)}; "
+                                                       f"valid: {', '.join(valid)}")
+    kind, method = choice.get("activation"), choice.get("activation_range")
+    if kind is None or method is None:
+        return
+    agree = {"histogram": ("l2", "percentile", "mse", "entropy"), "minmax": ("minmax",), "moving_average": ()}[kind]
+    if method not in agree:
+        fix = (f"activation = \"histogram\" (or leave activation out)" if method != "minmax"
+               else "activation = \"minmax\" (or leave activation out)")
+        ctx.fail("quantization", f"{prefix}activation_range", f"= {method!r} contradicts {prefix}activation = {kind!r}: "
+                                                              f"{method} needs {fix}")
 
 
 def _check_run(r: RunSpec, ctx: _Context) -> RunSpec:

@@ -43,7 +43,9 @@ def test_qparams_are_bit_identical_for_1_and_2_workers_with_shards_handed_out_in
         assert len({_sha(d / name) for d in dirs.values()}) == 1, name
     assert len({r.manifest["qparams_digest"] for r in demo_runs.values()}) == 1
     table = pq.read_table(dirs["1 worker"] / "qparams.parquet")
-    assert table.column_names == ["name", "aliases", "observer", "dtype", "min", "max", "scale", "zero_point", "count"]
+    assert table.column_names == ["name", "aliases", "observer", "dtype", "min", "max", "range_method", "scale",
+                                  "zero_point", "count"]
+    assert set(table.column("range_method").to_pylist()) == {"l2"}
     assert table.num_rows >= 5 and all(c > 0 for c in table.column("count").to_pylist())
 
 
