@@ -28,6 +28,7 @@ filled by the same exact merge; only the range it derives differs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -36,6 +37,7 @@ from torch.ao.quantization.observer import HistogramObserver
 __all__ = ["METHODS", "RangeObserver", "percentile_range", "mse_range", "entropy_range"]
 
 METHODS = ("l2", "minmax", "percentile", "mse", "entropy")
+_RANGES: dict[tuple, tuple[float, float]] = {}  # an observer state's range, by method: see clipping_range
 
 
 def percentile_range(hist: torch.Tensor, lo: float, hi: float, p: float) -> tuple[float, float]:
@@ -58,60 +60,71 @@ def percentile_range(hist: torch.Tensor, lo: float, hi: float, p: float) -> tupl
 def mse_range(hist: torch.Tensor, lo: float, hi: float, quant_min: int, quant_max: int,
               symmetric: bool = False) -> tuple[float, float]:
     """[a, b] at bin edges minimising the expected squared quantization error (module docstring).
-    Computed in bin units (x = lo + u * width) with prefix sums: every pair in one vectorised step.
-    The quantizer's step is its range, with zero in it (symmetric: twice the larger side), over its levels."""
+    The quantizer always holds zero (torch's `_calculate_qparams`), so only a lower edge at or below
+    zero and an upper edge at or above it clip anything: a one-sided range searches one end.
+    Computed in bin units (x = lo + u * width) with prefix sums, every candidate pair in one
+    vectorised step; the quantizer's step is its range over its levels (symmetric: twice the
+    larger side)."""
     c = hist.double()
     n = len(c)
     centers = torch.arange(n, dtype=torch.float64) + 0.5
-    zero = -lo / (hi - lo) * n  # where 0 falls, in bin units: the quantizer's range always holds it
+    zero = -lo / (hi - lo) * n  # where 0 falls, in bin units
     prefix = [torch.cat([torch.zeros(1, dtype=torch.float64), (c * centers ** k).cumsum(0)]) for k in range(3)]
-    a = torch.arange(n, dtype=torch.float64)[:, None]          # candidate lower edges: bin j's lower edge, j = a
-    b = torch.arange(1, n + 1, dtype=torch.float64)[None, :]   # candidate upper edges: bin k's upper edge, k = b - 1
-    j, k1 = torch.arange(n)[:, None], torch.arange(1, n + 1)[None, :]
+    j = torch.arange(0, min(n - 1, math.floor(zero)) + 1) if lo < 0 else torch.tensor([0])
+    k1 = torch.arange(max(1, math.ceil(zero)), n + 1) if hi > 0 else torch.tensor([n])
+    a, b = j.double(), k1.double()
+    # values below a (bins 0..j-1) clip to a, above b (bins k1..n-1) to b; each uniform in its bin
     below = prefix[2][j] - 2 * a * prefix[1][j] + a ** 2 * prefix[0][j] + prefix[0][j] / 12
     c_above, m1_above, m2_above = (prefix[i][n] - prefix[i][k1] for i in range(3))
     above = m2_above - 2 * b * m1_above + b ** 2 * c_above + c_above / 12
     if symmetric:
-        step = 2 * torch.maximum(b - zero, zero - a).clamp(min=0) / (quant_max - quant_min)
+        step = 2 * torch.maximum(b[None, :] - zero, zero - a[:, None]) / (quant_max - quant_min)
     else:
-        step = (torch.clamp(b, min=zero) - torch.clamp(a, max=zero)) / (quant_max - quant_min)
-    inside = prefix[0][k1] - prefix[0][j]
-    error = inside * step ** 2 / 12 + below + above
-    error = torch.where(k1 > j, error, torch.inf)  # a below b
+        step = (b[None, :].clamp(min=zero) - a[:, None].clamp(max=zero)) / (quant_max - quant_min)
+    inside = prefix[0][k1][None, :] - prefix[0][j][:, None]
+    error = inside * step ** 2 / 12 + below[:, None] + above[None, :]
+    error = torch.where(k1[None, :] > j[:, None], error, torch.inf)
     best = int(torch.argmin(error))  # the first minimum in row-major order: deterministic
     width = (hi - lo) / n
-    return lo + (best // n) * width, lo + (best % n + 1) * width
+    return lo + int(j[best // len(k1)]) * width, lo + int(k1[best % len(k1)]) * width
 
 
 def _kl_threshold(c: torch.Tensor, levels: int) -> int:
     """TensorRT's search on a one-sided histogram `c` (bin 0 starts at the range's fixed end): the
     number of bins i (levels <= i <= len(c)) to keep, by the least KL(P || Q), the last on ties.
-    As TensorRT does, bin 0 first takes bin 1's count, so a ReLU's many exact zeros do not decide."""
+    As TensorRT does, bin 0 first takes bin 1's count, so a ReLU's many exact zeros do not decide.
+    P: the first i bins, the clipped rest added to the last; Q: those i bins merged into `levels`
+    groups (bin j -> j * levels // i, TensorRT's linspace split), each group's count spread evenly
+    over its non-empty bins.
+
+    Evaluated per group, not per bin, for every candidate at once: with N the total, S_i the count
+    in the first i bins, and T_g, O_g a group's count and non-empty bins, q_j = T_g / (O_g S_i) on a
+    non-empty bin, so KL = sum_j p_j log p_j - sum_g (T_g / N) log(T_g / (O_g S_i)) - (the clipped
+    count / N) log q_(i-1), where the first sum comes from prefix sums of c log c."""
     n = len(c)
     if n <= levels:
         return n
-    c = c.clone()
+    c = c.double().clone()
     c[0] = c[1]
-    best, best_kl = n, float("inf")
-    for i in range(levels, n + 1):
-        kept = c[:i]
-        nonzero = kept != 0
-        p = kept.clone()
-        p[i - 1] += c[i:].sum()  # the clipped values land on the last level
-        # Q: the i bins merged into `levels` groups (bin idx -> idx * levels // i, TensorRT's
-        # linspace split), each group's count spread evenly over its non-empty bins.
-        group = torch.arange(i) * levels // i
-        totals = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, kept)
-        occupied = torch.zeros(levels, dtype=torch.float64).index_add_(0, group, nonzero.double())
-        q = torch.where(nonzero, totals[group] / occupied[group].clamp(min=1), 0.0)
-        p, q = p / p.sum(), q / q.sum()
-        support = p > 0
-        if bool((q[support] == 0).any()):
-            continue  # infinite divergence
-        kl = float((p[support] * (p[support] / q[support]).log()).sum())
-        if kl <= best_kl:
-            best, best_kl = i, kl
-    return best
+    total = float(c.sum())
+    zero = torch.zeros(1, dtype=torch.float64)
+    counts = torch.cat([zero, c.cumsum(0)])                                                  # S
+    filled = torch.cat([zero, (c != 0).double().cumsum(0)])                                  # non-empty bins
+    entropy = torch.cat([zero, torch.where(c > 0, c * c.clamp(min=1e-300).log(), 0.0).cumsum(0)])
+    i = torch.arange(levels, n + 1)
+    edges = (torch.arange(levels + 1)[None, :] * i[:, None] + levels - 1) // levels           # group g: [e_g, e_g+1)
+    group_counts = counts[edges[:, 1:]] - counts[edges[:, :-1]]                              # T_g
+    group_filled = filled[edges[:, 1:]] - filled[edges[:, :-1]]                              # O_g
+    s_i, last, clipped = counts[i], c[i - 1], total - counts[i]
+    p_last = (last + clipped) / total
+    p_log_p = ((entropy[i - 1] - counts[i - 1] * math.log(total)) / total
+               + torch.where(p_last > 0, p_last * p_last.clamp(min=1e-300).log(), 0.0))
+    ratio = torch.where(group_counts > 0, group_counts / (group_filled.clamp(min=1) * s_i[:, None]), 1.0)
+    cross = (group_counts / total * ratio.log()).sum(1)
+    q_last = ratio[:, -1]  # bin i - 1 is in the last group
+    cross = cross + torch.where(last > 0, clipped / total * q_last.log(), 0.0)
+    kl = torch.where((last == 0) & (clipped > 0), torch.inf, p_log_p - cross)
+    return levels + int(torch.nonzero(kl == kl.min()).max())  # the last of the least
 
 
 def entropy_range(hist: torch.Tensor, lo: float, hi: float, quant_min: int, quant_max: int) -> tuple[float, float]:
@@ -145,18 +158,30 @@ class RangeObserver(HistogramObserver):
     def calculate_qparams(self):
         if self.min_val == float("inf") and self.max_val == float("-inf"):
             return super().calculate_qparams()  # unseen: torch's warning and default qparams
-        lo, hi = float(self.min_val), float(self.max_val)
-        if lo == hi:
-            a, b = lo, hi
-        elif self.method == "percentile":
-            a, b = percentile_range(self.histogram, lo, hi, self.percentile)
-        elif self.method == "mse":
-            symmetric = self.qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
-            a, b = mse_range(self.histogram, lo, hi, self.quant_min, self.quant_max, symmetric)
-        else:
-            a, b = entropy_range(self.histogram, lo, hi, self.quant_min, self.quant_max)
+        a, b = self.clipping_range()
         return self._calculate_qparams(torch.tensor(a, dtype=self.min_val.dtype),
                                        torch.tensor(b, dtype=self.max_val.dtype))
+
+    def clipping_range(self) -> tuple[float, float]:
+        """[a, b] by this observer's method. Remembered per state: convert_fx, qparams.parquet and
+        every trial of `quantray tune` over the same statistics ask for it again."""
+        lo, hi = float(self.min_val), float(self.max_val)
+        symmetric = self.qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
+        key = (self.range_method, self.quant_min, self.quant_max, symmetric, lo, hi,
+               hashlib.sha256(self.histogram.detach().double().numpy().tobytes()).hexdigest())
+        if key not in _RANGES:
+            if lo == hi:
+                found = lo, hi
+            elif self.method == "percentile":
+                found = percentile_range(self.histogram, lo, hi, self.percentile)
+            elif self.method == "mse":
+                found = mse_range(self.histogram, lo, hi, self.quant_min, self.quant_max, symmetric)
+            else:
+                found = entropy_range(self.histogram, lo, hi, self.quant_min, self.quant_max)
+            if len(_RANGES) >= 4096:
+                _RANGES.pop(next(iter(_RANGES)))
+            _RANGES[key] = found
+        return _RANGES[key]
 
     def extra_repr(self) -> str:
         return f"method={self.range_method}"
