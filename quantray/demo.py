@@ -1,13 +1,17 @@
-"""The demo model: a small CNN for scikit-learn's 8x8 digits, with its trained checkpoint shipped.
+"""The demo models for scikit-learn's 8x8 digits, with their trained checkpoints shipped.
 
-    python -m quantray.demo                 # check the shipped checkpoint and print its test accuracy
-    python -m quantray.demo --train OUT.pth # train it again here (how the shipped one was made)
+    python -m quantray.demo                          # check the shipped checkpoints, print their test top-1
+    python -m quantray.demo --train OUT.pth [--model digits_mobilenet]   # train one again here
 
-`digits_cnn()` is the factory `jobs/digits.toml` names. Its weights ship inside the package
-(`assets/digits_cnn-v1.pth`, 99.6 KB) and are checked against their sha256 on load, so the demo
-gives the same checkpoint, accuracies and qparams digest on every machine of the pinned stack.
-Training is not machine-independent (float kernels differ between CPUs), which is why the result
-of one training, on the project's 2-core x86-64 machine, is shipped rather than trained on first use.
+`digits_cnn()` is the factory `jobs/digits.toml` names: a small CNN (`assets/digits_cnn-v1.pth`,
+99.6 KB). `digits_mobilenet()` is `jobs/digits_mobile.toml`'s: torchvision's mobilenet_v3_large at
+width 0.5 with a one-channel, stride-1 stem for 8x8 inputs (`assets/digits_mobilenet-v1.pth`,
+4.6 MB), the case `quantray tune` is shown on (README, "Recovering lost accuracy"). Both were
+trained with the same recipe (Adam 3e-3, batches of 64, 30 epochs, seed 0, one thread) and are
+checked against their sha256 on load, so the jobs give the same checkpoints, accuracies and qparams
+digests on every machine of the pinned stack. Training is not machine-independent (float kernels
+differ between CPUs), which is why the result of one training, on the project's 2-core x86-64
+machine, is shipped rather than trained on first use.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from torch import nn
 from .digest import sha256_bytes
 from .errors import QuantrayError
 
-__all__ = ["DigitsCNN", "digits_cnn", "train", "CHECKPOINT", "CHECKPOINT_SHA256"]
+__all__ = ["DigitsCNN", "digits_cnn", "digits_mobilenet", "train", "CHECKPOINTS"]
 
-CHECKPOINT = "digits_cnn-v1.pth"
-CHECKPOINT_SHA256 = "c8b935c2d3bafb9e08e4e9802e62d7a040eaf30e5c6a2d5b3e48a4c2e5f7c919"
+# factory name -> (architecture, shipped checkpoint, its sha256)
+CHECKPOINTS = {
+    "digits_cnn": ("digits_cnn-v1.pth", "c8b935c2d3bafb9e08e4e9802e62d7a040eaf30e5c6a2d5b3e48a4c2e5f7c919"),
+    "digits_mobilenet": ("digits_mobilenet-v1.pth", "d9035c2913d7818cc5d677afefc9607dcb7b52475a18028ed4b6adcb48f9dcc1"),
+}
 
 
 class DigitsCNN(nn.Module):
@@ -47,26 +54,52 @@ class DigitsCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def digits_cnn() -> DigitsCNN:
-    """The trained demo model, from the checkpoint shipped in the package (sha256 checked)."""
-    payload = resources.files("quantray").joinpath("assets", CHECKPOINT).read_bytes()
-    if sha256_bytes(payload) != CHECKPOINT_SHA256:
-        raise QuantrayError(f"quantray/assets/{CHECKPOINT}: sha256 differs from the one quantray ships; "
-                            "reinstall quantray")
-    model = DigitsCNN()
+def _mobilenet() -> nn.Module:
+    """torchvision's mobilenet_v3_large, width 0.5, 10 classes, its stem made one-channel and
+    stride 1 (8x8 digits would otherwise be 4x4 after it)."""
+    import torchvision
+
+    model = torchvision.models.mobilenet_v3_large(num_classes=10, width_mult=0.5)
+    stem = model.features[0][0]
+    model.features[0][0] = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stride=1, padding=stem.padding, bias=False)
+    return model
+
+
+_ARCHITECTURES = {"digits_cnn": DigitsCNN, "digits_mobilenet": _mobilenet}
+
+
+def _shipped(name: str) -> nn.Module:
+    file, sha256 = CHECKPOINTS[name]
+    payload = resources.files("quantray").joinpath("assets", file).read_bytes()
+    if sha256_bytes(payload) != sha256:
+        raise QuantrayError(f"quantray/assets/{file}: sha256 differs from the one quantray ships; reinstall quantray")
+    model = _ARCHITECTURES[name]()
     model.load_state_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
     return model.eval()
 
 
-def train(epochs: int = 30, seed: int = 0) -> tuple[dict, float]:
-    """Train on the digits train split (Adam, batches of 64); return the state_dict and test top-1."""
+def digits_cnn() -> DigitsCNN:
+    """The trained demo CNN, from the checkpoint shipped in the package (sha256 checked)."""
+    return _shipped("digits_cnn")
+
+
+def digits_mobilenet() -> nn.Module:
+    """The trained digits MobileNetV3 (module docstring), from its shipped checkpoint (sha256 checked)."""
+    return _shipped("digits_mobilenet")
+
+
+def train(name: str = "digits_cnn", epochs: int = 30, seed: int = 0) -> tuple[dict, float]:
+    """Train one architecture on the digits train split (Adam, batches of 64, one thread); return
+    the state_dict and test top-1."""
     from .data import digits
 
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = _ARCHITECTURES[name]()
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     train_set, test_set = digits("train"), digits("test")
     x, y = train_set.tensors
-    model = DigitsCNN()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(epochs):
@@ -84,24 +117,25 @@ def train(epochs: int = 30, seed: int = 0) -> tuple[dict, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", metavar="OUT", help="train the model here and save its state_dict to OUT")
+    parser.add_argument("--model", choices=list(CHECKPOINTS), default="digits_cnn")
     args = parser.parse_args()
     from .data import digits
 
     if args.train:
         from .store import Store
 
-        state, accuracy = train()
+        state, accuracy = train(args.model)
         buffer = io.BytesIO()
         torch.save(state, buffer)
         out = Path(args.train).absolute()
         Store(out.parent, "--train").write(buffer.getvalue(), out.name)
         print(f"trained {out}: test top-1 {accuracy:.4f}, sha256 {sha256_bytes(buffer.getvalue())}")
         return
-    model = digits_cnn()
     tx, ty = digits("test").tensors
-    with torch.inference_mode():
-        accuracy = (model(tx).argmax(1) == ty).float().mean().item()
-    print(f"shipped {CHECKPOINT} (sha256 {CHECKPOINT_SHA256[:16]}...): test top-1 {accuracy:.4f}")
+    for name, (file, sha256) in CHECKPOINTS.items():
+        with torch.inference_mode():
+            accuracy = (_shipped(name)(tx).argmax(1) == ty).float().mean().item()
+        print(f"shipped {file} (sha256 {sha256[:16]}...): test top-1 {accuracy:.4f}")
 
 
 if __name__ == "__main__":
