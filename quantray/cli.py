@@ -1,6 +1,8 @@
-"""Command line: argument parsing and exit codes only (0 ok, 1 run failed, 2 bad input, 3 gated out).
+"""Command line: argument parsing and exit codes only (0 ok, 1 run failed, 2 bad input, 3 gated out or
+the tune's budget not met).
 
     quantray run jobs/digits.toml [--workers N] [--out DIR] [--no-cache] [--address ADDR]
+    quantray tune jobs/digits_mobile.toml --max-drop 0.3 [--validation FILE.toml] [--trials N] [--workers N] [--out DIR]
     quantray refresh jobs/digits.toml --registry DIR [--workers N] [--address ADDR]
     quantray evaluate RUN_DIR [--data FILE.toml] [--samples N] [--out DIR] [--no-cache] [--address ADDR]
     quantray report RUN_DIR
@@ -55,6 +57,13 @@ def _dispatch(args, out) -> int:
                      use_cache=not args.no_cache).print(out)
         return 0
     spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
+    if args.command == "tune":
+        from .tune import tune
+
+        result = tune(spec, max_drop=args.max_drop / 100, validation=args.validation, trials=args.trials,
+                      workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache,
+                      rank_samples=args.rank_samples, console=out)
+        return 0 if result.met else GATED_OUT
     if args.command == "refresh":
         from .refresh import refresh
 
@@ -82,6 +91,21 @@ def _parser() -> argparse.ArgumentParser:
                          help="registry folder or URI (runs/, gates/, promotions/, PROMOTED, history.parquet)")
     refresh.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
     refresh.add_argument(address[0], **address[1])
+    tune = sub.add_parser("tune", help="search range methods and layers kept in FP32 for the fewest FP32 layers "
+                                       "within an accuracy budget (exit 0 met, 3 not met)")
+    tune.add_argument("job", help="job spec (TOML)")
+    tune.add_argument("--max-drop", type=_points, required=True, metavar="PTS",
+                      help="top-1 the INT8 model may lose against FP32, in points (0.3 = 0.3 pt)")
+    tune.add_argument("--validation", metavar="FILE.toml",
+                      help="a TOML file whose [test] table (keys as in a job's) is the set choices are made on "
+                           "(default: the job's test split; its accuracy is then optimistic)")
+    tune.add_argument("--trials", type=_positive, default=64, help="most trials to evaluate (default 64)")
+    tune.add_argument("--rank-samples", type=_positive, default=256,
+                      help="selection samples (whole batches, from the first) that rank layer sensitivity (default 256)")
+    tune.add_argument("--workers", type=_positive, help="workers (default: the CPUs Ray sees)")
+    tune.add_argument("--out", help="tune directory to create (default: tunes/NAME-TIMESTAMP)")
+    tune.add_argument("--no-cache", action="store_true", help="recompute every stored statistic")
+    tune.add_argument(address[0], **address[1])
     evaluate = sub.add_parser("evaluate", help="evaluate a finished run's INT8 model again (another test set, "
                                                "more samples) without calibrating; writes a new directory")
     evaluate.add_argument("run_dir", help="a run directory written by `quantray run` (a folder or a URI)")
@@ -93,6 +117,16 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="print a finished run's comparison table from its files")
     report.add_argument("run_dir", help="a run directory written by `quantray run`")
     return parser
+
+
+def _points(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected points of top-1, e.g. 0.3, got {text!r}") from None
+    if not 0 <= value < 100:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100 points, got {value:g}")
+    return value
 
 
 def _positive(text: str) -> int:

@@ -43,7 +43,10 @@ __all__ = ["prepare", "convert", "rebuild_int8", "qconfig_mapping", "set_engine"
 # README says once that FX quantization is deprecated upstream (torchao PT2E is the successor).
 _KNOWN_WARNINGS = (".*quant_min and quant_max.*", ".*torch.jit.* is deprecated.*", ".*quantize_per_tensor.*",
                    ".*TypedStorage is deprecated.*", ".*TorchScript type system.*", ".*torchao.*",
-                   ".*must run observer before calling calculate_qparams.*")
+                   ".*must run observer before calling calculate_qparams.*",
+                   # mapping = "global" gives fixed-qparams ops (hardsigmoid, ...) the global qconfig, which
+                   # torch ignores for them, saying so once per op and per prepare
+                   ".*QConfig must specify a FixedQParamsObserver.*")
 _ACTIVATIONS = {"histogram": HistogramObserver, "minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver}
 _WEIGHTS = {"per_channel": default_per_channel_weight_observer, "per_tensor": default_weight_observer}
 

@@ -15,7 +15,7 @@ import math
 
 from .report import throughput_row
 
-__all__ = ["render", "COLORS"]
+__all__ = ["render", "render_tune", "COLORS"]
 
 COLORS = {"fp32": "#1b6ca8", "int8": "#d95f02", "script": "#7a3e9d", "bad": "#c0392b", "good": "#2e8b57",
           "grid": "#dddddd", "ink": "#222222"}
@@ -237,3 +237,87 @@ def _conditions(metrics: dict, manifest: dict) -> str:
     for key, value in sorted((manifest.get("versions") or {}).items()):
         rows.append([key, value])
     return _table(["", "value"], rows, numeric_from=2)
+
+
+def render_tune(summary: dict, trials: list[dict], best_metrics: dict) -> str:
+    """The tune directory's report.html: outcome, top-1 against FP32 layers, layer sensitivity, trials."""
+    scored = [t for t in trials if t["top1"] is not None]
+    full = [t for t in scored if t["phase"] != "rank"]
+    best = next(t for t in trials if t["trial"] == summary["best_trial"])
+    outcome = (f"<p><b>{'Budget met' if summary['met'] else 'Budget not met'}</b>: {_e(summary['stopped'])}. "
+               f"{summary['trials']} trials (limit {summary['trial_limit']}), chosen on {_e(summary['selection'])}; "
+               f"max drop {summary['max_drop'] * 100:g} pt.</p>"
+               f"<p>Best: trial {best['trial']}, range {_e(best['range_method'])}, weights {_e(best['weight'])}, "
+               f"{len(best['fp32_modules'])} FP32 layer(s) ({_e(', '.join(best['fp32_modules']) or 'none')}). "
+               f"On the job's [test]: FP32 {_pct(best_metrics['fp32']['top1'])}, "
+               f"tuned INT8 {_pct(best_metrics['int8']['top1'])} (best-run/report.html).</p>")
+    table = _table(["trial", "phase", "range", "weights", "FP32 layers", "samples", "top-1", "95% interval", "drop (pt)",
+                    "agreement", "INT8 KB", "note"],
+                   [[t["trial"], t["phase"], t["range_method"], t["weight"], len(t["fp32_modules"]), t["samples"],
+                     _pct(t["top1"]) if t["top1"] is not None else "",
+                     f"{_pct(t['top1_ci95_low'])}-{_pct(t['top1_ci95_high'])}" if t["top1"] is not None else "",
+                     f"{t['drop'] * 100:+.2f}" if t["drop"] is not None else "",
+                     f"{t['agreement']:.4f}" if t["agreement"] is not None else "",
+                     f"{t['int8_size_bytes'] / 1e3:.1f}" if t["int8_size_bytes"] else "", t["note"]] for t in trials],
+                   numeric_from=4)
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta http-equiv=Content-Security-Policy "
+            f"content=\"{_CSP}\"><title>quantray tune</title><style>{_CSS}</style></head><body>"
+            f"<h1>quantray tune</h1><p class=muted>{_e(summary['job'])}</p>{outcome}"
+            f"<h2>Top-1 against the number of FP32 layers</h2>{_fp32_layers_plot(full, summary['max_drop'])}"
+            f"<h2>Layer sensitivity</h2>{_sensitivity_plot(summary['sensitivity'])}"
+            f"<h2>Trials</h2>{table}</body></html>")
+
+
+def _fp32_layers_plot(trials: list[dict], max_drop: float) -> str:
+    """One dot per trial on the whole selection set; the dashed line is FP32 top-1 minus the budget."""
+    if not trials:
+        return "<p class=muted>No trial was evaluated.</p>"
+    left, width, height, top_pad = 60, 560, 220, 10
+    most = max(1, max(len(t["fp32_modules"]) for t in trials))
+    fp32 = trials[0]["fp32_top1"]
+    values = [t["top1"] for t in trials] + [fp32, fp32 - max_drop]
+    low, high = min(values), max(values)
+    span = (high - low) or 1e-3
+    low, high = low - 0.1 * span, high + 0.1 * span
+
+    def y(v):
+        return top_pad + (high - v) / (high - low) * height
+
+    body = []
+    for v, label, dash in ((fp32, "FP32", ""), (fp32 - max_drop, "budget", " stroke-dasharray=\"4 3\"")):
+        body.append(f"<line x1=\"{left}\" y1=\"{y(v):.1f}\" x2=\"{left + width}\" y2=\"{y(v):.1f}\" "
+                    f"stroke=\"{COLORS['fp32']}\"{dash}/>")
+        body.append(_text(left + width + 4, y(v) + 4, f"{label} {_pct(v)}"))
+    for t in trials:
+        x = left + len(t["fp32_modules"]) / most * width
+        color = COLORS["good"] if t["drop"] <= max_drop else COLORS["int8"]
+        body.append(f"<circle cx=\"{x:.1f}\" cy=\"{y(t['top1']):.1f}\" r=\"4\" fill=\"{color}\"><title>"
+                    f"trial {t['trial']}: {_e(t['range_method'])}, "
+                    f"{_e(t['weight'])}, {len(t['fp32_modules'])} FP32 layers, top-1 {_pct(t['top1'])}</title></circle>")
+    for i in range(5):
+        v = low + (high - low) * i / 4
+        body.append(_text(left - 6, y(v) + 4, _pct(v), "end"))
+    axis_y = top_pad + height + 16
+    body += [_text(left + width * i / 4, axis_y, f"{most * i / 4:.3g}", "middle") for i in range(5)]
+    body.append(_text(left + width / 2, axis_y + 16, "layers kept in FP32", "middle"))
+    return _svg(left + width + 110, axis_y + 24, body, "top-1 against the number of FP32 layers")
+
+
+def _sensitivity_plot(sensitivity: list[dict]) -> str:
+    rows = [r for r in sensitivity if r["sqnr_gain_db"] is not None]
+    if not rows:
+        return "<p class=muted>Layers were not ranked: a range method met the budget, or trials ran out.</p>"
+    bar, left, width = 14, 190, 500
+    top = max(max(r["sqnr_gain_db"] for r in rows), 1e-9)
+    low = min(0.0, min(r["sqnr_gain_db"] for r in rows))
+    scale = width / (top - low)
+    body = []
+    for k, r in enumerate(rows):
+        yy = 10 + k * bar
+        body.append(_text(left - 6, yy + bar - 4, r["module"], "end"))
+        body.append(_rect(left + (min(0.0, r["sqnr_gain_db"]) - low) * scale, yy + 1, abs(r["sqnr_gain_db"]) * scale,
+                          bar - 2, COLORS["int8"], f"{r['module']} alone in FP32: logit SQNR {r['sqnr_gain_db']:+.2f} dB"))
+        body.append(_text(left + (r["sqnr_gain_db"] - low) * scale + 4, yy + bar - 4, f"{r['sqnr_gain_db']:+.2f}"))
+    axis_y = 10 + len(rows) * bar + 14
+    body += _axis(left, axis_y, width, low, top, "dB")
+    return _svg(left + width + 60, axis_y + 10, body, "logit SQNR gained by keeping each layer alone in FP32")

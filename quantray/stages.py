@@ -144,6 +144,7 @@ class Calibrated:
     counts: dict[str, int]  # values each histogram observer counted (exact mode)
     plan: Plan
     info: dict
+    stats: object = None    # the merged statistics (modes.*Stats): they load into any config over the same FP32 model
 
 
 def start_workers(ctx: Context, job: Job, prepared: nn.Module | None = None, *, workers: int | None = None,
@@ -190,7 +191,7 @@ def calibrate(ctx: Context, job: Job, prepared: nn.Module, pool: runner.WorkerPo
                                                                     reused.items()) + f" (from {store.location})")
     _warn_unwritable(ctx, store)
     counts = result.stats.load(prepared)
-    return Calibrated(prepared, counts, plan, result.info)
+    return Calibrated(prepared, counts, plan, result.info, result.stats)
 
 
 def check_stats_location(spec: JobSpec, use_cache: bool) -> None:

@@ -169,12 +169,13 @@ class StagedDir:
 
     def commit(self, manifest: dict) -> str | Path:
         """Record every file's sha256 in manifest.json, then publish the folder; returns its location."""
-        files = {p.name: sha256_bytes(p.read_bytes()) for p in sorted(self.staging.iterdir())}
+        files = {p.relative_to(self.staging).as_posix(): sha256_bytes(p.read_bytes())
+                 for p in sorted(self.staging.rglob("*")) if p.is_file()}  # a folder inside: its files, by path
         self.write_json("manifest.json", dict(manifest, files=files))
         self.manifest = json.loads(self.path("manifest.json").read_bytes())  # as readers will see it
         if self.store.local is None:
             for name in [*files, "manifest.json"]:  # the manifest last
-                self.store.write(self.path(name).read_bytes(), name)
+                self.store.write(self.path(name).read_bytes(), *name.split("/"))
             self.abort()
         else:
             os.chmod(self.staging, 0o755)  # mkdtemp makes it 0700

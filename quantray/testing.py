@@ -190,3 +190,35 @@ def tiny_cnn(channels: int = 3, num_classes: int = 3):
     return nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(16, num_classes))
+
+
+def one_hostile_layer():
+    """The demo CNN with a layer `mix` between its features and its classifier: an identity on the
+    64 features plus a 65th output that a ReLU always zeroes (weight -1000 on a non-negative
+    feature). FP32 computes exactly the demo's logits; with per-tensor INT8 weights that one
+    weight sets mix's scale so that its identity weights round to zero. Keeping `mix` alone in FP32
+    repairs it; no activation range method can (tests of `quantray tune`'s layer search)."""
+    import torch
+    from torch import nn
+
+    from .demo import digits_cnn
+
+    class OneHostileLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cnn, self.mix, self.relu, self.fc = digits_cnn(), nn.Linear(64, 65), nn.ReLU(), nn.Linear(65, 10)
+            with torch.no_grad():
+                self.mix.weight.zero_()
+                self.mix.weight[:64] = torch.eye(64)
+                self.mix.weight[64, 0] = -1000.0
+                self.mix.bias.zero_()
+                self.fc.weight.zero_()
+                self.fc.weight[:, :64] = self.cnn.fc.weight
+                self.fc.bias.copy_(self.cnn.fc.bias)
+
+        def forward(self, x):
+            c = self.cnn
+            x = c.avg(c.relu(c.conv3(c.pool(c.relu(c.conv2(c.relu(c.conv1(x))))))))
+            return self.fc(self.relu(self.mix(torch.flatten(x, 1))))
+
+    return OneHostileLayer().eval()

@@ -20,9 +20,9 @@ import time
 import torch
 
 from . import data as data_mod
-from . import flow
+from . import flow, merge
 from .calibration import CalibrationWorker
-from .evaluation import ShardResult, measure_speed, processor, score_batch
+from .evaluation import ShardResult, measure_speed, merge_results, processor, score_batch, state_dict_bytes
 from .layers import LayerLogger, LayerResult
 
 __all__ = ["Worker"]
@@ -82,6 +82,25 @@ class Worker(CalibrationWorker):
             int8 = self._script(x)
             seconds["int8_torchscript"] = time.perf_counter() - t
         return score_batch(indices, y, logits, int8), (logits if stored is None else None), seconds, layer
+
+    def trial(self, quant, stats, batches: list[list[int]], logits: list[torch.Tensor]) -> tuple[ShardResult, str, int]:
+        """One `quantray tune` trial: `quant`'s INT8 model built here from the merged statistics
+        (prepare_fx, load them, convert_fx: no forward pass), scored on `batches` against their FP32
+        `logits`. Returns the scores, the qparams digest and the INT8 state_dict's size."""
+        prepared = flow.prepare(self._fp32, quant, self._example)
+        stats.load(prepared)  # MissingStatistics names a value the calibration did not observe
+        int8 = flow.convert(prepared)
+        results = []
+        with torch.inference_mode():
+            for batch, fp32 in zip(batches, logits):
+                x, y = data_mod.load_batch(self._test, batch)
+                results.append(score_batch(batch, y, fp32, int8(x)))
+        return merge_results(results), merge.state_digest(prepared), len(state_dict_bytes(int8))
+
+    def fp32_logits(self, indices: list[int]) -> torch.Tensor:
+        """The FP32 model's logits on one test batch."""
+        with torch.inference_mode():
+            return self._fp32(data_mod.load_batch(self._test, indices)[0])
 
     def peak_rss_mb(self) -> float:
         """This process's peak resident memory so far, in MiB."""
