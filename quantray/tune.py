@@ -23,8 +23,9 @@ and the summary says that its accuracy is then optimistic.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import io
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +98,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
          use_cache: bool = True, rank_samples: int = 256, console: Console | None = None) -> TuneResult:
     """Search for the configuration with the fewest FP32 layers whose top-1 drop (a fraction: 0.003 is
     0.3 pt) on the selection set is within `max_drop`; write the tune directory (module docstring)."""
-    spec = job if isinstance(job, JobSpec) else load_spec(job)
+    spec = original = job if isinstance(job, JobSpec) else load_spec(job)
     if not 0 <= max_drop < 1:
         raise SpecError(f"--max-drop {max_drop * 100:g}: points of top-1 between 0 and 100")
     if trials < 1:
@@ -108,7 +109,12 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
     if not out:
         out = Path("tunes") / f"{spec.name}-{ctx.now().astimezone():%Y%m%d-%H%M%S}"
     stages.check_stats_location(spec, use_cache)
-    with StagedDir(out) as staged:
+    with StagedDir(out) as staged, contextlib.ExitStack() as cleanup:
+        private = None
+        if not (use_cache and spec.run.cache):  # nothing stored earlier is read; what this tune computes
+            # (statistics, FP32 outputs) is kept in a folder of its own, which its best run then reuses
+            private = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="quantray-tune-stats-"))
+            spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, cache=True, cache_dir=private))
         with ctx.stage("load"):
             loaded = stages.load(dataclasses.replace(spec, test=selection))
         with ctx.stage("prepare"):
@@ -116,17 +122,19 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         with api._cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
             with stages.start_workers(ctx, loaded, prepared, workers=workers) as pool:
                 with ctx.stage("calibrate"):
-                    calibrated = stages.calibrate(ctx, loaded, prepared, pool, use_cache=use_cache)
-                search = _Search(ctx, loaded, calibrated, pool, max_drop, trials, rank_samples, use_cache)
+                    calibrated = stages.calibrate(ctx, loaded, prepared, pool)
+                search = _Search(ctx, loaded, calibrated, pool, max_drop, trials, rank_samples)
                 search.run()
             best = search.best()
-            best_text = best_toml(spec, best.trial)
-            staged.write_bytes("best.toml", best_text.encode())
+            staged.write_bytes("best.toml", best_toml(original, best.trial).encode())
             # The chosen trial as a job, on the job's own test split: its run directory, and the proof that
             # best.toml rebuilds exactly the trial's model (the same qparams digest).
             best_spec = load_spec(staged.path("best.toml"))
+            if private:
+                best_spec = dataclasses.replace(best_spec, run=dataclasses.replace(best_spec.run, cache=True,
+                                                                                   cache_dir=private))
             ctx.console.print("running the best trial as a job (best.toml) on the job's \\[test] ...")
-            best_run = api.run(best_spec, out=staged.path("best-run"), console=ctx.console, use_cache=use_cache)
+            best_run = api.run(best_spec, out=staged.path("best-run"), console=ctx.console)
         if best_run.manifest["qparams_digest"] != best.row["qparams_digest"]:
             raise SpecError(f"best.toml gave qparams digest {best_run.manifest['qparams_digest'][:16]} where the trial had "
                             f"{best.row['qparams_digest'][:16]}: please report this")
@@ -136,7 +144,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
                 r["latency_ms"] = best_run.metrics["int8"]["torchscript_latency_ms"]
         staged.write_parquet("trials.parquet", rows, TRIALS_SCHEMA)
         met = best.row["drop"] <= max_drop
-        summary = {"job": str(spec.path), "max_drop": max_drop, "met": met, "stopped": search.stopped,
+        summary = {"job": str(original.path), "max_drop": max_drop, "met": met, "stopped": search.stopped,
                    "selection": str(validation) if validation is not None else "[test] of the job (optimistic)",
                    "trials": len(rows), "trial_limit": trials, "best_trial": best.row["trial"],
                    "sensitivity": search.sensitivity, "timings_s": ctx.timings, "wall_s": round(ctx.clock() - started, 3),
@@ -155,18 +163,18 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
 class _Search:
     """The three phases over one pool; `scored` keeps every trial in the order it was evaluated."""
 
-    def __init__(self, ctx, job: stages.Job, calibrated: stages.Calibrated, pool, max_drop, limit, rank_samples, use_cache):
+    def __init__(self, ctx, job: stages.Job, calibrated: stages.Calibrated, pool, max_drop, limit, rank_samples):
         self.ctx, self.job, self.calibrated, self.pool = ctx, job, calibrated, pool
         self.max_drop, self.limit, self.stopped = max_drop, limit, ""
         self.batches = make_batches(job.test_idx, job.spec.test.batch_size)
         self.rank_batches = stages._first_batches(self.batches, rank_samples)
         self.scored: list[_Scored] = []
         self.sensitivity: list[dict] = []
-        self.fp32_logits = self._fp32_logits(use_cache)
+        self.fp32_logits = self._fp32_logits()
 
-    def _fp32_logits(self, use_cache: bool) -> list[torch.Tensor]:
+    def _fp32_logits(self) -> list[torch.Tensor]:
         """FP32 logits of every selection batch: stored ones reused, the others computed once on the pool."""
-        store = stages._stats_store(self.job, use_cache)
+        store = stages._stats_store(self.job, True)
         identities = batch_identities(self.job.test_ds, self.job.spec.test, self.batches)
         keys = [store.key("fp32-logits", i) for i in identities] if store else None
         logits = [store.get(k) for k in keys] if store else [None] * len(self.batches)

@@ -2,6 +2,11 @@
 re-prepared, re-calibrated and evaluated (FP32 and INT8) in one process, one trial after another.
 
     python -m quantray.benchmarks.tune [--job jobs/digits_mobile.toml] [--max-drop 0.3] [--workers 2]
+    python -m quantray.benchmarks.tune --article 2      # the article's job: resnet18 on 224x224 JPEGs
+
+`--article K` writes the article's job as `testing.article_job` does (a Flowers102 folder of
+500x375 JPEGs, 102 classes, K test images per class, 100 calibration images in batches of 10, an
+untrained resnet18: timings do not depend on its weights) and tunes that.
 
 1. `quantray tune JOB --max-drop PTS --no-cache` as a user runs it (a new process, a fresh stats
    folder): wall time from launch to exit.
@@ -31,6 +36,7 @@ def main() -> None:
     parser.add_argument("--job", default="jobs/digits_mobile.toml")
     parser.add_argument("--max-drop", default="0.3")
     parser.add_argument("--workers", default="2")
+    parser.add_argument("--article", type=int, metavar="K", help="tune the article's job, K test images per class")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
@@ -41,6 +47,10 @@ def main() -> None:
     from quantray.tune import Trial
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.article:
+            from quantray.testing import article_job
+
+            args.job = str(article_job(Path(tmp) / "article", samples=100, classes=range(1, 103), test=args.article))
         spec_text = Path(args.job).read_text()
         job = Path(args.job).resolve().parent / f".bench-{Path(tmp).name}.toml"  # beside it: its relative paths hold
         job.write_text(spec_text.replace("[run]", f'[run]\ncache_dir = "{tmp}/stats"', 1) if "[run]" in spec_text
