@@ -219,8 +219,7 @@ class _Search:
         k = 1
         while k <= len(order):
             wave = [Trial(best.method, best.weight, tuple(order[:j])) for j in range(k, min(len(order), k + self.pool.size - 1) + 1)]
-            wave = wave[:self._left()]
-            if not wave:
+            if not self._left():
                 self.stopped = f"the trials ran out ({self.limit}) with {k - 1} layers in FP32"
                 return
             scored = self._wave(wave, "fp32", self.batches)

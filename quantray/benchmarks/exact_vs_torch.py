@@ -4,13 +4,14 @@
 
 torch's HistogramObserver re-bins its histogram whenever a batch widens the range, so its result
 depends on the batches and their order; quantray's exact mode histograms every value over the
-global range (what torch would compute if it saw all values at once). Both use the same qconfig,
-the same batches, in the same order. Printed per observer: the relative scale difference
-|torch - exact| / exact; and top-1 of both INT8 models on the job's test split.
+global range (what torch would compute if it saw all values at once). Both use the same qconfig
+(the job's [quantization]; x86's default for mobilenet_v2) and the same batches, in the same
+order. Printed: per observer the relative scale difference |torch - exact| / exact; top-1 of
+both INT8 models on the job's test split.
 
 Cases: the job's model on its data, and torchvision's mobilenet_v2 (untrained, seed 0) at 64x64 on
 random images, 5 calibration batches of 8 (top-1 is meaningless there: the two INT8 models'
-agreement on 256 random images is printed instead).
+agreement on 256 other random images is printed instead).
 """
 
 from __future__ import annotations
@@ -20,48 +21,31 @@ import argparse
 import torch
 
 
-def _compare(model, example, batches, label: str):
-    from torch.ao.quantization.quantize_fx import convert_fx
-
+def _compare(model, quant, spec, dataset, batches: list[list[int]], label: str):
+    """torch's own calibration and the exact merge over the same batches, in order; prints the
+    per-observer relative scale differences; returns both INT8 models."""
     from quantray import flow, merge, sites
     from quantray.calibration import SerialExecutor, calibrate
+    from quantray.data import load_batch
     from quantray.modes import MODES, Plan
-    from quantray.spec import DataSpec, QuantSpec
-
-    quant = QuantSpec()
+    example = load_batch(dataset, batches[0][:1])[0]
     seed = flow.prepare(model, quant, example)
     with torch.inference_mode():
-        for x in batches:
-            seed(x)
+        for b in batches:
+            seed(load_batch(dataset, b)[0])
     exact = flow.prepare(model, quant, example)
     observed = sites.observed_values(exact)
-    data = list(batches)
-    spec = DataSpec(source="factory", factory="quantray.benchmarks.exact_vs_torch:_tensors", kwargs={})
-    _TENSORS[:] = data
-    index = [list(range(sum(len(b) for b in data[:k]), sum(len(b) for b in data[:k + 1]))) for k in range(len(data))]
     with SerialExecutor(model, example, quant, spec, 1, sites.signature(observed)) as executor:
-        result = calibrate(MODES["exact"], executor, Plan(index, [list(range(len(index)))], observed))
+        result = calibrate(MODES["exact"], executor, Plan(batches, [list(range(len(batches)))], observed))
     result.stats.load(exact)
     rows = {r["name"]: r for r in merge.qparam_rows(exact)}
-    diffs = []
-    for r in merge.qparam_rows(seed):
-        e = rows[r["name"]]
-        diffs.append((abs(r["scale"] - e["scale"]) / e["scale"], r["name"], r["zero_point"] - e["zero_point"]))
-    diffs.sort(reverse=True)
-    over = [d for d in diffs if d[0] > 0.05]
-    print(f"{label}: {len(diffs)} activation observers; scale differs by more than 5% at {len(over)}, "
-          f"more than 1% at {sum(d[0] > 0.01 for d in diffs)}, at all at {sum(d[0] > 0 for d in diffs)}; largest: "
+    diffs = sorted(((abs(r["scale"] - rows[r["name"]]["scale"]) / rows[r["name"]]["scale"], r["name"],
+                     r["zero_point"] - rows[r["name"]]["zero_point"]) for r in merge.qparam_rows(seed)), reverse=True)
+    print(f"{label}: {len(diffs)} activation observers; scale differs by more than 5% at "
+          f"{sum(d[0] > 0.05 for d in diffs)}, by more than 1% at {sum(d[0] > 0.01 for d in diffs)}, at all at "
+          f"{sum(d[0] > 0 for d in diffs)}; largest: "
           + ", ".join(f"{n} {d * 100:.1f}% (zero point {z:+d})" for d, n, z in diffs[:3]))
-    return convert_fx(seed), flow.convert(exact)
-
-
-_TENSORS: list[torch.Tensor] = []
-
-
-def _tensors():
-    """The benchmark's calibration batches as a dataset (sample i of the concatenation)."""
-    x = torch.cat(_TENSORS)
-    return torch.utils.data.TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
+    return flow.convert(seed), flow.convert(exact)
 
 
 def main() -> None:
@@ -73,16 +57,17 @@ def main() -> None:
     import torchvision
 
     from quantray import stages
-    from quantray.data import load_batch, make_batches
+    from quantray.data import build_dataset, load_batch, make_batches
     from quantray.flow import quiet_torch_warnings
-    from quantray.spec import load_spec
+    from quantray.spec import DataSpec, QuantSpec, load_spec
 
     quiet_torch_warnings()
     torch.set_num_threads(1)
     spec = load_spec(args.job)
     job = stages.load(spec)
-    batches = [load_batch(job.calib_ds, b)[0] for b in make_batches(job.calib_idx, spec.calibration.batch_size)]
-    torch_int8, exact_int8 = _compare(job.fp32, job.example, batches, f"{spec.name} ({len(job.calib_idx)} samples)")
+    batches = make_batches(job.calib_idx, spec.calibration.batch_size)
+    torch_int8, exact_int8 = _compare(job.fp32, spec.quantization, spec.calibration, job.calib_ds, batches,
+                                      f"{spec.name} ({len(job.calib_idx)} samples)")
     correct = {"fp32": 0, "torch": 0, "exact": 0}
     with torch.inference_mode():
         for b in make_batches(job.test_idx, 64):
@@ -95,14 +80,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2().eval()
-    generator = torch.Generator().manual_seed(0)
-    batches = [torch.randn(8, 3, 64, 64, generator=generator) for _ in range(args.mobilenet_batches)]
-    torch_int8, exact_int8 = _compare(model, batches[0][:1], batches,
+    calibration = 8 * args.mobilenet_batches
+    images = DataSpec(source="factory", factory="quantray.testing:random_images",
+                      kwargs={"n": calibration + 256, "shape": [3, 64, 64]})
+    dataset = build_dataset(images)
+    torch_int8, exact_int8 = _compare(model, QuantSpec(), images, dataset, make_batches(list(range(calibration)), 8),
                                       f"mobilenet_v2 64x64, {args.mobilenet_batches} batches of 8")
-    x = torch.randn(256, 3, 64, 64, generator=generator)
+    x = load_batch(dataset, list(range(calibration, calibration + 256)))[0]
     with torch.inference_mode():
         agree = float((torch_int8(x).argmax(1) == exact_int8(x).argmax(1)).float().mean())
-    print(f"  the two INT8 models agree on top-1 for {agree * 100:.1f}% of 256 random images")
+    print(f"  the two INT8 models agree on top-1 for {agree * 100:.1f}% of 256 other random images")
 
 
 if __name__ == "__main__":

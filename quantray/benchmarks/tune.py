@@ -22,6 +22,7 @@ Ratios are measured in the same run; both sides use one process per worker at on
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,10 @@ def main() -> None:
             evaluated = [r for r in rows if r["samples"] and not r["note"]]
             print(f"quantray tune ({args.workers} workers, --no-cache): {tune_s:.1f} s for {len(rows)} trials "
                   f"({len(evaluated)} evaluated), exit {done.returncode}")
+            summary = json.loads(Path(f"{tmp}/tune/tune.json").read_text())
+            best_run = json.loads(Path(f"{tmp}/tune/best-run/manifest.json").read_text())
+            print(f"  of which the best trial's run (best-run/: convert, evaluation on [test], per-layer SQNR, speed) "
+                  f"{best_run['wall_s']:.1f} s; stages {summary['timings_s']}")
 
             flow.quiet_torch_warnings()
             torch.set_num_threads(1)
@@ -93,7 +98,9 @@ def main() -> None:
                         loaded.fp32(x).argmax(1), int8(x).argmax(1)
                         seen += len(batch)
             anchors_s = time.perf_counter() - t
-            print(f"the anchors' way, one process: {anchors_s:.1f} s; quantray tune is {anchors_s / tune_s:.2f}x faster")
+            search_s = tune_s - best_run["wall_s"]
+            print(f"the anchors' way, one process: {anchors_s:.1f} s; quantray tune is {anchors_s / tune_s:.2f}x faster "
+                  f"({anchors_s / search_s:.2f}x up to its choice, without the best trial's run)")
 
             from quantray.calibration import SerialExecutor, calibrate as run_protocol
             from quantray.modes import MODES, Plan
