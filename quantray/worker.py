@@ -27,6 +27,8 @@ from .layers import LayerLogger, LayerResult
 
 __all__ = ["Worker"]
 
+_DECODED_BYTES = 1 << 30  # per worker: 1 GiB holds about 1,700 decoded 224x224 RGB images
+
 
 class Worker(CalibrationWorker):
     """`calibration`/`test`: the data specs of the splits this worker will see (None: not needed).
@@ -43,6 +45,7 @@ class Worker(CalibrationWorker):
                              memory_bytes=memory_bytes)
         self._test = data_mod.build_dataset(test, where="[test]") if test is not None else None
         self._int8_key, self._script, self._state, self._eager, self._logger = None, None, None, None, None
+        self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
         self.setup_s = round(time.perf_counter() - started, 4)
 
     def load_int8(self, key: str, script: bytes, state: bytes) -> None:
@@ -93,14 +96,24 @@ class Worker(CalibrationWorker):
         results = []
         with torch.inference_mode():
             for batch, fp32 in zip(batches, logits):
-                x, y = data_mod.load_batch(self._test, batch)
+                x, y = self._decoded_batch(batch)
                 results.append(score_batch(batch, y, fp32, int8(x)))
         return merge_results(results), merge.state_digest(prepared), len(state_dict_bytes(int8))
 
     def fp32_logits(self, indices: list[int]) -> torch.Tensor:
-        """The FP32 model's logits on one test batch."""
+        """The FP32 model's logits on one test batch (which a tune's trials then find decoded)."""
         with torch.inference_mode():
-            return self._fp32(data_mod.load_batch(self._test, indices)[0])
+            return self._fp32(self._decoded_batch(indices)[0])
+
+    def _decoded_batch(self, indices: list[int]):
+        """A test batch, decoded once and kept while the kept batches stay under _DECODED_BYTES."""
+        found = self._decoded.get(tuple(indices))
+        if found is None:
+            found = data_mod.load_batch(self._test, indices)
+            if self._decoded_bytes + found[0].nbytes <= _DECODED_BYTES:
+                self._decoded[tuple(indices)] = found
+                self._decoded_bytes += found[0].nbytes
+        return found
 
     def peak_rss_mb(self) -> float:
         """This process's peak resident memory so far, in MiB."""

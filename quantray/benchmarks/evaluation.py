@@ -46,6 +46,26 @@ def _seed_test_accuracy(model, loader) -> tuple[float, list[int]]:
     return correct / total, predictions
 
 
+def _models(calib: torch.Tensor):
+    """The benchmarks' models: an untrained resnet18 (seed 0, 102 classes), the x86 QuantSpec, its
+    INT8 model calibrated on `calib` in one batch, and that model's TorchScript bytes."""
+    import torchvision
+
+    from quantray.flow import convert, prepare
+    from quantray.spec import QuantSpec
+
+    torch.manual_seed(0)
+    fp32 = torchvision.models.resnet18(num_classes=102).eval()
+    quant = QuantSpec(backend="x86")
+    prepared = prepare(fp32, quant, calib[:1])
+    with torch.inference_mode():
+        prepared(calib)
+    int8 = convert(prepared)
+    script = io.BytesIO()
+    torch.jit.save(torch.jit.script(int8), script)
+    return fp32, quant, int8, script
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2040, help="test images (rounded up to a multiple of 102)")
@@ -54,15 +74,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import ray
-    import torchvision
 
     from rich.console import Console
 
     from quantray import runner, stages
     from quantray.data import build_dataset, load_batch
     from quantray.evaluation import state_dict_bytes
-    from quantray.flow import convert, prepare, quiet_torch_warnings
-    from quantray.spec import DataSpec, JobSpec, ModelSpec, QuantSpec, RunSpec
+    from quantray.flow import quiet_torch_warnings
+    from quantray.spec import DataSpec, JobSpec, ModelSpec, RunSpec
     from quantray.testing import write_flowers102
 
     quiet_torch_warnings()
@@ -77,18 +96,10 @@ def main() -> None:
         print(f"wrote {n} test JPEGs (500x375, 102 classes) in {time.perf_counter() - t:.1f} s; "
               f"{torch.get_num_threads()} torch threads by default, {args.workers} Ray workers")
 
-        torch.manual_seed(0)
-        fp32 = torchvision.models.resnet18(num_classes=102).eval()
-        quant = QuantSpec(backend="x86")
         train = build_dataset(DataSpec(source="torchvision", dataset="Flowers102", root=root, split="train",
                                        transform="imagenet_eval", verify=False))
         calib = load_batch(train, list(range(10)))[0]
-        prepared = prepare(fp32, quant, calib[:1])
-        with torch.inference_mode():
-            prepared(calib)
-        int8 = convert(prepared)
-        script = io.BytesIO()
-        torch.jit.save(torch.jit.script(int8), script)
+        fp32, quant, int8, script = _models(calib)
         state = state_dict_bytes(int8)
 
         t = time.perf_counter()

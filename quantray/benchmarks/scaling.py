@@ -15,7 +15,6 @@ the article's two `test_accuracy` loops (DataLoader, batch 32, default threads),
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import tempfile
 import time
@@ -52,15 +51,13 @@ def _calibration(cluster, workers: list[int], images: int) -> None:
 def _evaluation(cluster, workers: list[int], images: int) -> None:
     import dataclasses
 
-    import torchvision
     from rich.console import Console
 
     from quantray import stages
-    from quantray.benchmarks.evaluation import _seed_test_accuracy
+    from quantray.benchmarks.evaluation import _models, _seed_test_accuracy
     from quantray.data import build_dataset, load_batch
     from quantray.evaluation import state_dict_bytes
-    from quantray.flow import convert, prepare
-    from quantray.spec import DataSpec, JobSpec, ModelSpec, QuantSpec, RunSpec
+    from quantray.spec import DataSpec, JobSpec, ModelSpec, RunSpec
     from quantray.testing import write_flowers102
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,16 +66,8 @@ def _evaluation(cluster, workers: list[int], images: int) -> None:
                         verify=False, batch_size=32)
         dataset = build_dataset(spec)
         n = len(dataset)
-        torch.manual_seed(0)
-        fp32 = torchvision.models.resnet18(num_classes=102).eval()
-        quant = QuantSpec(backend="x86")
         calib = load_batch(dataset, list(range(10)))[0]
-        prepared = prepare(fp32, quant, calib[:1])
-        with torch.inference_mode():
-            prepared(calib)
-        int8 = convert(prepared)
-        script = io.BytesIO()
-        torch.jit.save(torch.jit.script(int8), script)
+        fp32, quant, int8, script = _models(calib)
 
         loader = torch.utils.data.DataLoader(dataset, batch_size=32, shuffle=False)
         t = time.perf_counter()
