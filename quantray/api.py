@@ -13,14 +13,13 @@ model, the data) and write their directory whole or not at all.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from . import runner, stages
+from . import stages
 from .artifacts import RunFiles, load_quantized
 from .report import make_progress, print_summary
 from .spec import JobSpec, load_spec, load_test_section, parse_spec
@@ -69,7 +68,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
             loaded = stages.load(spec)
         with ctx.stage("prepare"):
             prepared = stages.prepare(loaded)
-        with _cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
+        with stages.ray_cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
             with stages.start_workers(ctx, loaded, prepared, workers=workers, shard_order=shard_order) as pool:
                 with ctx.stage("calibrate"):
                     calibrated = stages.calibrate(ctx, loaded, prepared, pool, use_cache=use_cache)
@@ -121,7 +120,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
         with ctx.stage("load"):
             where = f"{data}: [test]" if data is not None else f"{job_path}: [test]"
             loaded = stages.load_for_evaluation(spec, manifest, where)
-        with _cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
+        with stages.ray_cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
             with stages.start_workers(ctx, loaded) as pool:
                 evaluation = stages.evaluate(ctx, loaded, stages.Quantized(int8_state, script), pool, use_cache)
         with ctx.stage("write"):
@@ -136,20 +135,3 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
         stages.write_html(staged, metrics, evaluation.layers, summary)
         location = staged.commit(summary)
     return RunResult(location, metrics, staged.manifest, evaluation.layers)
-
-
-class _cluster:
-    """ctx.cluster for the duration of a block; its start-up is timed as the "ray_start" stage."""
-
-    def __init__(self, ctx: stages.Context, address: str | None):
-        self.ctx, self.cluster = ctx, runner.Cluster(address)
-
-    def __enter__(self):
-        with self.ctx.stage("ray_start"):  # timed apart: a fixed cost, not calibration
-            self.ctx.cluster = self.cluster.__enter__()
-        return self.ctx.cluster
-
-    def __exit__(self, *exc):
-        self.ctx.cluster = None
-        return self.cluster.__exit__(*exc)
-

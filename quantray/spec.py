@@ -341,8 +341,8 @@ def _check_choice(choice: dict, prefix: str, ctx: _Context) -> None:
         return
     agree = {"histogram": ("l2", "percentile", "mse", "entropy"), "minmax": ("minmax",), "moving_average": ()}[kind]
     if method not in agree:
-        fix = (f"activation = \"histogram\" (or leave activation out)" if method != "minmax"
-               else "activation = \"minmax\" (or leave activation out)")
+        fix = ('activation = "histogram" (or leave activation out)' if method != "minmax"
+               else 'activation = "minmax" (or leave activation out)')
         ctx.fail("quantization", f"{prefix}activation_range", f"= {method!r} contradicts {prefix}activation = {kind!r}: "
                                                               f"{method} needs {fix}")
 

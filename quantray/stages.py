@@ -40,7 +40,7 @@ from .spec import DataSpec, JobSpec
 from .stats import StatsStore, batch_identities, default_location
 from .store import StagedDir, Store
 
-__all__ = ["Context", "Timings", "Job", "Calibrated", "Quantized", "Evaluation", "load", "prepare", "calibrate",
+__all__ = ["Context", "Timings", "ray_cluster", "Job", "Calibrated", "Quantized", "Evaluation", "load", "prepare", "calibrate",
            "quantize", "evaluate", "load_for_evaluation", "check_stats_location", "write_qparams", "write_results", "write_html", "manifest", "draw_indices"]
 
 
@@ -429,4 +429,20 @@ def manifest(ctx: Context, job: Job, evaluation: Evaluation, *, qparams_digest: 
                        "startup_s": {str(w): v for w, v in sorted(pool.setup_s.items())}}
     out.update(timings_s=ctx.timings, wall_s=round(ctx.clock() - started, 4))
     return out
+
+
+class ray_cluster:
+    """ctx.cluster for the duration of a block; its start-up is timed as the "ray_start" stage."""
+
+    def __init__(self, ctx: Context, address: str | None):
+        self.ctx, self.cluster = ctx, runner.Cluster(address)
+
+    def __enter__(self):
+        with self.ctx.stage("ray_start"):  # timed apart: a fixed cost, not calibration
+            self.ctx.cluster = self.cluster.__enter__()
+        return self.ctx.cluster
+
+    def __exit__(self, *exc):
+        self.ctx.cluster = None
+        return self.cluster.__exit__(*exc)
 

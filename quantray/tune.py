@@ -36,10 +36,10 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from . import api, flow, merge, stages
+from . import api, flow, stages
 from .data import make_batches
 from .errors import SpecError
-from .evaluation import merge_results, wilson
+from .evaluation import wilson
 from .ranges import METHODS
 from .report import make_progress
 from .spec import JobSpec, QuantSpec, WEIGHTS, load_spec, load_test_section
@@ -119,7 +119,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
             loaded = stages.load(dataclasses.replace(spec, test=selection))
         with ctx.stage("prepare"):
             prepared = stages.prepare(loaded)
-        with api._cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
+        with stages.ray_cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
             with stages.start_workers(ctx, loaded, prepared, workers=workers) as pool:
                 with ctx.stage("calibrate"):
                     calibrated = stages.calibrate(ctx, loaded, prepared, pool)
