@@ -304,9 +304,14 @@ def _fp32_layers_plot(trials: list[dict], max_drop: float) -> str:
 
 
 def _sensitivity_plot(sensitivity: list[dict]) -> str:
+    if not sensitivity:
+        return "<p class=muted>Layers were not ranked: a range method met the budget, or trials ran out.</p>"
+    exact = [r["module"] for r in sensitivity if r.get("exact_logits")]
+    note = (f"<p class=muted>Alone in FP32, these made the logits equal FP32's (an infinite gain): "
+            f"{_e(', '.join(exact))}.</p>" if exact else "")
     rows = [r for r in sensitivity if r["sqnr_gain_db"] is not None]
     if not rows:
-        return "<p class=muted>Layers were not ranked: a range method met the budget, or trials ran out.</p>"
+        return note
     bar, left, width = 14, 190, 500
     top = max(max(r["sqnr_gain_db"] for r in rows), 1e-9)
     low = min(0.0, min(r["sqnr_gain_db"] for r in rows))
@@ -320,4 +325,4 @@ def _sensitivity_plot(sensitivity: list[dict]) -> str:
         body.append(_text(left + (r["sqnr_gain_db"] - low) * scale + 4, yy + bar - 4, f"{r['sqnr_gain_db']:+.2f}"))
     axis_y = 10 + len(rows) * bar + 14
     body += _axis(left, axis_y, width, low, top, "dB")
-    return _svg(left + width + 60, axis_y + 10, body, "logit SQNR gained by keeping each layer alone in FP32")
+    return note + _svg(left + width + 60, axis_y + 10, body, "logit SQNR gained by keeping each layer alone in FP32")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -210,11 +211,12 @@ class _Search:
             return
         base_rank = self._wave([best], "rank", self.rank_batches)[0]
         ranked = self._wave(ranking, "rank", self.rank_batches)
+        gains = {s.trial.fp32[0]: s.sqnr - base_rank.sqnr for s in ranked}  # +inf: the logits became exact
         for s in ranked:
-            gain = None if s.sqnr is None or base_rank.sqnr is None else s.sqnr - base_rank.sqnr
-            self.sensitivity.append({"module": s.trial.fp32[0], "sqnr_gain_db": gain, "top1": s.row["top1"]})
-        self.sensitivity.sort(key=lambda r: (-(r["sqnr_gain_db"] if r["sqnr_gain_db"] is not None else -1e9),
-                                             r["module"]))
+            gain = gains[s.trial.fp32[0]]
+            self.sensitivity.append({"module": s.trial.fp32[0], "sqnr_gain_db": gain if math.isfinite(gain) else None,
+                                     "exact_logits": gain == math.inf, "top1": s.row["top1"]})
+        self.sensitivity.sort(key=lambda r: (-gains[r["module"]], r["module"]))
         order = [r["module"] for r in self.sensitivity]
         k = 1
         while k <= len(order):
@@ -286,7 +288,7 @@ class _Search:
         if merged is not None:
             c, n = merged.counts, merged.counts["n"]
             signal, noise = sum(merged.rows["signal"]), sum(merged.rows["noise"])
-            sqnr = 10 * torch.log10(torch.tensor(signal / noise)).item() if noise > 0 else float("inf")
+            sqnr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
             low, high = wilson(c["int8_top1"], n)
             row.update(samples=n, top1=c["int8_top1"] / n, top1_ci95_low=low, top1_ci95_high=high,
                        fp32_top1=c["fp32_top1"] / n, drop=(c["fp32_top1"] - c["int8_top1"]) / n,
