@@ -241,8 +241,7 @@ def _conditions(metrics: dict, manifest: dict) -> str:
 
 def render_tune(summary: dict, trials: list[dict], best_metrics: dict) -> str:
     """The tune directory's report.html: outcome, top-1 against FP32 layers, layer sensitivity, trials."""
-    scored = [t for t in trials if t["top1"] is not None]
-    full = [t for t in scored if t["phase"] != "rank"]
+    full = [t for t in trials if t["phase"] != "rank"]
     best = next(t for t in trials if t["trial"] == summary["best_trial"])
     outcome = (f"<p><b>{'Budget met' if summary['met'] else 'Budget not met'}</b>: {_e(summary['stopped'])}. "
                f"{summary['trials']} trials (limit {summary['trial_limit']}), chosen on {_e(summary['selection'])}; "
@@ -252,14 +251,11 @@ def render_tune(summary: dict, trials: list[dict], best_metrics: dict) -> str:
                f"On the job's [test]: FP32 {_pct(best_metrics['fp32']['top1'])}, "
                f"tuned INT8 {_pct(best_metrics['int8']['top1'])} (best-run/report.html).</p>")
     table = _table(["trial", "phase", "range", "weights", "FP32 layers", "samples", "top-1", "95% interval", "drop (pt)",
-                    "agreement", "INT8 KB", "note"],
+                    "agreement", "INT8 KB", "FP32 modules"],
                    [[t["trial"], t["phase"], t["range_method"], t["weight"], len(t["fp32_modules"]), t["samples"],
-                     _pct(t["top1"]) if t["top1"] is not None else "",
-                     f"{_pct(t['top1_ci95_low'])}-{_pct(t['top1_ci95_high'])}" if t["top1"] is not None else "",
-                     f"{t['drop'] * 100:+.2f}" if t["drop"] is not None else "",
-                     f"{t['agreement']:.4f}" if t["agreement"] is not None else "",
-                     f"{t['int8_size_bytes'] / 1e3:.1f}" if t["int8_size_bytes"] else "", t["note"]] for t in trials],
-                   numeric_from=4)
+                     _pct(t["top1"]), f"{_pct(t['top1_ci95_low'])}-{_pct(t['top1_ci95_high'])}", f"{t['drop'] * 100:+.2f}",
+                     f"{t['agreement']:.4f}", f"{t['int8_size_bytes'] / 1e3:.1f}", ", ".join(t["fp32_modules"])]
+                    for t in trials], numeric_from=4)
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta http-equiv=Content-Security-Policy "
             f"content=\"{_CSP}\"><title>quantray tune</title><style>{_CSS}</style></head><body>"
             f"<h1>quantray tune</h1><p class=muted>{_e(summary['job'])}</p>{outcome}"

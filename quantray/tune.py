@@ -54,7 +54,7 @@ TRIALS_SCHEMA = pa.schema([
     ("weight", pa.string()), ("samples", pa.int64()), ("top1", pa.float64()), ("top1_ci95_low", pa.float64()),
     ("top1_ci95_high", pa.float64()), ("fp32_top1", pa.float64()), ("drop", pa.float64()), ("agreement", pa.float64()),
     ("logit_sqnr_db", pa.float64()), ("int8_size_bytes", pa.int64()), ("latency_ms", pa.float64()),
-    ("wall_s", pa.float64()), ("qparams_digest", pa.string()), ("note", pa.string()),
+    ("wall_s", pa.float64()), ("qparams_digest", pa.string()),
 ])
 _LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -225,7 +225,7 @@ class _Search:
                 self.stopped = f"the trials ran out ({self.limit}) with {k - 1} layers in FP32"
                 return
             scored = self._wave(wave, "fp32", self.batches)
-            passing = [s for s in scored if s.row["drop"] is not None and s.row["drop"] <= self.max_drop]
+            passing = [s for s in scored if s.row["drop"] <= self.max_drop]
             if passing:
                 self.stopped = f"the budget was met with {len(passing[0].trial.fp32)} layer(s) in FP32"
                 return
@@ -236,12 +236,12 @@ class _Search:
         return self.limit - len(self.scored)
 
     def _met(self) -> bool:
-        return any(s.row["drop"] is not None and s.row["drop"] <= self.max_drop and s.phase != "rank" for s in self.scored)
+        return any(s.row["drop"] <= self.max_drop and s.phase != "rank" for s in self.scored)
 
     def best(self) -> _Scored:
         """Within the budget: the fewest FP32 layers, then the best top-1; else the best top-1.
         Only trials on the whole selection set count; ties go to the earlier trial."""
-        full = [s for s in self.scored if s.phase != "rank" and s.row["drop"] is not None]
+        full = [s for s in self.scored if s.phase != "rank"]
         within = [s for s in full if s.row["drop"] <= self.max_drop]
         if within:
             return min(within, key=lambda s: (len(s.trial.fp32), -s.row["top1"], s.row["trial"]))
@@ -277,25 +277,19 @@ class _Search:
         per_trial = (time.perf_counter() - started) * n / len(wave)  # workers side by side: a share of the wave
         return [self._record(trial, phase, *results[t], per_trial) for t, trial in enumerate(wave)]
 
-
-    def _record(self, trial: Trial, phase: str, merged, digest: str, size: int, wall: float, note: str = "") -> _Scored:
+    def _record(self, trial: Trial, phase: str, merged, digest: str, size: int, wall: float) -> _Scored:
+        c, n = merged.counts, merged.counts["n"]
+        signal, noise = sum(merged.rows["signal"]), sum(merged.rows["noise"])
+        sqnr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
+        low, high = wilson(c["int8_top1"], n)
         row = {"trial": len(self.scored), "phase": phase, "range_method": trial.method, "fp32_modules": list(trial.fp32),
-               "weight": trial.weight, "samples": 0, "top1": None, "top1_ci95_low": None, "top1_ci95_high": None,
-               "fp32_top1": None, "drop": None, "agreement": None, "logit_sqnr_db": None,
-               "int8_size_bytes": size, "latency_ms": None, "wall_s": round(wall, 4), "qparams_digest": digest,
-               "note": note}
-        sqnr = None
-        if merged is not None:
-            c, n = merged.counts, merged.counts["n"]
-            signal, noise = sum(merged.rows["signal"]), sum(merged.rows["noise"])
-            sqnr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
-            low, high = wilson(c["int8_top1"], n)
-            row.update(samples=n, top1=c["int8_top1"] / n, top1_ci95_low=low, top1_ci95_high=high,
-                       fp32_top1=c["fp32_top1"] / n, drop=(c["fp32_top1"] - c["int8_top1"]) / n,
-                       agreement=c["agree"] / n, logit_sqnr_db=sqnr if noise > 0 else None)
-            self.ctx.console.print(f"trial {row['trial']:>3} [{phase}] {trial.method:<10} {trial.weight:<11} "
-                                   f"FP32 layers {len(trial.fp32):>2}: top-1 {row['top1']:.4f} "
-                                   f"(drop {row['drop'] * 100:+.2f} pt) on {n} samples")
+               "weight": trial.weight, "samples": n, "top1": c["int8_top1"] / n, "top1_ci95_low": low,
+               "top1_ci95_high": high, "fp32_top1": c["fp32_top1"] / n, "drop": (c["fp32_top1"] - c["int8_top1"]) / n,
+               "agreement": c["agree"] / n, "logit_sqnr_db": sqnr if noise > 0 else None, "int8_size_bytes": size,
+               "latency_ms": None, "wall_s": round(wall, 4), "qparams_digest": digest}
+        self.ctx.console.print(f"trial {row['trial']:>3} \\[{phase}] {trial.method:<10} {trial.weight:<11} "
+                               f"FP32 layers {len(trial.fp32):>2}: top-1 {row['top1']:.4f} "
+                               f"(drop {row['drop'] * 100:+.2f} pt) on {n} samples")
         scored = _Scored(trial, phase, row, sqnr, merged)
         self.scored.append(scored)
         return scored
@@ -348,7 +342,7 @@ def print_tune(console: Console, result: TuneResult) -> None:
     table = Table(title=f"quantray tune: {result.location}")
     for column in ("trial", "phase", "range", "weights", "FP32 layers", "top-1", "drop (pt)", "agreement"):
         table.add_column(column, justify="right" if column not in ("phase", "range", "weights") else "left")
-    shown = [r for r in rows if r["phase"] != "rank" and r["top1"] is not None]
+    shown = [r for r in rows if r["phase"] != "rank"]
     for r in shown:
         mark = " *" if r["trial"] == result.best["trial"] else ""
         table.add_row(f"{r['trial']}{mark}", r["phase"], r["range_method"], r["weight"], str(len(r["fp32_modules"])),

@@ -65,9 +65,8 @@ def main() -> None:
             if done.returncode not in (0, 3):
                 raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
             rows = pq.read_table(f"{tmp}/tune/trials.parquet").to_pylist()
-            evaluated = [r for r in rows if r["samples"] and not r["note"]]
-            print(f"quantray tune ({args.workers} workers, --no-cache): {tune_s:.1f} s for {len(rows)} trials "
-                  f"({len(evaluated)} evaluated), exit {done.returncode}")
+            print(f"quantray tune ({args.workers} workers, --no-cache): {tune_s:.1f} s for {len(rows)} trials, "
+                  f"exit {done.returncode}")
             summary = json.loads(Path(f"{tmp}/tune/tune.json").read_text())
             best_run = json.loads(Path(f"{tmp}/tune/best-run/manifest.json").read_text())
             print(f"  of which the best trial's run (best-run/: convert, evaluation on [test], per-layer SQNR, speed) "
@@ -82,7 +81,7 @@ def main() -> None:
             test_batches = make_batches(loaded.test_idx, spec.test.batch_size)
             build, calibrate = [], []
             with torch.inference_mode():
-                for r in evaluated:
+                for r in rows:
                     trial = Trial(r["range_method"], r["weight"], tuple(r["fp32_modules"]))
                     c = time.perf_counter()
                     prepared = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
@@ -112,7 +111,7 @@ def main() -> None:
             with SerialExecutor(loaded.fp32, loaded.example, spec.quantization, spec.calibration, 1,
                                 signature(observed)) as executor:
                 stats = run_protocol(MODES["exact"], executor, Plan(batches, [list(range(len(batches)))], observed)).stats
-            for r in evaluated:
+            for r in rows:
                 trial = Trial(r["range_method"], r["weight"], tuple(r["fp32_modules"]))
                 c = time.perf_counter()
                 other = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
