@@ -44,9 +44,14 @@ def render(metrics: dict, layers: list[dict], manifest: dict) -> str:
              "<h2>INT8 confusion matrix (rows: true class, columns: predicted)</h2>",
              _confusion_plot(metrics.get("confusion_int8")),
              "<h2>Conditions</h2>", _conditions(metrics, manifest)]
+    return _page(f"{job}: quantray report", parts)
+
+
+def _page(title: str, parts: list[str]) -> str:
+    """A self-contained page: inline CSS, and a Content-Security-Policy that forbids any fetch."""
     return ("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
             f"<meta http-equiv=Content-Security-Policy content=\"{_CSP}\">"
-            f"<title>{_e(job)}: quantray report</title><style>{_CSS}</style></head>\n<body>\n"
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
 
 
@@ -119,20 +124,27 @@ def _layers_plot(layers: list[dict]) -> str:
     low = min(0.0, min(r["sqnr_db"] for r in rows))
     quantized = [r for r in rows if r["quantized"]]
     worst = {r["layer"] for r in sorted(quantized, key=lambda r: r["sqnr_db"])[:min(5, max(1, len(quantized) // 5))]}
-    bar, left, width = 14, 190, 560
-    scale = width / (top - low) if top > low else 1.0
-    body = []
-    for k, r in enumerate(rows):
-        y = 10 + k * bar
+    bars = []
+    for r in rows:
         name = (r["module"] or r["layer"]) + ("" if r["quantized"] else " (fp32)")
         color = COLORS["bad"] if r["layer"] in worst else COLORS["int8"] if r["quantized"] else COLORS["grid"]
+        bars.append((name, r["sqnr_db"], color, f"{name} ({r['int8_type']}): {r['sqnr_db']:.2f} dB", f"{r['sqnr_db']:.1f}"))
+    return _hbars(bars, low, top, 560, "per-layer SQNR in dB")
+
+
+def _hbars(bars: list[tuple], low: float, top: float, width: int, label: str) -> str:
+    """Horizontal bars from 0, one row each: (name, value in dB, color, tooltip, value text)."""
+    bar, left = 14, 190
+    scale = width / (top - low) if top > low else 1.0
+    body = []
+    for k, (name, value, color, title, text) in enumerate(bars):
+        y = 10 + k * bar
         body.append(_text(left - 6, y + bar - 4, name, "end"))
-        body.append(_rect(left + (min(0.0, r["sqnr_db"]) - low) * scale, y + 1, abs(r["sqnr_db"]) * scale, bar - 2, color,
-                          f"{name} ({r['int8_type']}): {r['sqnr_db']:.2f} dB"))
-        body.append(_text(left + (r["sqnr_db"] - low) * scale + 4, y + bar - 4, f"{r['sqnr_db']:.1f}"))
-    axis_y = 10 + len(rows) * bar + 14
+        body.append(_rect(left + (min(0.0, value) - low) * scale, y + 1, abs(value) * scale, bar - 2, color, title))
+        body.append(_text(left + (value - low) * scale + 4, y + bar - 4, text))
+    axis_y = 10 + len(bars) * bar + 14
     body += _axis(left, axis_y, width, low, top, "dB")
-    return _svg(left + width + 60, axis_y + 10, body, "per-layer SQNR in dB")
+    return _svg(left + width + 60, axis_y + 10, body, label)
 
 
 def _axis(left, y, width, low, high, unit) -> list[str]:
@@ -256,12 +268,10 @@ def render_tune(summary: dict, trials: list[dict], best_metrics: dict) -> str:
                      _pct(t["top1"]), f"{_pct(t['top1_ci95_low'])}-{_pct(t['top1_ci95_high'])}", f"{t['drop'] * 100:+.2f}",
                      f"{t['agreement']:.4f}", f"{t['int8_size_bytes'] / 1e3:.1f}", ", ".join(t["fp32_modules"])]
                     for t in trials], numeric_from=4)
-    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><meta http-equiv=Content-Security-Policy "
-            f"content=\"{_CSP}\"><title>quantray tune</title><style>{_CSS}</style></head><body>"
-            f"<h1>quantray tune</h1><p class=muted>{_e(summary['job'])}</p>{outcome}"
-            f"<h2>Top-1 against the number of FP32 layers</h2>{_fp32_layers_plot(full, summary['max_drop'])}"
-            f"<h2>Layer sensitivity</h2>{_sensitivity_plot(summary['sensitivity'])}"
-            f"<h2>Trials</h2>{table}</body></html>")
+    return _page("quantray tune", [
+        f"<h1>quantray tune</h1><p class=muted>{_e(summary['job'])}</p>", outcome,
+        "<h2>Top-1 against the number of FP32 layers</h2>", _fp32_layers_plot(full, summary["max_drop"]),
+        "<h2>Layer sensitivity</h2>", _sensitivity_plot(summary["sensitivity"]), "<h2>Trials</h2>", table])
 
 
 def _fp32_layers_plot(trials: list[dict], max_drop: float) -> str:
@@ -308,17 +318,8 @@ def _sensitivity_plot(sensitivity: list[dict]) -> str:
     rows = [r for r in sensitivity if r["sqnr_gain_db"] is not None]
     if not rows:
         return note
-    bar, left, width = 14, 190, 500
-    top = max(max(r["sqnr_gain_db"] for r in rows), 1e-9)
-    low = min(0.0, min(r["sqnr_gain_db"] for r in rows))
-    scale = width / (top - low)
-    body = []
-    for k, r in enumerate(rows):
-        yy = 10 + k * bar
-        body.append(_text(left - 6, yy + bar - 4, r["module"], "end"))
-        body.append(_rect(left + (min(0.0, r["sqnr_gain_db"]) - low) * scale, yy + 1, abs(r["sqnr_gain_db"]) * scale,
-                          bar - 2, COLORS["int8"], f"{r['module']} alone in FP32: logit SQNR {r['sqnr_gain_db']:+.2f} dB"))
-        body.append(_text(left + (r["sqnr_gain_db"] - low) * scale + 4, yy + bar - 4, f"{r['sqnr_gain_db']:+.2f}"))
-    axis_y = 10 + len(rows) * bar + 14
-    body += _axis(left, axis_y, width, low, top, "dB")
-    return note + _svg(left + width + 60, axis_y + 10, body, "logit SQNR gained by keeping each layer alone in FP32")
+    gains = [r["sqnr_gain_db"] for r in rows]
+    bars = [(r["module"], r["sqnr_gain_db"], COLORS["int8"],
+             f"{r['module']} alone in FP32: logit SQNR {r['sqnr_gain_db']:+.2f} dB", f"{r['sqnr_gain_db']:+.2f}") for r in rows]
+    return note + _hbars(bars, min(0.0, min(gains)), max(gains), 500,
+                         "logit SQNR gained by keeping each layer alone in FP32")
