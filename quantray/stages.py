@@ -41,7 +41,7 @@ from .stats import StatsStore, batch_identities, default_location
 from .store import StagedDir, Store
 
 __all__ = ["Context", "Timings", "ray_cluster", "Job", "Calibrated", "Quantized", "Evaluation", "load", "prepare", "calibrate",
-           "quantize", "evaluate", "load_for_evaluation", "check_stats_location", "write_qparams", "write_results", "write_html", "manifest", "draw_indices"]
+           "quantize", "evaluate", "stored_fp32_logits", "load_for_evaluation", "check_stats_location", "write_qparams", "write_results", "write_html", "manifest", "draw_indices"]
 
 
 class Timings(dict):
@@ -259,11 +259,9 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPo
     run, test = spec.run, spec.test
     test_batches = make_batches(job.test_idx, test.batch_size)
     identities = batch_identities(job.test_ds, test, test_batches)
-    store = _stats_store(job, use_cache)
     with ctx.stage("evaluate"):
+        store, keys, stored = stored_fp32_logits(job, identities, use_cache)
         n = min(pool.size, len(test_batches))
-        keys = [store.key("fp32-logits", identity) for identity in identities] if store else None
-        stored = [store.get(k) for k in keys] if store else [None] * len(test_batches)
         layer_batches = _first_batches(test_batches, run.layer_samples)  # the first k test batches
         layer_groups = [layer_batches[w::n] for w in range(n)]  # as handed out below: batch b to worker b % n
         load = ("int8", "load_int8", (sha256_bytes(quantized.state), pool.share(quantized.script),
@@ -298,6 +296,16 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPo
                                                                                    if b % n == w] for w in range(n)},
             "fp32_batches_reused": reused, "layer_samples": sum(map(len, layer_batches)), "layer_workers": layer_groups}
     return Evaluation(merged, layers, speed, plan, identities)
+
+
+def stored_fp32_logits(job: Job, identities: list[str], use_cache: bool = True):
+    """(store, one key per test batch, the FP32 logits stored under each or None); (None, None, [None, ...])
+    without a store. Keyed by the FP32 weights, threads, torch version and the batch's sample identities."""
+    store = _stats_store(job, use_cache)
+    if store is None:
+        return None, None, [None] * len(identities)
+    keys = [store.key("fp32-logits", identity) for identity in identities]
+    return store, keys, [store.get(k) for k in keys]
 
 
 def _speed(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPool, store, scored: list, n: int) -> dict:

@@ -175,10 +175,8 @@ class _Search:
 
     def _fp32_logits(self) -> list[torch.Tensor]:
         """FP32 logits of every selection batch: stored ones reused, the others computed once on the pool."""
-        store = stages._stats_store(self.job, True)
         identities = batch_identities(self.job.test_ds, self.job.spec.test, self.batches)
-        keys = [store.key("fp32-logits", i) for i in identities] if store else None
-        logits = [store.get(k) for k in keys] if store else [None] * len(self.batches)
+        store, keys, logits = stages.stored_fp32_logits(self.job, identities)
         missing = [b for b, l in enumerate(logits) if l is None]
         if missing:
             with self.ctx.stage("fp32"):
