@@ -23,7 +23,7 @@ from . import stages
 from .artifacts import RunFiles, load_quantized
 from .report import make_progress, print_summary
 from .spec import JobSpec, load_spec, load_test_section, parse_spec
-from .store import StagedDir, is_uri
+from .store import StagedDir, is_uri, join
 
 __all__ = ["run", "evaluate", "RunResult"]
 
@@ -115,7 +115,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
         stages.check_stats_location(spec, use_cache)
     if not out:
         name = f"-eval-{ctx.now().astimezone():%Y%m%d-%H%M%S}"
-        out = f"{files.location}{name}" if is_uri(files.location) else Path(f"{files.location}{name}")
+        out = join(files.location, suffix=name)
     with StagedDir(out) as staged:  # --out is checked before the model is built
         with ctx.stage("load"):
             where = f"{data}: [test]" if data is not None else f"{job_path}: [test]"

@@ -6,6 +6,7 @@ the tune's budget not met).
     quantray refresh jobs/digits.toml --registry DIR [--workers N] [--address ADDR]
     quantray evaluate RUN_DIR [--data FILE.toml] [--samples N] [--out DIR] [--no-cache] [--address ADDR]
     quantray report RUN_DIR
+    quantray pack jobs/flowers102_resnet18.toml --out s3://bucket/flowers [--rows-per-shard N] [--job-out FILE]
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def _dispatch(args, out) -> int:
                      use_cache=not args.no_cache).print(out)
         return 0
     spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
+    if args.command == "pack":
+        from .pack import pack, print_pack
+
+        print_pack(out, pack(spec, args.out, rows_per_shard=args.rows_per_shard, job_out=args.job_out))
+        return 0
     if args.command == "tune":
         from .tune import tune
 
@@ -114,6 +120,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="directory to create (default: RUN_DIR-eval-TIMESTAMP beside the run)")
     evaluate.add_argument("--no-cache", action="store_true", help="recompute the FP32 outputs instead of reusing stored ones")
     evaluate.add_argument(address[0], **address[1])
+    pack = sub.add_parser("pack", help="write a job's calibration and test splits as Parquet shards (a folder or "
+                                       "a URI such as s3://bucket/prefix) and a job file that reads them")
+    pack.add_argument("job", help="job spec (TOML)")
+    pack.add_argument("--out", required=True, help="where the shards go: OUT/calibration/, OUT/test/ (a folder or a URI)")
+    pack.add_argument("--rows-per-shard", type=_positive, default=1000, help="samples per Parquet file (default 1000)")
+    pack.add_argument("--job-out", metavar="FILE", help="the job file to write (default: JOB.packed.toml beside JOB)")
     report = sub.add_parser("report", help="print a finished run's comparison table from its files")
     report.add_argument("run_dir", help="a run directory written by `quantray run`")
     return parser

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from .errors import DataError, SpecError
+from .errors import DataError, SpecError, first_line
 from .spec import DataSpec
 
 __all__ = ["build_dataset", "digits", "sample_indices", "make_batches", "assign_shards",
-           "load_batch", "sample_file", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "load_batch", "sample_file", "make_transform", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the seed article has 0.465 for 0.456: a typo
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,11 +30,18 @@ def build_dataset(spec: DataSpec, where: str = "job") -> Dataset:
     """The dataset a `[calibration]` or `[test]` section names. `where` prefixes error messages."""
     if spec.source == "digits":
         return digits(spec.split)
+    if spec.source == "parquet":
+        from .shards import ShardedImages
+
+        try:
+            return ShardedImages(str(spec.root), spec.transform, what=f"{where} root")
+        except OSError as e:  # an unreachable endpoint, missing credentials, no such bucket
+            raise SpecError(f"{where} root = {str(spec.root)!r}: cannot read it: {first_line(e)}") from None
     if spec.source == "imagefolder":
         import torchvision.datasets
 
         try:
-            return torchvision.datasets.ImageFolder(str(spec.root), transform=_transform(spec.transform))
+            return torchvision.datasets.ImageFolder(str(spec.root), transform=make_transform(spec.transform))
         except (FileNotFoundError, RuntimeError) as e:
             raise SpecError(f"{where} root = {str(spec.root)!r}: not an ImageFolder layout (root/CLASS/IMAGE): {e}") from None
     if spec.source == "torchvision":
@@ -122,7 +129,9 @@ def load_batch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torc
 
 
 def sample_file(dataset, i: int) -> str | None:
-    """The file sample `i` is read from, where the dataset says (ImageFolder, Flowers102, ...)."""
+    """The file sample `i` is read from, where the dataset says (ImageFolder, Flowers102, Parquet shards, ...)."""
+    if callable(getattr(dataset, "sample_file", None)):
+        return dataset.sample_file(i)
     for attr in ("samples", "imgs", "_image_files"):
         items = getattr(dataset, attr, None)
         if isinstance(items, (list, tuple)) and 0 <= i < len(items):
@@ -131,7 +140,8 @@ def sample_file(dataset, i: int) -> str | None:
     return None
 
 
-def _transform(preset: str | None):
+def make_transform(preset: str | None):
+    """The torchvision transform a `transform` preset names (None for "none")."""
     import torchvision.transforms as T
 
     if preset in (None, "none"):
@@ -150,7 +160,7 @@ def _torchvision_dataset(spec: DataSpec, where: str) -> Dataset:
     if not spec.verify:
         cls = _unverified(cls, where)
     kwargs = dict(spec.kwargs)
-    kwargs["transform"] = _transform(spec.transform)
+    kwargs["transform"] = make_transform(spec.transform)
     if spec.split is not None:
         if "split" in params:
             kwargs["split"] = spec.split

@@ -1,6 +1,6 @@
 """The small error hierarchy: what the CLI turns into one line and an exit code."""
 
-__all__ = ["QuantrayError", "SpecError", "DataError", "CalibrationError"]
+__all__ = ["QuantrayError", "SpecError", "DataError", "CalibrationError", "first_line"]
 
 
 class QuantrayError(Exception):
@@ -21,3 +21,9 @@ class DataError(QuantrayError):
 
 class CalibrationError(QuantrayError):
     """Calibration could not produce exact statistics (a worker died, a range was violated)."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

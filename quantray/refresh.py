@@ -70,6 +70,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
 
     console = console or Console(stderr=True)
     reg = Store(registry, "--registry")
+    reg.check_writable()
     _tidy(reg, console)
     started = now().replace(microsecond=0)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{hashlib.sha256(spec.path.read_bytes()).hexdigest()[:8]}-{secrets.token_hex(3)}"

@@ -25,7 +25,7 @@ import time
 
 import ray
 
-from .errors import CalibrationError, QuantrayError, SpecError
+from .errors import CalibrationError, QuantrayError, SpecError, first_line
 from .worker import Worker
 
 __all__ = ["Cluster", "WorkerPool", "map_tasks", "on_whole_node"]
@@ -101,7 +101,8 @@ class _Actor(Worker):
         started = time.time() - psutil.Process().create_time()
         args, kwargs = self._init_args
         super().__init__(*args, **kwargs)
-        return {"process_start_s": round(started, 3), "build_s": self.setup_s}
+        return {"process_start_s": round(started, 3), "build_s": self.setup_s,
+                "node": ray.get_runtime_context().get_node_id()}
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -132,6 +133,7 @@ class WorkerPool:
         self.bytes_received = 0
         self.actors, self._setup = {}, {}
         self.setup_s: dict[int, dict] = {}  # each worker's start-up: process start to setup, then its build
+        self.nodes: dict[int, str] = {}     # each worker's Ray node
         self.started_at = self.ready_at = None  # when start() was called, when the last setup finished
 
     def __enter__(self) -> "WorkerPool":
@@ -203,6 +205,7 @@ class WorkerPool:
                 submit(w)
                 continue
             if method == "setup":
+                self.nodes[w] = value.pop("node")
                 self.ready_at, self.setup_s[w] = time.perf_counter(), value
                 continue
             results[key], owner[key] = value, w
@@ -222,7 +225,7 @@ class WorkerPool:
         return node if self.num_cpus * nodes.count(node) >= total - 1e-6 else None
 
     def _replace(self, w: int, error: Exception, stage: str) -> None:
-        cause = _first_line(error)
+        cause = first_line(error)
         if self.attempts[w] >= self.max_attempts:
             if stage == "calibrate":
                 raise CalibrationError(f"calibration shard {w} failed on all {self.max_attempts} attempts "
@@ -297,7 +300,7 @@ def _one_line(error: BaseException, where: str, retries: int | None = None) -> Q
     if isinstance(error, ray.exceptions.RayTaskError):
         inner = getattr(error, "cause", None)
         name = type(inner).__name__ if inner is not None else error.function_name
-        text = _first_line(inner) if inner is not None else _first_line(error)
+        text = first_line(inner) if inner is not None else first_line(error)
         return QuantrayError(f"{where}: {name}: {text}")
     tries = f" {retries + 1} times" if retries is not None else ""
     return QuantrayError(f"{where}: its worker process died{tries} ({type(error).__name__}); "
@@ -317,8 +320,3 @@ def _quantray_cause(error: BaseException) -> QuantrayError | None:
         else:
             error = getattr(error, "cause", None) or error.__cause__
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

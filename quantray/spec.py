@@ -22,9 +22,9 @@ from pathlib import Path
 from .errors import SpecError
 
 __all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec", "load_spec", "parse_spec",
-           "load_test_section"]
+           "load_test_section", "to_toml"]
 
-SOURCES = ("digits", "torchvision", "imagefolder", "factory")
+SOURCES = ("digits", "torchvision", "imagefolder", "factory", "parquet")
 TRANSFORMS = ("imagenet_eval", "to_tensor", "none")
 BACKENDS = ("x86", "qnnpack")
 MODES = ("exact", "replay", "fast")
@@ -34,6 +34,7 @@ RANGES = ("l2", "minmax", "percentile", "mse", "entropy")  # quantray.ranges.MET
 WEIGHTS = ("per_channel", "per_tensor")
 DIGITS_SPLITS = ("train", "test", "all")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class DataSpec:
     source: str = "digits"
     split: str | None = None
     dataset: str | None = None
-    root: Path | None = None
+    root: Path | str | None = None  # a folder; for source = "parquet" also a URI (s3://, gs://, file://), kept as given
     transform: str | None = None
     factory: str | None = None
     kwargs: dict = field(default_factory=dict)
@@ -211,6 +212,8 @@ def _coerce(value, hint, section: str, key: str, ctx: _Context):
         if t is type(None):
             continue
         if t is Path and isinstance(value, str):
+            if _URI.match(value):  # a URI stays as given: a Path would fold its '//' into '/'
+                return value
             p = Path(value).expanduser()
             return p if p.is_absolute() else (ctx.base_dir / p).resolve()
         if t is int and isinstance(value, int) and not isinstance(value, bool):
@@ -243,6 +246,9 @@ def _check_model(m: ModelSpec, ctx: _Context) -> None:
         ctx.fail("model", "factory", f"= {m.factory!r}: expected \"package.module:function\"")
     if m.num_classes is not None and m.num_classes < 1:
         ctx.fail("model", "num_classes", f"= {m.num_classes}: must be at least 1")
+    if isinstance(m.checkpoint, str):
+        ctx.fail("model", "checkpoint", f"= {m.checkpoint!r}: a file on the driver's disk, not a URI (the driver "
+                                        "ships the model to the workers); download it first")
     if m.checkpoint is not None and not m.checkpoint.is_file():
         ctx.fail("model", "checkpoint", f"= {str(m.checkpoint)!r}: file not found (paths are relative to the job file)")
 
@@ -253,7 +259,8 @@ def _check_data(d: DataSpec, section: str, ctx: _Context) -> DataSpec:
     uses = {"digits": {"split"},
             "torchvision": {"dataset", "root", "split", "transform", "kwargs", "download", "verify"},
             "imagefolder": {"root", "transform"},
-            "factory": {"factory", "split", "kwargs"}}[d.source]
+            "factory": {"factory", "split", "kwargs"},
+            "parquet": {"root", "transform"}}[d.source]
     defaults = {f.name: f.default for f in dataclasses.fields(DataSpec)}
     for key in ("split", "dataset", "root", "transform", "factory", "download", "verify"):
         if getattr(d, key) != defaults[key] and key not in uses:
@@ -275,6 +282,19 @@ def _check_data(d: DataSpec, section: str, ctx: _Context) -> DataSpec:
             names = [n for n in dir(torchvision.datasets) if isinstance(getattr(torchvision.datasets, n), type)]
             ctx.fail(section, "dataset", f"= {d.dataset!r}: not a dataset class in torchvision.datasets"
                                          f"{_suggest(d.dataset, names)}; e.g. Flowers102, CIFAR10, ImageNet")
+    if isinstance(d.root, str) and d.source != "parquet":
+        ctx.fail(section, "root", f"= {d.root!r}: source = {d.source!r} reads a folder on every worker's disk; for data "
+                                  "in object storage pack it (`quantray pack`) and use source = \"parquet\"")
+    if d.source == "parquet":
+        if d.root is None:
+            ctx.fail(section, "root", "is required for source = \"parquet\" (a folder or URI written by `quantray pack`, "
+                                      "e.g. s3://bucket/flowers/test)")
+        if isinstance(d.root, Path) and not (d.root / "manifest.json").is_file():
+            ctx.fail(section, "root", f"= {str(d.root)!r}: no manifest.json there; write the shards with "
+                                      "`quantray pack JOB.toml --out DIR` and point root at DIR/calibration or DIR/test")
+        if d.transform is not None and d.transform not in TRANSFORMS:
+            ctx.fail(section, "transform", f"= {d.transform!r}: unknown preset{_suggest(d.transform, TRANSFORMS)}; "
+                                           f"valid: {', '.join(TRANSFORMS)}")
     if d.source in ("torchvision", "imagefolder"):
         takes_root = d.source == "imagefolder" or "root" in inspect.signature(cls).parameters
         if takes_root and d.root is None:
@@ -360,13 +380,53 @@ def _check_run(r: RunSpec, ctx: _Context) -> RunSpec:
         if not location.strip():
             ctx.fail("run", "cache_dir", "= '': give a folder or a URI (s3://bucket/prefix), or leave it out")
         if "://" in location:  # a URI stays as given: a Path would fold its '//' into '/'
-            scheme = location.split("://", 1)[0]
-            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
+            if not _URI.match(location):
                 ctx.fail("run", "cache_dir", f"= {location!r}: not a URI (scheme://...) nor a folder")
         else:
             p = Path(location).expanduser()
             r = dataclasses.replace(r, cache_dir=str(p if p.is_absolute() else (ctx.base_dir / p).resolve()))
     return r
+
+
+def to_toml(spec: JobSpec, *, header: str = "", relative_to: Path | None = None) -> str:
+    """A job file that loads back as `spec`: every value that differs from its default. Paths are
+    absolute, as loaded, or relative to `relative_to` (the folder the file will be written to)."""
+    import os
+
+    def path(p: Path) -> str:
+        return os.path.relpath(p, relative_to) if relative_to is not None else str(p)
+
+    lines = [f"# {header}"] if header else []
+    lines += [f"name = {_toml(spec.name)}", ""]
+    for section in _SECTIONS:
+        value = getattr(spec, section)
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if v is not None and v != default:
+                lines.append(f"{f.name} = {_toml(path(v) if isinstance(v, Path) else v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (str, Path)):
+        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{s}"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml(k)
 
 
 def _jsonable(obj):

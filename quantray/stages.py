@@ -246,6 +246,7 @@ class Evaluation:
     speed: dict
     plan: dict
     identities: list[str]
+    data_read: dict | None = None  # Parquet shards: what each worker read (`_data_read`)
 
 
 def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPool, use_cache: bool = True) -> Evaluation:
@@ -289,13 +290,28 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPo
                 ctx.console.print(f"reused stored FP32 outputs: {reused} of {len(test_batches)} test batches "
                                   f"(from {store.location})")
         layers = layer_rows(merge_layers(layer for _, _, _, layer in scored if layer is not None))
+        data_read = _data_read(job, pool)
     with ctx.stage("speed"):
         speed = _speed(ctx, job, quantized, pool, store, scored, n)
         _warn_unwritable(ctx, store)
     plan = {"samples": len(job.test_idx), "batches": test_batches, "workers": {w: [b for b in range(len(test_batches))
                                                                                    if b % n == w] for w in range(n)},
             "fp32_batches_reused": reused, "layer_samples": sum(map(len, layer_batches)), "layer_workers": layer_groups}
-    return Evaluation(merged, layers, speed, plan, identities)
+    return Evaluation(merged, layers, speed, plan, identities, data_read)
+
+
+def _data_read(job: Job, pool: runner.WorkerPool) -> dict | None:
+    """Bytes of Parquet shards each worker (and the driver) read, against the shards' total: with
+    sharded data a worker reads only the row groups of its own batches."""
+    datasets = {"calibration": job.calib_ds, "test": job.test_ds}
+    sharded = {split: ds for split, ds in datasets.items() if hasattr(ds, "groups_read")}
+    if not sharded:
+        return None
+    workers = pool.run({w: [(w, "data_read", ())] for w in pool.actors}, stage="evaluate")
+    return {"workers": {str(w): workers[w] for w in sorted(workers)},
+            "driver": {split: {"bytes": ds.bytes_read, "row_groups": ds.groups_read} for split, ds in sharded.items()},
+            "shards": {split: {"bytes": sum(s["bytes"] for s in ds.manifest["shards"]), "rows": len(ds),
+                               "location": ds.location} for split, ds in sharded.items()}}
 
 
 def stored_fp32_logits(job: Job, identities: list[str], use_cache: bool = True):
@@ -431,10 +447,13 @@ def manifest(ctx: Context, job: Job, evaluation: Evaluation, *, qparams_digest: 
     if evaluates is not None:
         out.update(evaluates=evaluates, workers=len(evaluation.plan["workers"]),
                    data_digest=sha256_bytes("\n".join(evaluation.identities).encode()))
+    if evaluation.data_read is not None:
+        out["data_read"] = evaluation.data_read
     if pool is not None:  # the fixed cost of the job's workers, and the memory each may keep
         out["pool"] = {"workers": pool.size, "cpus_each": pool.num_cpus, "memory": pool.memory,
                        "ready_s": round(pool.ready_at - pool.started_at, 4) if pool.ready_at else None,
-                       "startup_s": {str(w): v for w, v in sorted(pool.setup_s.items())}}
+                       "startup_s": {str(w): v for w, v in sorted(pool.setup_s.items())},
+                       "nodes": {str(w): v for w, v in sorted(pool.nodes.items())}}
     out.update(timings_s=ctx.timings, wall_s=round(ctx.clock() - started, 4))
     return out
 

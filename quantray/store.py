@@ -31,9 +31,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .digest import sha256_bytes
-from .errors import SpecError
+from .errors import SpecError, first_line
 
-__all__ = ["Store", "StagedDir", "is_uri", "sweep_staging"]
+__all__ = ["Store", "StagedDir", "is_uri", "join", "sweep_staging"]
 
 _PARTIAL = ".partial-"        # staging folders: .NAME.partial-XXXXXXXX, their lock beside them
 _LOCKLESS_AGE_S = 24 * 3600   # a staging folder without a lock (an older quantray's) is stale after a day
@@ -42,6 +42,16 @@ _LOCKLESS_AGE_S = 24 * 3600   # a staging folder without a lock (an older quantr
 def is_uri(location) -> bool:
     """A URI (scheme://...) rather than a local path; Path() would fold its '//' into '/'."""
     return "://" in str(location)
+
+
+def join(location, *parts: str, suffix: str = ""):
+    """`location`/parts (then `suffix` on the last name), a Path for a local folder or a URI string; a
+    URI's query (`?endpoint_override=...&scheme=http`) stays at its end, where pyarrow.fs reads it."""
+    if not is_uri(location):
+        joined = Path(location).joinpath(*parts)
+        return joined.with_name(joined.name + suffix) if suffix else joined
+    base, mark, query = str(location).partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + suffix + mark + query
 
 
 class Store:
@@ -54,8 +64,8 @@ class Store:
                 self.fs, root = pafs.FileSystem.from_uri(str(location))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
                 raise SpecError(f"{what} = {str(location)!r}: not a location pyarrow.fs can open "
-                                f"({_first_line(e)}); use a local path or e.g. s3://bucket/prefix") from None
-            self.location: str | Path = str(location).rstrip("/")
+                                f"({first_line(e)}); use a local path or e.g. s3://bucket/prefix") from None
+            self.location: str | Path = join(location)  # no trailing slash
         else:
             self.fs, root = pafs.LocalFileSystem(), str(Path(location).expanduser().absolute())
             self.location = Path(root)
@@ -68,9 +78,7 @@ class Store:
 
     def where(self, *parts: str) -> str | Path:
         """The user-facing location of `parts` (a Path, or a URI string)."""
-        if self.local is not None:
-            return self.local.joinpath(*parts)
-        return "/".join([self.location, *parts])
+        return join(self.location, *parts)
 
     def child(self, *parts: str) -> "Store":
         return Store(self.where(*parts), self.what)
@@ -84,6 +92,20 @@ class Store:
                 return f.read()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+
+    def check_writable(self) -> None:
+        """Create the folder's parent now (on an object store: find its bucket and rights), so that a
+        location that cannot be written fails before any work, with one line; the folder itself
+        appears only when something is written into it."""
+        try:
+            self.fs.create_dir(self.root.rpartition("/")[0] or self.root, recursive=True)
+        except OSError as e:
+            raise SpecError(f"{self.what} {self.location}: cannot write there ({first_line(e)}); "
+                            f"check the bucket, the credentials and the endpoint, or choose another {self.what}") from None
+
+    def open_input_file(self, *parts: str):
+        """A random-access file (pyarrow's NativeFile): reads fetch only the ranges asked for."""
+        return self.fs.open_input_file(self._path(*parts))
 
     def write(self, payload: bytes, *parts: str) -> None:
         """Write `payload` whole under a hidden temporary name in the same folder, then move it into place."""
@@ -107,8 +129,19 @@ class Store:
         except NotADirectoryError:
             return []
 
+    def sizes(self, *parts: str) -> dict[str, int]:
+        """The files directly in folder `parts`, with their sizes in bytes; {} if there is none."""
+        selector = pafs.FileSelector(self._path(*parts), allow_not_found=True)
+        try:
+            return {i.base_name: i.size for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File}
+        except NotADirectoryError:
+            return {}
+
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self._path(*parts)).type != pafs.FileType.NotFound
+
+    def delete_file(self, *parts: str) -> None:
+        _quietly(self.fs.delete_file, self._path(*parts))
 
     def delete_dir(self, *parts: str) -> None:
         _quietly(self.fs.delete_dir, self._path(*parts))
@@ -127,6 +160,7 @@ class StagedDir:
     def __init__(self, final: str | Path, what: str = "--out"):
         self.what, self.store = what, Store(final, what)
         if self.store.local is None:
+            self.store.check_writable()
             if self.store.names():
                 raise SpecError(f"{what} {self.store.location}: already exists and is not empty; choose another {what}")
             self.final = self.store.location
@@ -285,8 +319,3 @@ def _quietly(fn, *args) -> None:
         fn(*args)
     except OSError:
         pass
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

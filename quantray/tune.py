@@ -43,9 +43,9 @@ from .errors import SpecError
 from .evaluation import wilson
 from .ranges import METHODS
 from .report import make_progress
-from .spec import JobSpec, QuantSpec, WEIGHTS, load_spec, load_test_section
+from .spec import JobSpec, QuantSpec, WEIGHTS, load_spec, load_test_section, to_toml
 from .stats import batch_identities
-from .store import StagedDir
+from .store import StagedDir, join
 
 __all__ = ["tune", "Trial", "TuneResult", "TRIALS_SCHEMA", "best_toml"]
 
@@ -296,42 +296,9 @@ class _Search:
 def best_toml(spec: JobSpec, trial: Trial) -> str:
     """The job file that `quantray run` turns into exactly `trial`'s model: the job's own values that
     differ from the defaults (paths absolute, as loaded), with the trial's [quantization] choices."""
-    tables = {"model": spec.model, "calibration": spec.calibration, "test": spec.test,
-              "quantization": trial.quant(spec.quantization), "run": spec.run, "gate": spec.gate}
-    lines = [f"# Written by `quantray tune` from {spec.path}: range method {trial.method}, weights {trial.weight}, "
-             f"{len(trial.fp32)} module(s) kept in FP32.", f"name = {_toml(spec.name + '-tuned')}", ""]
-    for section, value in tables.items():
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(value):
-            v = getattr(value, f.name)
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if v is not None and v != default:
-                lines.append(f"{f.name} = {_toml(v)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, (str, Path)):
-        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{s}"'
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(x)}" for k, x in v.items()) + " }"
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else _toml(k)
-
-
-def _join(location, name: str) -> str:
-    return f"{location}/{name}" if isinstance(location, str) else str(Path(location) / name)
+    return to_toml(dataclasses.replace(spec, name=spec.name + "-tuned", quantization=trial.quant(spec.quantization)),
+                   header=f"Written by `quantray tune` from {spec.path}: range method {trial.method}, weights "
+                          f"{trial.weight}, {len(trial.fp32)} module(s) kept in FP32.")
 
 
 def print_tune(console: Console, result: TuneResult) -> None:
@@ -354,7 +321,7 @@ def print_tune(console: Console, result: TuneResult) -> None:
     if run is not None:
         m = run.metrics
         console.print(f"on the job's \\[test]: FP32 {m['fp32']['top1']:.4f}, tuned INT8 {m['int8']['top1']:.4f} "
-                      f"(drop {(m['fp32']['top1'] - m['int8']['top1']) * 100:+.2f} pt); its run: {_join(result.location, 'best-run')}")
+                      f"(drop {(m['fp32']['top1'] - m['int8']['top1']) * 100:+.2f} pt); its run: {join(result.location, 'best-run')}")
     if result.optimistic:
         console.print("[yellow]choices were made on the test split itself (no --validation): the accuracy "
                       "reported for it is optimistic[/]")

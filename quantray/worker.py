@@ -115,6 +115,13 @@ class Worker(CalibrationWorker):
                 self._decoded_bytes += found[0].nbytes
         return found
 
+    def data_read(self) -> dict:
+        """What this worker has read of Parquet shards, per split: bytes (footers and manifests
+        included) and row groups; {} where its data is not sharded."""
+        datasets = {"calibration": getattr(self, "_dataset", None), "test": self._test}
+        return {split: {"bytes": ds.bytes_read, "row_groups": ds.groups_read}
+                for split, ds in datasets.items() if hasattr(ds, "groups_read")}
+
     def peak_rss_mb(self) -> float:
         """This process's peak resident memory so far, in MiB."""
         import resource

@@ -11,6 +11,23 @@ from pathlib import Path
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["QUANTRAY_CACHE"] = tempfile.mkdtemp(prefix="quantray-test-cache-")
 
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The S3 endpoint the `s3` fixture starts on loopback, reached as a cluster reaches its store: through
+# the environment (credentials, endpoint, region), which Ray's workers inherit from this process.
+S3_PORT = free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="quantray-test",
+                  AWS_SECRET_ACCESS_KEY="quantray-test-secret", AWS_DEFAULT_REGION="us-east-1")
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_name, None)
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -105,3 +122,82 @@ def stored_demo_job(base: Path) -> Path:
 def own_quantray_home(tmp_path, monkeypatch):
     """Each test gets its own stored statistics: no test reuses what another computed."""
     monkeypatch.setenv("QUANTRAY_CACHE", str(tmp_path / "quantray-home"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in its own process on loopback (a real HTTP S3 protocol endpoint)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    log = tempfile.TemporaryFile()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "moto's S3 server did not start"
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{S3_PORT}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.fixture
+def s3(s3_server, request):
+    """A new, empty bucket for this test: its s3:// URI."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + f"-{free_port()}"
+    pafs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(name)
+    return f"s3://{name}"
+
+
+RAY_PORTS = ("port", "node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
+             "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
+
+
+def start_ray_node(temp: Path, *, head: str | None = None, cpus: int = 1, dashboard: bool = False):
+    """`ray start --block` on loopback, as its own process (stop it with `stop_process`, never `ray
+    stop`): the head when `head` is None, else a node joining the head at that GCS address. Returns
+    (process, ports, env). Every port is chosen free; workers take a range of 200 that holds none of
+    them (Ray refuses an overlap)."""
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    ports = {name: free_port() for name in RAY_PORTS if head is None or name != "port"}
+    if dashboard:
+        ports.update({"dashboard-port": free_port(), "ray-client-server-port": free_port()})
+    low = next(p for p in iter(free_port, None) if not any(p <= q <= p + 200 for q in ports.values()))
+    ports.update({"min-worker-port": low, "max-worker-port": low + 200})
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    role = (["--head", f"--temp-dir={temp}", f"--include-dashboard={str(dashboard).lower()}"]
+            + (["--dashboard-host=127.0.0.1"] if dashboard else []) if head is None else [f"--address={head}"])
+    log = open(temp / f"node-{ports['node-manager-port']}.log", "w")
+    process = subprocess.Popen([str(bin_dir / "ray"), "start", "--block", *role, f"--num-cpus={cpus}",
+                                "--node-ip-address=127.0.0.1", *[f"--{k}={v}" for k, v in ports.items()]],
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    return process, ports, env
+
+
+def stop_process(process) -> None:
+    """SIGTERM to this one process (a node this test started), then SIGKILL if it will not stop."""
+    import signal
+    import subprocess
+
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -2,9 +2,6 @@
 fails with its one-line error in the job's logs, and the head is stopped by its PID."""
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,52 +9,27 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import start_ray_node, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-PORTS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-         "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port", "node-manager-port",
-         "object-manager-port")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def head():
-    temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's unix sockets live under it
-    ports = {name: _free_port() for name in PORTS}
-    # Workers take a range of 200 ports: one that holds none of the single ports above (Ray refuses an
-    # overlap: "worker_ports is trying to use a port number ... used by other components").
-    low = next(p for p in iter(_free_port, None) if not any(p <= q <= p + 200 for q in ports.values()))
-    ports.update({"min-worker-port": low, "max-worker-port": low + 200})
-    # Loopback test cluster: no token auth, on server and clients alike (DESIGN.md).
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp) / "head.log", "w")
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp}", "--num-cpus=2",
-                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                             *[f"--{k}={v}" for k, v in ports.items()]], env=env, stdout=log, stderr=subprocess.STDOUT)
+    temp = Path(tempfile.mkdtemp(prefix="rayh", dir="/tmp"))  # short: Ray's unix sockets live under it
+    process, ports, env = start_ray_node(temp, cpus=2, dashboard=True)
     address = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         deadline = time.monotonic() + 120
         while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
                              capture_output=True).returncode != 0:
-            assert head.poll() is None, (Path(temp) / "head.log").read_text()[-3000:]
+            assert process.poll() is None, "".join(p.read_text()[-3000:] for p in temp.glob("node-*.log"))
             assert time.monotonic() < deadline, "the head's job server did not answer in 120 s"
             time.sleep(1)
         yield address, env
     finally:
-        head.send_signal(signal.SIGTERM)  # only the head this test started, by its PID
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-            head.wait()
-        log.close()
+        stop_process(process)  # only the head this test started, by its PID
 
 
 def _submit(address, env, *args):

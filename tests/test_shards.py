@@ -1,0 +1,176 @@
+"""Parquet image shards and `quantray pack`, without Ray: the shards give the folder's tensors, a
+reader fetches only its row groups, packing is idempotent and crash-safe, and bad input is one line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import DEMO_JOB, quiet
+from PIL import Image
+
+from quantray import data
+from quantray.errors import SpecError
+from quantray.pack import pack
+from quantray.shards import ShardedImages
+from quantray.spec import DataSpec, load_spec
+from quantray.stats import batch_identities
+
+
+def _image_folder(root: Path, classes=("daisy", "rose", "tulip"), per_class=12, size=(96, 80)) -> Path:
+    """An ImageFolder of noisy JPEGs and one PNG (several formats, as real folders have)."""
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+            suffix = "png" if (k, i) == (1, 3) else "jpg"
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.{suffix}")
+    return root
+
+
+def _job(tmp_path: Path, calibration: str, test: str, run: str = "") -> Path:
+    job = tmp_path / "job.toml"
+    job.write_text('name = "packed"\n[model]\nfactory = "quantray.testing:tiny_cnn"\n'
+                   f"[calibration]\n{calibration}\n[test]\n{test}\n[run]\n{run}\n")
+    return job
+
+
+def _folder_job(tmp_path: Path, transform: str = "imagenet_eval") -> Path:
+    _image_folder(tmp_path / "flowers")
+    folder = f'source = "imagefolder"\nroot = "flowers"\ntransform = "{transform}"'
+    return _job(tmp_path, folder + "\nsamples = 20\nbatch_size = 4", folder + "\nbatch_size = 8")
+
+
+def test_packed_images_are_the_folders_tensors_and_labels(tmp_path):
+    job = _folder_job(tmp_path)
+    result = pack(job, tmp_path / "shards", rows_per_shard=10, console=quiet())
+    spec, packed = load_spec(job), load_spec(result.job_file)
+    assert result.job_file == tmp_path / "job.packed.toml"
+    assert (packed.calibration.source, packed.calibration.samples, packed.calibration.batch_size) == ("parquet", 20, 4)
+    folder = data.build_dataset(spec.test)
+    shards = data.build_dataset(packed.test)
+    assert len(shards) == len(folder) == 36 and result.splits[1].kind == "encoded" and result.splits[1].shards == 4
+    for i in range(len(folder)):
+        (x, y), (xs, ys) = folder[i], shards[i]
+        assert torch.equal(x, xs) and y == ys
+    manifest = json.loads((tmp_path / "shards" / "test" / "manifest.json").read_text())
+    assert manifest["rows"] == 36 and manifest["labels"] == {"0": 12, "1": 12, "2": 12}
+    assert manifest["classes"] == ["daisy", "rose", "tulip"] and manifest["transform"] == "imagenet_eval"
+    rows = pq.read_table(tmp_path / "shards" / "test" / manifest["shards"][0]["name"]).to_pylist()
+    assert rows[0]["id"] == "daisy/00.jpg" and rows[0]["image"] == (tmp_path / "flowers" / "daisy" / "00.jpg").read_bytes()
+    # the packed job's relative paths resolve from where it was written
+    assert 'root = "shards/test"' in result.job_file.read_text()
+
+
+def test_tensor_datasets_are_stored_as_their_tensors(tmp_path):
+    job = _job(tmp_path, 'source = "digits"\nsplit = "train"\nsamples = 64', 'source = "factory"\n'
+               'factory = "quantray.testing:random_images"\nkwargs = { n = 10, shape = [3, 8, 8] }')
+    result = pack(job, tmp_path / "shards", console=quiet())
+    assert [s.kind for s in result.splits] == ["tensor", "tensor"]
+    packed = load_spec(result.job_file)
+    digits, shards = data.digits("train"), data.build_dataset(packed.calibration)
+    assert len(shards) == 1438 and all(torch.equal(digits[i][0], shards[i][0]) and digits[i][1] == shards[i][1]
+                                       for i in range(0, 1438, 37))
+    with pytest.raises(SpecError, match=r"tensors the source had already transformed; transform = 'to_tensor'"):
+        ShardedImages(str(tmp_path / "shards" / "calibration"), "to_tensor")
+
+
+def test_packing_again_writes_nothing_and_a_changed_image_rewrites_its_shard_only(tmp_path):
+    job = _folder_job(tmp_path)
+    first = pack(job, tmp_path / "shards", rows_per_shard=10, console=quiet())
+    test_dir = tmp_path / "shards" / "test"
+    before = {p.name: p.stat().st_mtime_ns for p in test_dir.iterdir()}
+    spec = load_spec(first.job_file).test
+    batches = data.make_batches(list(range(36)), 8)
+    ids_before = batch_identities(data.build_dataset(spec), spec, batches)
+
+    again = pack(job, tmp_path / "shards", rows_per_shard=10, console=quiet())
+    assert [s.written for s in again.splits] == [0, 0]
+    assert {p.name: p.stat().st_mtime_ns for p in test_dir.iterdir()} == before  # not even the manifest
+
+    Image.new("RGB", (96, 80), (1, 2, 3)).save(tmp_path / "flowers" / "rose" / "05.jpg")  # sample 17: shard 1
+    changed = pack(job, tmp_path / "shards", rows_per_shard=10, console=quiet())
+    assert [s.written for s in changed.splits] == [1, 1]
+    after = sorted(p.name for p in test_dir.iterdir())
+    assert len([n for n in after if n.startswith("part-")]) == 4  # the old shard 1 is gone
+    assert len(set(after) - set(before)) == 2  # a new shard 1 and a new index (manifest.json is replaced)
+    ids_after = batch_identities(data.build_dataset(spec), spec, batches)
+    assert [a == b for a, b in zip(ids_before, ids_after)] == [True, True, False, True, True]  # batch 2: 16..23
+
+
+def test_a_killed_pack_leaves_no_half_shard_and_the_next_one_finishes_it(tmp_path):
+    marker = tmp_path / "killed-once"
+    job = _job(tmp_path, 'source = "digits"\nsamples = 10',
+               f'source = "factory"\nfactory = "quantray.testing:digits_killer"\n'
+               f'kwargs = {{ split = "test", kill_at = 250, marker = "{marker}" }}')
+    code = (f"from quantray.pack import pack; pack({str(job)!r}, {str(tmp_path / 'shards')!r}, rows_per_shard=100)")
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert dead.returncode == -signal.SIGKILL, dead.stderr[-2000:]
+    test_dir = tmp_path / "shards" / "test"
+    visible = sorted(p.name for p in test_dir.iterdir() if not p.name.startswith("."))
+    assert [n[:10] for n in visible] == ["part-00000", "part-00001"]  # whole shards only, no manifest yet
+    assert all(pq.read_metadata(test_dir / n).num_rows == 100 for n in visible)
+    with pytest.raises(SpecError, match="no manifest.json there"):
+        ShardedImages(str(test_dir))
+    result = pack(job, tmp_path / "shards", rows_per_shard=100, console=quiet())
+    assert (result.splits[1].shards, result.splits[1].written) == (4, 2)  # shards 0 and 1 were kept
+    assert not [p for p in test_dir.iterdir() if p.name.startswith(".")]
+    shards = data.build_dataset(load_spec(result.job_file).test)
+    assert len(shards) == 359 and torch.equal(shards[250][0], data.digits("test")[250][0])
+
+
+def test_a_reader_fetches_only_the_row_groups_of_its_samples(tmp_path, s3):
+    _image_folder(tmp_path / "flowers", size=(320, 240))  # about 60 KB per noisy JPEG
+    folder = 'source = "imagefolder"\nroot = "flowers"\ntransform = "to_tensor"'
+    pack(_job(tmp_path, folder, folder), f"{s3}/flowers", rows_per_shard=18, console=quiet())
+    half = ShardedImages(f"{s3}/flowers/test")
+    shards = half.manifest["shards"]
+    manifest_bytes = half.bytes_read
+    for i in range(18):  # the first of two shards: row groups of 16 and 2 samples
+        half[i]
+    assert half.groups_read == 2 and [s["rows"] for s in shards] == [18, 18]
+    footer = 64 * 1024  # pyarrow reads a file's last 64 KiB to find its footer, then the row groups it needs
+    assert half.bytes_read - manifest_bytes <= shards[0]["bytes"] + footer  # nothing of the second shard
+    half[3]
+    assert half.groups_read == 2  # a row group read a moment ago is kept
+    assert half.sample_file(20) == f"{s3}/flowers/test/{shards[1]['name']} row 2"
+
+
+def test_bad_shard_locations_are_one_line(tmp_path, s3):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    job = _job(tmp_path, f'source = "parquet"\nroot = "{empty}"', 'source = "digits"')
+    with pytest.raises(SpecError, match=r"\[calibration\] root = .*empty': no manifest.json there; write the shards with"):
+        load_spec(job)
+    with pytest.raises(SpecError, match=r"reads a folder on every worker's disk; for data in object storage pack it"):
+        load_spec(_job(tmp_path, 'source = "imagefolder"\nroot = "s3://bucket/flowers"', 'source = "digits"'))
+    missing = DataSpec(source="parquet", root=f"{s3}/nothing-here")
+    with pytest.raises(SpecError, match=r"^job: \[test\] root = 's3://.*/nothing-here': no manifest.json there"):
+        data.build_dataset(missing, "job: [test]")
+    job = _folder_job(tmp_path)
+    with pytest.raises(SpecError, match=r"^--out s3://no-such-bucket-here/x: cannot write there \(.*not found"):
+        pack(job, "s3://no-such-bucket-here/x", console=quiet())
+    with pytest.raises(SpecError, match=r"is already Parquet shards; copy its folder"):
+        pack(pack(job, tmp_path / "shards", console=quiet()).job_file, tmp_path / "again", console=quiet())
+
+
+def test_pack_on_the_command_line(tmp_path):
+    job = tmp_path / "digits.toml"
+    job.write_text(DEMO_JOB.read_text())
+    exe = Path(sys.executable).with_name("quantray")
+    done = subprocess.run([str(exe), "pack", str(job), "--out", f"file://{tmp_path}/shards", "--job-out",
+                           str(tmp_path / "elsewhere" / "packed.toml")], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, COLUMNS="200"))
+    assert done.returncode == 0, done.stderr
+    assert "job file:" in done.stdout and (tmp_path / "shards" / "test" / "manifest.json").is_file()
+    packed = load_spec(tmp_path / "elsewhere" / "packed.toml")
+    assert packed.test.root == f"file://{tmp_path}/shards/test" and packed.model.checkpoint is None
+    bad = subprocess.run([str(exe), "pack", str(job), "--out", str(tmp_path / "s"), "--rows-per-shard", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--rows-per-shard: must be at least 1, got 0" in bad.stderr
