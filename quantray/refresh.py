@@ -21,9 +21,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
 import secrets
-import signal
 import tempfile
 from typing import Callable
 
@@ -34,7 +32,7 @@ from rich.table import Table
 
 from .errors import QuantrayError
 from .spec import JobSpec
-from .store import Store, json_bytes, sweep_staging
+from .store import Store, failpoint, json_bytes, sweep_staging
 
 __all__ = ["refresh", "promoted_run", "gate", "drift", "rebuild_history", "HISTORY_SCHEMA", "DRIFT_SCHEMA"]
 
@@ -48,6 +46,7 @@ DRIFT_SCHEMA = pa.schema([
     ("name", pa.string()), ("min_change", pa.float64()), ("max_change", pa.float64()),
     ("scale_change", pa.float64()), ("promoted_scale", pa.float64()), ("scale", pa.float64()),
 ])
+STALE_UPLOAD = datetime.timedelta(days=1)  # an unfinished run upload older than this is a killed refresh's
 _FIGURES = ("data_digest", "qparams_digest", "fp32_top1", "int8_top1", "fp32_top5", "int8_top5", "agreement")
 
 
@@ -71,7 +70,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     console = console or Console(stderr=True)
     reg = Store(registry, "--registry")
     reg.check_writable()
-    _tidy(reg, console)
+    _tidy(reg, console, now)
     started = now().replace(microsecond=0)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{hashlib.sha256(spec.path.read_bytes()).hexdigest()[:8]}-{secrets.token_hex(3)}"
     pointer = reg.read("PROMOTED")
@@ -86,7 +85,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
                              pq.read_table(staged.path("qparams.parquet")).to_pylist())
                 staged.write_parquet("drift.parquet", rows, DRIFT_SCHEMA)
                 _print_drift(console, rows, previous)
-        _failpoint("staged")
+        failpoint("staged")
 
     row = {"run_id": run_id, "time": started, **dict.fromkeys(_FIGURES), "promoted": False}
     try:
@@ -174,16 +173,24 @@ def rebuild_history(reg: Store, most: int = 50) -> list[dict]:
                         "too many refreshes are writing this registry at once")
 
 
-def _tidy(reg: Store, console: Console) -> None:
+def _tidy(reg: Store, console: Console, now: Callable[[], datetime.datetime] = _utc_now) -> None:
     """What killed refreshes left behind: staging folders no live process holds, a committed run
     with no gate (recorded as an error), a promotion without its marker. Then the history."""
     for removed in sweep_staging(reg.local / "runs" if reg.local else tempfile.gettempdir()):
         console.print(f"removed {removed}, left by a refresh that was stopped")
     gated = {n.removesuffix(".json") for n in reg.names("gates")}
     for run_id in reg.names("runs"):
-        if not run_id.startswith(".") and run_id not in gated and reg.exists("runs", run_id, "manifest.json"):
+        if run_id.startswith(".") or run_id in gated:
+            continue
+        if reg.exists("runs", run_id, "manifest.json"):
             _write_gate(reg, {"run_id": run_id, "time": _time_of(run_id), **dict.fromkeys(_FIGURES), "gate": "error",
                               "reason": "the refresh stopped after writing this run and before gating it"})
+        elif reg.local is None and now() - _time_of(run_id) > STALE_UPLOAD:
+            # On an object store a run is uploaded file by file, manifest.json last: one without it
+            # is an upload a killed refresh left (no reader takes it), or one still going on; past
+            # STALE_UPLOAD it cannot be the latter.
+            reg.delete_dir("runs", run_id)
+            console.print(f"removed {reg.where('runs', run_id)}, an upload a stopped refresh left unfinished")
     pointer = reg.read("PROMOTED")
     if pointer is not None:
         run_id = json.loads(pointer)["run_id"]
@@ -218,10 +225,3 @@ def _print_drift(console: Console, rows: list[dict], against: str, most: int = 5
     for r in rows[:most]:
         table.add_row(r["name"], *(f"{r[k]:.2%}" if r[k] is not None else "-" for k in ("min_change", "max_change", "scale_change")))
     console.print(table)
-
-
-def _failpoint(name: str) -> None:
-    """A test of crash safety sets QUANTRAY_KILL_AT=name: the process SIGKILLs itself there, exactly
-    as a machine that loses power would stop (no cleanup runs)."""
-    if os.environ.get("QUANTRAY_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)

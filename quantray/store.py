@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -33,7 +34,7 @@ import pyarrow.parquet as pq
 from .digest import sha256_bytes
 from .errors import SpecError, first_line
 
-__all__ = ["Store", "StagedDir", "is_uri", "join", "sweep_staging"]
+__all__ = ["Store", "StagedDir", "is_uri", "join", "sweep_staging", "failpoint"]
 
 _PARTIAL = ".partial-"        # staging folders: .NAME.partial-XXXXXXXX, their lock beside them
 _LOCKLESS_AGE_S = 24 * 3600   # a staging folder without a lock (an older quantray's) is stale after a day
@@ -208,8 +209,10 @@ class StagedDir:
         self.write_json("manifest.json", dict(manifest, files=files))
         self.manifest = json.loads(self.path("manifest.json").read_bytes())  # as readers will see it
         if self.store.local is None:
-            for name in [*files, "manifest.json"]:  # the manifest last
+            for k, name in enumerate([*files, "manifest.json"]):  # the manifest last
                 self.store.write(self.path(name).read_bytes(), *name.split("/"))
+                if k == 0:
+                    failpoint("uploading")
             self.abort()
         else:
             os.chmod(self.staging, 0o755)  # mkdtemp makes it 0700
@@ -312,6 +315,13 @@ def _release(lock, unlink: bool) -> None:
     if unlink:
         Path(path).unlink(missing_ok=True)
     handle.close()
+
+
+def failpoint(name: str) -> None:
+    """A test of crash safety sets QUANTRAY_KILL_AT=name: the process SIGKILLs itself there, exactly
+    as a machine that loses power would stop (no cleanup runs)."""
+    if os.environ.get("QUANTRAY_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _quietly(fn, *args) -> None:
