@@ -137,13 +137,11 @@ class ShardedImages(Dataset):
     def _file(self, shard: int):
         if shard not in self._files:
             name = self.manifest["shards"][shard]["name"]
-            file = pq.ParquetFile(pa.PythonFile(_Counted(self.store.open_input_file(name), self), mode="r"))
+            # pre_buffer: a row group's label and image chunks (adjacent) come in one ranged read
+            file = pq.ParquetFile(pa.PythonFile(_Counted(self.store.open_input_file(name), self), mode="r"),
+                                  pre_buffer=True)
             self._files[shard] = (file, file.metadata.row_group(0).num_rows)
         return self._files[shard]
-
-    def __getstate__(self):  # open files and kept groups stay behind; a copy reopens what it needs
-        state = dict(self.__dict__, _files={}, _groups=collections.OrderedDict(), _kept=0)
-        return state
 
 
 class _Counted:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
-__all__ = ["write_flowers102", "article_job", "digits_killer", "digits_failing", "random_images", "fails", "dies"]
+__all__ = ["write_flowers102", "article_job", "loopback_s3", "free_port", "digits_killer", "digits_failing",
+           "random_images", "fails", "dies"]
 
 
 def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=4, val=1, test=2,
@@ -72,6 +75,47 @@ def article_job(base: str | Path, *, samples: int = 20, latency_iters: int = 100
     job = base / "flowers102_resnet18.toml"
     job.write_text(text.rstrip() + "\n" + run_extra)
     return job
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def loopback_s3(port: int | None = None):
+    """moto's S3 server (`pip install 'moto[server]'`) in its own process on 127.0.0.1: a real HTTP
+    endpoint of the S3 protocol. Yields its URL; point pyarrow at it with AWS_ENDPOINT_URL (or a URI's
+    `endpoint_override`), with any AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    port = port or free_port()
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        log.seek(0)
+                        raise RuntimeError(f"moto's S3 server did not start: {log.read()[-2000:].decode(errors='replace')}")
+                    time.sleep(0.2)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 class _KillingDataset:

@@ -11,14 +11,7 @@ from pathlib import Path
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ["QUANTRAY_CACHE"] = tempfile.mkdtemp(prefix="quantray-test-cache-")
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from quantray.testing import free_port  # noqa: E402
 
 # The S3 endpoint the `s3` fixture starts on loopback, reached as a cluster reaches its store: through
 # the environment (credentials, endpoint, region), which Ray's workers inherit from this process.
@@ -127,25 +120,10 @@ def own_quantray_home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def s3_server():
     """moto's S3 server in its own process on loopback (a real HTTP S3 protocol endpoint)."""
-    import socket
-    import subprocess
-    import sys
-    import time
+    from quantray.testing import loopback_s3
 
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(S3_PORT)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "moto's S3 server did not start"
-            time.sleep(0.2)
-    yield f"http://127.0.0.1:{S3_PORT}"
-    server.terminate()
-    server.wait(timeout=30)
+    with loopback_s3(S3_PORT) as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
