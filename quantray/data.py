@@ -113,8 +113,13 @@ def assign_shards(n_batches: int, workers: int) -> list[list[int]]:
     return shards
 
 
-def load_batch(dataset: Dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples `indices` into (inputs, labels); a sample that fails names its index and file."""
+def load_batch(dataset: Dataset, indices: list[int], upcoming: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack samples `indices` into (inputs, labels); a sample that fails names its index and file.
+    `upcoming`: the samples the caller loads next, which a source that can (Parquet shards) starts
+    reading in the background while this batch is decoded."""
+    if upcoming is not None and callable(getattr(dataset, "prefetch", None)):
+        dataset.prefetch(indices)
+        dataset.prefetch(upcoming)
     xs, ys = [], []
     for i in indices:
         try:

@@ -139,8 +139,9 @@ def _pack_split(d: DataSpec, where: str, store: Store, rows_per_shard: int, prog
     if store.read("manifest.json") != payload:
         store.write(payload, "manifest.json")  # last: a reader that finds it finds every file it names
     named = {index_name, *(s["name"] for s in shards)}
-    for stale in [n for n in present if n.endswith(".parquet") and n.startswith(("part-", "index-")) and n not in named]:
-        store.delete_file(stale)
+    for old in present:  # shards and index files the new manifest does not name
+        if old.endswith(".parquet") and old.startswith(("part-", "index-")) and old not in named:
+            store.delete_file(old)
     return PackedSplit(section, store.location, kind, n, len(shards), written, sum(s["bytes"] for s in shards),
                        source_bytes, round(time.perf_counter() - started, 3))
 

@@ -2,6 +2,7 @@
 
     images = ShardedImages("s3://bucket/flowers/test", transform="imagenet_eval")
     x, y = images[17]             # reads the row group that holds sample 17 (and keeps it a while)
+    images.prefetch([32, 33, ...])  # start reading the row groups of what comes next, in the background
     images.bytes_read             # what this process has read of the shards and the manifest
 
 A split is a folder written by `quantray pack` (`quantray.pack`):
@@ -20,6 +21,7 @@ row groups of the samples asked for: a worker reads its own batches, never the w
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import io
 import json
 
@@ -79,8 +81,10 @@ class ShardedImages(Dataset):
         self.transform_name = transform or manifest["transform"]
         self._transform = make_transform(self.transform_name) if self.kind == "encoded" else None
         self._starts = np.cumsum([0] + [s["rows"] for s in manifest["shards"]])
-        self._files: dict[int, tuple] = {}
-        self._groups: collections.OrderedDict = collections.OrderedDict()
+        self._files: dict[int, pq.ParquetFile] = {}  # opened on the IO thread, used there only
+        self._groups: collections.OrderedDict = collections.OrderedDict()  # (shard, group) -> table, kept
+        self._pending: dict[tuple[int, int], concurrent.futures.Future] = {}  # being read
+        self._reader = None
         self._kept = 0
         self.groups_read = 0
         self._index = None
@@ -117,31 +121,48 @@ class ShardedImages(Dataset):
             self._index = [f"{s}:{r}:{h}" for s, r, h in zip(*(table.column(c).to_pylist() for c in table.column_names))]
         return self._index
 
-    def _row(self, i: int):
-        shard, row = self.locate(i)
-        file, per_group = self._file(shard)
-        group = row // per_group
-        key = (shard, group)
-        table = self._groups.get(key)
-        if table is None:
-            table = file.read_row_group(group, columns=["label", "image"])
-            self.groups_read += 1
-            self._groups[key] = table
-            self._kept += table.nbytes
-            while self._kept > _KEPT_BYTES and len(self._groups) > 1:
-                self._kept -= self._groups.popitem(last=False)[1].nbytes
-        else:
-            self._groups.move_to_end(key)
-        return table, row - group * per_group
+    def prefetch(self, indices: list[int]) -> None:
+        """Start reading the row groups `indices` need (a worker's next batch) in the background, so
+        that their transfer overlaps the decoding of the batch at hand. Every read of the shards runs
+        on one IO thread: no file object is shared between threads."""
+        for key in dict.fromkeys(self._key(i)[0] for i in indices):
+            if key not in self._groups and key not in self._pending:
+                self._pending[key] = self._io().submit(self._read_group, key)
 
-    def _file(self, shard: int):
+    def _key(self, i: int) -> tuple[tuple[int, int], int]:
+        """((shard, row group), row within the group) of sample `i`."""
+        shard, row = self.locate(i)
+        per_group = self.manifest["rows_per_group"]
+        return (shard, row // per_group), row % per_group
+
+    def _row(self, i: int):
+        key, row = self._key(i)
+        table = self._groups.get(key)
+        if table is not None:
+            self._groups.move_to_end(key)
+            return table, row
+        future = self._pending.pop(key, None) or self._io().submit(self._read_group, key)
+        table = self._groups[key] = future.result()
+        self._kept += table.nbytes
+        while self._kept > _KEPT_BYTES and len(self._groups) > 1:
+            self._kept -= self._groups.popitem(last=False)[1].nbytes
+        return table, row
+
+    def _io(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shards-io")
+        return self._reader
+
+    def _read_group(self, key: tuple[int, int]):
+        """One row group's labels and images (on the IO thread)."""
+        shard, group = key
         if shard not in self._files:
             name = self.manifest["shards"][shard]["name"]
             # pre_buffer: a row group's label and image chunks (adjacent) come in one ranged read
-            file = pq.ParquetFile(pa.PythonFile(_Counted(self.store.open_input_file(name), self), mode="r"),
-                                  pre_buffer=True)
-            self._files[shard] = (file, file.metadata.row_group(0).num_rows)
-        return self._files[shard]
+            self._files[shard] = pq.ParquetFile(pa.PythonFile(_Counted(self.store.open_input_file(name), self), mode="r"),
+                                                pre_buffer=True)
+        self.groups_read += 1
+        return self._files[shard].read_row_group(group, columns=["label", "image"])
 
 
 class _Counted:

@@ -269,7 +269,8 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPo
                                       pool.share(quantized.state)))
         calls = {w: [load] for w in range(n)}
         for b, batch in enumerate(test_batches):  # round-robin: every worker gets a share of every region
-            calls[b % n].append((("batch", b), "evaluate", (batch, stored[b], b < len(layer_batches))))
+            upcoming = test_batches[b + n] if b + n < len(test_batches) else None  # the worker's next batch
+            calls[b % n].append((("batch", b), "evaluate", (batch, stored[b], b < len(layer_batches), upcoming)))
         weight = {("batch", b): len(batch) for b, batch in enumerate(test_batches)}
         bar = ctx.progress.add_task("evaluate", total=sum(weight.values())) if ctx.progress is not None else None
 

@@ -63,13 +63,14 @@ class Worker(CalibrationWorker):
                                             torch.load(io.BytesIO(self._state), weights_only=True))
         return self._eager
 
-    def evaluate(self, indices: list[int], stored: torch.Tensor | None, layers: bool = False
-                 ) -> tuple[ShardResult, torch.Tensor | None, dict, LayerResult | None]:
+    def evaluate(self, indices: list[int], stored: torch.Tensor | None, layers: bool = False,
+                 upcoming: list[int] | None = None) -> tuple[ShardResult, torch.Tensor | None, dict, LayerResult | None]:
         """One test batch through FP32 (or its logits stored by an earlier run, `stored`) and the
         INT8 TorchScript model: the batch's scores, the FP32 logits if computed here, the seconds
         each plain forward took (throughput, where no other figure is asked for) and, with
-        `layers`, its per-layer result (the logged FP32 forward then gives the FP32 logits)."""
-        x, y = data_mod.load_batch(self._test, indices)
+        `layers`, its per-layer result (the logged FP32 forward then gives the FP32 logits).
+        `upcoming`: this worker's next batch, whose data a sharded source starts reading now."""
+        x, y = data_mod.load_batch(self._test, indices, upcoming)
         seconds, logits, layer = {}, stored, None
         with torch.inference_mode():
             if layers:

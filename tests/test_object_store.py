@@ -25,6 +25,7 @@ from conftest import DEMO_JOB, quiet, start_ray_node, stop_process
 from rich.console import Console
 
 import quantray
+from quantray.cli import main
 from quantray.pack import pack
 from quantray.refresh import promoted_run, refresh
 from quantray.spec import load_spec
@@ -84,6 +85,7 @@ def test_the_article_job_packed_to_s3_runs_stores_and_evaluates_there(ray_cluste
     assert again.manifest["evaluates"]["run_dir"] == f"{s3}/runs/first"
     model = quantray.load_quantized(f"{s3}/runs/first")  # the INT8 model straight from S3
     assert model is not None
+    assert main(["report", f"{s3}/runs/first"]) == 0
 
 
 def test_uris_keep_their_query_when_joined(ray_cluster, s3, s3_server, tmp_path):

@@ -139,6 +139,10 @@ def test_a_reader_fetches_only_the_row_groups_of_its_samples(tmp_path, s3):
     assert half.bytes_read - manifest_bytes <= shards[0]["bytes"] + footer  # nothing of the second shard
     half[3]
     assert half.groups_read == 2  # a row group read a moment ago is kept
+    ahead = ShardedImages(f"{s3}/flowers/test")
+    ahead.prefetch(list(range(18)))  # as a worker does with its next batch: read in the background
+    assert all(torch.equal(ahead[i][0], half[i][0]) for i in range(18))
+    assert (ahead.groups_read, ahead.bytes_read) == (2, half.bytes_read)  # the same reads, earlier
     assert half.sample_file(20) == f"{s3}/flowers/test/{shards[1]['name']} row 2"
 
 

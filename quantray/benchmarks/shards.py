@@ -9,7 +9,8 @@ on loopback and reached as a cluster reaches its store (endpoint and credentials
 
 1. `quantray pack` to a local folder and to s3://: images per second and shard bytes per split,
    against the JPEG files the split reads.
-2. Rounds of `quantray run --workers N --no-cache` on the folder job, the job packed to the local
+2. The data path alone: the test split read, decoded and transformed in this process, per source.
+3. Rounds of `quantray run --workers N --no-cache` on the folder job, the job packed to the local
    folder and the job packed to S3, in turn (the order rotates per round): the calibrate and evaluate
    stages (Ray's start, speed and writing apart), their ratio folder / shards (above 1: the shards
    are faster), and the bytes each worker read of the shards against their total (1/N is the ideal).
@@ -77,6 +78,7 @@ def _bench(base: Path, args, endpoint: str) -> None:
                   f"{s.rows / s.seconds:.0f} images/s")
         jobs[f"parquet-{where}"] = result.job_file
 
+    _data_path(jobs, args.rounds)
     stages = {name: [] for name in jobs}
     reads = {}
     for r in range(args.rounds):
@@ -106,6 +108,33 @@ def _bench(base: Path, args, endpoint: str) -> None:
             driver = read["driver"][split]["bytes"]
             print(f"  {split:11} total {total['bytes'] / 1e6:.2f} MB; " + ", ".join(parts)
                   + f"; driver {driver / 1e6:.2f} MB ({driver / total['bytes']:.3f}); 1/N = {1 / len(parts):.3f}")
+
+
+def _data_path(jobs: dict, rounds: int) -> None:
+    """The test split read, decoded and transformed in batches of 32 in this process, one thread:
+    the data path alone, without Ray or the models (much less noisy than whole runs)."""
+    import torch
+
+    from quantray.data import build_dataset, load_batch, make_batches
+    from quantray.spec import load_spec
+
+    torch.set_num_threads(1)
+    seconds = {name: [] for name in jobs}
+    for r in range(rounds):
+        for name, job in jobs.items():
+            spec = load_spec(job).test
+            started = time.perf_counter()
+            dataset = build_dataset(spec)  # opening is part of the path (a fresh reader, as a worker has)
+            batches = make_batches(list(range(len(dataset))), 32)
+            for b, batch in enumerate(batches):  # as a worker loads them: the next batch announced
+                load_batch(dataset, batch, batches[b + 1] if b + 1 < len(batches) else None)
+            seconds[name].append((time.perf_counter() - started, len(dataset)))
+    folder = statistics.median(s for s, _ in seconds["folder"])
+    print(f"data path alone (test split, batches of 32, one process, one thread), median of {rounds}:")
+    for name, rows in seconds.items():
+        median = statistics.median(s for s, _ in rows)
+        print(f"  {name:15} {median:6.2f} s = {median / rows[0][1] * 1e3:.2f} ms per image   folder / this "
+              f"{folder / median:.2f}x")
 
 
 if __name__ == "__main__":
