@@ -216,14 +216,16 @@ def _source(d: DataSpec) -> dict:
 
 
 def print_pack(console: Console, result: PackResult, command: str = "quantray run") -> None:
+    """What `quantray pack` wrote, per split, and the job file to run."""
     from rich.table import Table
 
     table = Table(title="quantray pack")
-    for column in ("split", "stored as", "samples", "shards (written)", "shard MB", "source MB", "images/s", "where"):
-        table.add_column(column, justify="left" if column in ("split", "stored as", "where") else "right")
+    for column in ("split", "stored as", "samples", "shards", "new", "MB", "source MB", "img/s"):
+        table.add_column(column, justify="left" if column in ("split", "stored as") else "right", no_wrap=True)
     for s in result.splits:
-        table.add_row(s.section, "file bytes" if s.kind == "encoded" else "tensors", str(s.rows),
-                      f"{s.shards} ({s.written})", f"{s.shard_bytes / 1e6:.1f}", f"{s.source_bytes / 1e6:.1f}",
-                      f"{s.rows / max(s.seconds, 1e-9):.0f}", str(s.location))
+        table.add_row(s.section, "files" if s.kind == "encoded" else "tensors", str(s.rows), str(s.shards), str(s.written),
+                      f"{s.shard_bytes / 1e6:.1f}", f"{s.source_bytes / 1e6:.1f}", f"{s.rows / max(s.seconds, 1e-9):.0f}")
     console.print(table)
+    for s in result.splits:
+        console.print(f"{s.section}: {s.location}")
     console.print(f"job file: {result.job_file}  (run it: {command} {result.job_file})")
