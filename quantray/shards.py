@@ -34,10 +34,9 @@ from torch.utils.data import Dataset
 from .errors import SpecError
 from .store import Store
 
-__all__ = ["ShardedImages", "FORMAT", "SHARD_SCHEMA", "INDEX_SCHEMA", "KINDS", "decode"]
+__all__ = ["ShardedImages", "FORMAT", "SHARD_SCHEMA", "INDEX_SCHEMA", "decode"]
 
 FORMAT = "quantray-shards/1"
-KINDS = ("encoded", "tensor")
 SHARD_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("label", pa.int64()),
                           ("image", pa.binary()), ("sha256", pa.string())])
 INDEX_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("label", pa.int64()),
