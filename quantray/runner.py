@@ -104,9 +104,6 @@ class _Actor(Worker):
         return {"process_start_s": round(started, 3), "build_s": self.setup_s,
                 "node": ray.get_runtime_context().get_node_id()}
 
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
 
 class WorkerPool:
     """A job's workers: `size` actors (started on first use, kept until the pool closes) and a
@@ -147,7 +144,7 @@ class WorkerPool:
         for actor in self.actors.values():
             ray.kill(actor)
         self.actors.clear()
-        self._setup.clear()
+        self._setup.clear()  # (nodes stay: where the job's workers ran, for its manifest)
 
     share = staticmethod(ray.put)
 
@@ -160,6 +157,7 @@ class WorkerPool:
 
     def _start(self, w: int) -> None:
         self.attempts.setdefault(w, 1)
+        self.nodes.pop(w, None)  # known again once its setup returns
         self.actors[w] = self._cls.remote(*self._args, **self._kwargs, index=w)
         self._setup[w] = self.actors[w].setup.remote()  # actor calls run in submission order
 
@@ -217,12 +215,12 @@ class WorkerPool:
     def node_alone(self, w: int) -> str | None:
         """Worker `w`'s Ray node id if this pool's actors hold every CPU of that node (then, with the
         others idle, nothing else can run there: timings), else None."""
-        if w not in self.actors:
-            self.run({w: []}, stage="speed")
-        nodes = ray.get([actor.node_id.remote() for actor in self.actors.values()])
-        node = nodes[list(self.actors).index(w)]
+        unknown = {v: [] for v in {*self.actors, w} if v not in self.nodes}
+        if unknown:  # started but never called (or not started): their setups say where they run
+            self.run(unknown, stage="speed")
+        node = self.nodes[w]
         total = next(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node)
-        return node if self.num_cpus * nodes.count(node) >= total - 1e-6 else None
+        return node if self.num_cpus * sum(self.nodes[v] == node for v in self.actors) >= total - 1e-6 else None
 
     def _replace(self, w: int, error: Exception, stage: str) -> None:
         cause = first_line(error)
