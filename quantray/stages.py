@@ -41,7 +41,7 @@ from .stats import StatsStore, batch_identities, default_location
 from .store import StagedDir, Store
 
 __all__ = ["Context", "Timings", "ray_cluster", "Job", "Calibrated", "Quantized", "Evaluation", "load", "prepare", "calibrate",
-           "quantize", "evaluate", "stored_fp32_logits", "load_for_evaluation", "check_stats_location", "write_qparams", "write_results", "write_html", "manifest", "draw_indices"]
+           "quantize", "evaluate", "first_batches", "stored_fp32_logits", "load_for_evaluation", "check_stats_location", "write_qparams", "write_results", "write_html", "manifest", "draw_indices"]
 
 
 class Timings(dict):
@@ -263,7 +263,7 @@ def evaluate(ctx: Context, job: Job, quantized: Quantized, pool: runner.WorkerPo
     with ctx.stage("evaluate"):
         store, keys, stored = stored_fp32_logits(job, identities, use_cache)
         n = min(pool.size, len(test_batches))
-        layer_batches = _first_batches(test_batches, run.layer_samples)  # the first k test batches
+        layer_batches = first_batches(test_batches, run.layer_samples)  # the first k test batches
         layer_groups = [layer_batches[w::n] for w in range(n)]  # as handed out below: batch b to worker b % n
         load = ("int8", "load_int8", (sha256_bytes(quantized.state), pool.share(quantized.script),
                                       pool.share(quantized.state)))
@@ -383,7 +383,7 @@ def _speed_task(fp32, example, quant, threads, script, state, args, skip, cpus):
     return {**worker.speed(*args, skip), "cpus": cpus}
 
 
-def _first_batches(batches: list[list[int]], samples: int) -> list[list[int]]:
+def first_batches(batches: list[list[int]], samples: int) -> list[list[int]]:
     """Whole batches from the first, until `samples` are covered (per-layer SQNR's share)."""
     out, covered = [], 0
     for batch in batches:

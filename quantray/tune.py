@@ -4,9 +4,9 @@
     result.met, result.best, result.location       # trials.parquet, best.toml, best-run/, report.html
 
 One calibration (stored statistics reused) and FP32 evaluated once (its logits kept for every trial).
-A trial is (activation range method, modules kept in FP32, weight scheme); its INT8 model is built on
-the driver from the merged statistics (prepare_fx, load them, convert_fx: no forward pass) and
-evaluated by the job's pool of workers, one trial per worker at a time. The search:
+A trial is (activation range method, modules kept in FP32, weight scheme); a worker of the job's pool
+builds its INT8 model from the merged statistics (prepare_fx, load them, convert_fx: no forward pass)
+and scores it against the kept FP32 logits, trials dealt out round-robin. The search:
 
 1. every range method with each weight scheme (only the job's, where it names one: its target's
    constraint), on the whole selection set;
@@ -168,7 +168,7 @@ class _Search:
         self.ctx, self.job, self.calibrated, self.pool = ctx, job, calibrated, pool
         self.max_drop, self.limit, self.stopped = max_drop, limit, ""
         self.batches = make_batches(job.test_idx, job.spec.test.batch_size)
-        self.rank_batches = stages._first_batches(self.batches, rank_samples)
+        self.rank_batches = stages.first_batches(self.batches, rank_samples)
         self.scored: list[_Scored] = []
         self.sensitivity: list[dict] = []
         self.fp32_logits = self._fp32_logits()
