@@ -1,6 +1,6 @@
 """The article's job end to end: its script as written against `quantray run`, on the same data.
 
-    python -m quantray.benchmarks.article_job [--dir DIR] [--rounds 1] [--workers 2]
+    python -m quantray.benchmarks.article_job [--dir DIR] [--rounds 1] [--workers 2] [--s3]
 
 Data: a Flowers102-layout folder of real-size (500x375) JPEGs, 100 classes with 1 training and 10
 test images each (100 calibration images in batches of 10, 1,000 test images), and an untrained
@@ -11,7 +11,9 @@ separate processes timed from launch to exit (the results written):
   `calibrate`, `test_accuracy` of both models and `test_speed` of both (batch 1, 10 warm-up and
   100 timed runs), then it writes the INT8 state_dict and a results file;
 - `quantray run` cold: exact mode, --workers N, an empty statistics store;
-- `quantray run` warm: the same command again, with the statistics and FP32 outputs stored.
+- `quantray run` warm: the same command again, with the statistics and FP32 outputs stored;
+- with `--s3`, `quantray run` cold on the same job packed (`quantray pack`) to Parquet shards on an
+  S3 endpoint (moto's server on loopback, reached through the environment; its own empty store).
 
 Ratios are the script's wall over quantray's (above 1: quantray is faster), per round, and their
 median. The FP32 top-1 of both sides is printed too: they decode the same images the same way.
@@ -20,6 +22,8 @@ median. The FP32 top-1 of both sides is printed too: they decode the same images
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -124,7 +128,13 @@ def main(argv=None) -> None:
     parser.add_argument("--dir", default=str(Path.home() / ".cache" / "quantray-bench" / "article_job"))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--s3", action="store_true", help="also run the job packed to shards on a loopback S3 endpoint")
     args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        _rounds(args, stack)
+
+
+def _rounds(args, stack: contextlib.ExitStack) -> None:
 
     from quantray.testing import article_job
 
@@ -134,7 +144,8 @@ def main(argv=None) -> None:
     print(f"data and checkpoint in {base} ({time.perf_counter() - t:.1f} s to write or find)")
     script = base / "article.py"
     script.write_text(ARTICLE)
-    rows = []
+    packed = _packed_to_s3(job, base, stack) if args.s3 else None
+    rows, s3_rows = [], []
     for r in range(args.rounds):
         work = base / "work"
         shutil.rmtree(work, ignore_errors=True)
@@ -142,9 +153,13 @@ def main(argv=None) -> None:
         env = {**os.environ, "QUANTRAY_CACHE": str(work / "cache")}
         script_s, script_out = _timed([sys.executable, str(script), str(base / "data"),
                                        str(base / "checkpoints" / "resnet18.pth"), str(work / "script")])
-        quantray = [sys.executable, "-m", "quantray.cli", "run", str(job), "--workers", str(args.workers)]
+        quantray = _run_command(job, args.workers)
         cold_s, _ = _timed(quantray + ["--out", str(work / "cold")], env)
         warm_s, _ = _timed(quantray + ["--out", str(work / "warm")], env)
+        if packed is not None:
+            s3_s, _ = _timed(_run_command(packed, args.workers) + ["--out", str(work / "s3")],
+                             {**env, "QUANTRAY_CACHE": str(work / "cache-s3")})
+            s3_rows.append((script_s, s3_s))
         article = json.loads((work / "script" / "results.json").read_text())
         timings = {k: json.loads((work / k / "manifest.json").read_text())["timings_s"] for k in ("cold", "warm")}
         metrics = json.loads((work / "cold" / "metrics.json").read_text())
@@ -152,6 +167,9 @@ def main(argv=None) -> None:
         print(f"round {r + 1}: script {script_s:.1f} s | quantray cold {cold_s:.1f} s ({script_s / cold_s:.2f}x) | "
               f"warm {warm_s:.1f} s ({script_s / warm_s:.2f}x)")
         print(f"  FP32 top-1: script {article['fp32_top1']:.2f}%, quantray {100 * metrics['fp32']['top1']:.2f}%")
+        if packed is not None:
+            timings["cold on S3 shards"] = json.loads((work / "s3" / "manifest.json").read_text())["timings_s"]
+            print(f"  quantray cold on S3 shards {s3_s:.1f} s ({script_s / s3_s:.2f}x)")
         for k, v in timings.items():
             print(f"  quantray {k} stages (s): " + ", ".join(f"{s} {x:.1f}" for s, x in v.items()))
     if len(rows) > 1:
@@ -159,6 +177,31 @@ def main(argv=None) -> None:
         print(f"median of {len(rows)}: script {script_s:.1f} s, cold {cold_s:.1f} s "
               f"({statistics.median(a / b for a, b, _ in rows):.2f}x), warm {warm_s:.1f} s "
               f"({statistics.median(a / c for a, _, c in rows):.2f}x)")
+        if s3_rows:
+            print(f"  cold on S3 shards {statistics.median(b for _, b in s3_rows):.1f} s "
+                  f"({statistics.median(a / b for a, b in s3_rows):.2f}x)")
+
+
+def _run_command(job: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "quantray.cli", "run", str(job), "--workers", str(workers)]
+
+
+def _packed_to_s3(job: Path, base: Path, stack: contextlib.ExitStack) -> Path:
+    """`job` packed to shards on moto's S3 server (started here, on loopback, for the whole benchmark)."""
+    from rich.console import Console
+
+    from quantray.benchmarks.shards import _bucket
+    from quantray.pack import pack
+    from quantray.testing import loopback_s3
+
+    endpoint = stack.enter_context(loopback_s3())
+    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1")
+    t = time.perf_counter()
+    packed = pack(job, f"{_bucket(endpoint, f'article-{os.getpid()}')}/flowers", job_out=base / "packed-s3.toml",
+                  console=Console(file=io.StringIO())).job_file
+    print(f"packed to S3 shards in {time.perf_counter() - t:.1f} s: {packed}")
+    return packed
 
 
 if __name__ == "__main__":
