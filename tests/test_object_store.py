@@ -27,7 +27,7 @@ from rich.console import Console
 import quantray
 from quantray.cli import main
 from quantray.pack import pack
-from quantray.refresh import promoted_run, refresh
+from quantray.refresh import STALE_UPLOAD, promoted_run, refresh
 from quantray.spec import load_spec
 from quantray.testing import article_job
 
@@ -104,10 +104,12 @@ def test_uris_keep_their_query_when_joined(ray_cluster, s3, s3_server, tmp_path)
 
 @pytest.fixture
 def s3_registry(ray_cluster, s3, tmp_path):
-    """A registry on S3 with one promoted digits run (refreshed at a fixed night)."""
+    """A registry on S3 with one promoted digits run, refreshed (an injected clock) the night before
+    the real clock's now: every night of these tests is placed relative to the real clock, which
+    stamps what a `quantray refresh` subprocess writes."""
     job = tmp_path / "digits.toml"
     job.write_text(DEMO_JOB.read_text())
-    night = datetime.datetime(2026, 11, 27, 2, 30, tzinfo=datetime.timezone.utc)
+    night = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0) - datetime.timedelta(days=1)
     row = refresh(load_spec(job), f"{s3}/reg", workers=2, console=quiet(), now=lambda: night)
     assert row["promoted"]
     return f"{s3}/reg", job, night
@@ -135,7 +137,9 @@ def test_a_refresh_killed_on_s3_leaves_the_promoted_model_and_history(s3_registr
         assert "manifest.json" not in _names(f"{registry}/runs/{partial}")
     else:
         assert runs == [promoted.rsplit("/", 1)[1]]  # a URI run is staged on local disk
-    later = night + datetime.timedelta(days=2)  # the next refresh, two nights later
+    # The next refresh, a day past STALE_UPLOAD after the killed one (whose upload has the real clock's
+    # time): only then may it take that upload for a killed refresh's, not a live one's.
+    later = datetime.datetime.now(datetime.timezone.utc) + STALE_UPLOAD + datetime.timedelta(days=1)
     log = Console(file=io.StringIO(), width=300)
     row = refresh(load_spec(job), registry, workers=2, console=log, now=lambda: later)
     assert row["promoted"] and [r["run_id"] for r in _history(registry)] == [rows[0]["run_id"], row["run_id"]]

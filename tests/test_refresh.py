@@ -22,7 +22,10 @@ from quantray.refresh import _tidy, _write_gate, drift, gate, promoted_run, rebu
 from quantray.spec import load_spec
 from quantray.store import StagedDir, Store, json_bytes
 
-NIGHT = datetime.datetime(2026, 11, 27, 2, 30, tzinfo=datetime.timezone.utc)
+# A night three days before the real clock's now: a refresh run as a subprocess stamps its run with
+# the real clock, so no night of these tests may be a fixed date that the real clock overtakes.
+NIGHT = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=3)).replace(
+    hour=2, minute=30, second=0, microsecond=0)
 
 
 def _job(tmp_path: Path, extra: str = "", name: str = "digits.toml") -> Path:
@@ -111,7 +114,7 @@ def test_a_stale_history_is_repaired_from_the_gates(tmp_path):
 def test_tidy_records_what_killed_refreshes_left_and_never_touches_a_live_staging_folder(tmp_path):
     root = tmp_path / "registry"
     reg = Store(root, "--registry")
-    committed = root / "runs" / "20261127T013000Z-aaaaaaaa-000001"  # committed, then killed before its gate
+    committed = root / "runs" / f"{NIGHT:%Y%m%dT%H%M%SZ}-aaaaaaaa-000001"  # committed, then killed before its gate
     committed.mkdir(parents=True)
     (committed / "manifest.json").write_text("{}")
     reg.write(json_bytes({"run_id": committed.name}), "PROMOTED")  # promoted, then killed before its marker
@@ -148,7 +151,7 @@ def test_first_refresh_promotes_and_records_history(registry):
     uri = f"file://{registry}"
     run = Path(promoted_run(uri).removeprefix("file://"))
     assert promoted_run(uri) == f"{uri}/runs/{run.name}" and _intact(run)
-    assert run.name.startswith("20261127T023000Z-")
+    assert run.name.startswith(f"{NIGHT:%Y%m%dT%H%M%SZ}-")
     history = _history(registry)
     assert history[0]["run_id"] == run.name and history[0]["promoted"] and history[0]["gate"] == "passed"
     assert history[0]["qparams_digest"] == json.loads((run / "manifest.json").read_text())["qparams_digest"]
