@@ -8,7 +8,6 @@
 
 __version__ = "0.1.0"
 
-from .api import RunResult, evaluate, run  # noqa: E402
-from .artifacts import load_quantized  # noqa: E402
+from .api import RunResult, evaluate, load_quantized, run  # noqa: E402
 
 __all__ = ["run", "evaluate", "RunResult", "load_quantized", "__version__"]

@@ -13,19 +13,24 @@ model, the data) and write their directory whole or not at all.
 from __future__ import annotations
 
 import dataclasses
+import io
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
-from . import stages
-from .artifacts import RunFiles, load_quantized
-from .report import make_progress, print_summary
-from .spec import JobSpec, load_spec, load_test_section, parse_spec
-from .store import StagedDir, is_uri, join
+from . import pipeline
+from .artifacts import RunFiles
+from .errors import QuantrayError, SpecError
+from .flow import rebuild_int8
+from .models import build_model
+from .report import print_summary
+from .spec import JobSpec, ModelSpec, QuantSpec, load_spec, load_test_section, parse_spec
+from .store import is_uri, join
 
-__all__ = ["run", "evaluate", "RunResult"]
+__all__ = ["run", "evaluate", "load_quantized", "RunResult"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class RunResult:
 
 def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Path | None = None,
         address: str | None = None, use_cache: bool = True, console: Console | None = None,
-        shard_order=None, before_commit=None, context: stages.Context | None = None) -> RunResult:
+        shard_order=None, before_commit=None, context: pipeline.Context | None = None) -> RunResult:
     """Run a job file (or a loaded JobSpec): calibrate on Ray, convert, evaluate, write a run directory.
 
     `workers`: calibration actors (default: the job's, else the CPUs Ray sees); `out`: the run
@@ -58,41 +63,36 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
     out; `before_commit(run, manifest)` may add files to the staged directory (refresh's drift).
     """
     spec = job if isinstance(job, JobSpec) else load_spec(job)
-    ctx = context or stages.Context(console=console or Console(stderr=True))
-    started = ctx.clock()
-    if not out:
-        out = Path("runs") / f"{spec.name}-{ctx.now().astimezone():%Y%m%d-%H%M%S}"
-    stages.check_stats_location(spec, use_cache)
-    with StagedDir(out) as staged:  # --out is checked before the model is built
+    ctx = context or pipeline.Context(console=console or Console(stderr=True))
+    with pipeline.session(ctx, out or Path("runs") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session:
         with ctx.stage("load"):
-            loaded = stages.load(spec)
+            job = pipeline.load(spec)
         with ctx.stage("prepare"):
-            prepared = stages.prepare(loaded)
-        with stages.ray_cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
-            with stages.start_workers(ctx, loaded, prepared, workers=workers, shard_order=shard_order) as pool:
-                with ctx.stage("calibrate"):
-                    calibrated = stages.calibrate(ctx, loaded, prepared, pool, use_cache=use_cache)
-                with ctx.stage("convert"):
-                    quantized = stages.quantize(calibrated)
-                evaluation = stages.evaluate(ctx, loaded, quantized, pool, use_cache)
+            prepared = pipeline.prepare(job)
+        with session.cluster(address), session.workers(job, prepared, workers=workers, shard_order=shard_order) as pool:
+            with ctx.stage("calibrate"):
+                calibrated = pipeline.calibrate(ctx, job, prepared, pool, use_cache=use_cache)
+            with ctx.stage("convert"):
+                quantized = pipeline.quantize(calibrated)
+            evaluation = pipeline.evaluate(ctx, job, quantized, pool, use_cache)
+        staged = session.staged
         with ctx.stage("write"):
-            stages.write_qparams(staged, quantized)
+            pipeline.write_qparams(staged, quantized)
             staged.write_bytes("job.toml", spec.path.read_bytes())
-            metrics = stages.write_results(staged, evaluation, len(loaded.fp32_bytes), len(quantized.state),
-                                           len(quantized.script))
-        manifest = stages.manifest(ctx, loaded, evaluation, qparams_digest=quantized.digest,
-                                   input_shape=list(loaded.example.shape), calibrated=calibrated, started=started,
-                                   pool=pool)
+            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), len(quantized.state),
+                                             len(quantized.script))
+        manifest = pipeline.manifest(ctx, job, evaluation, qparams_digest=quantized.digest,
+                                     input_shape=list(job.example.shape), calibrated=calibrated, pool=pool)
         if before_commit is not None:
             before_commit(staged, manifest)
-        stages.write_html(staged, metrics, evaluation.layers, manifest)
-        location = staged.commit(manifest)
+        pipeline.write_html(staged, metrics, evaluation.layers, manifest)
+        location = session.commit(manifest)
     return RunResult(location, metrics, staged.manifest, evaluation.layers)
 
 
 def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: int | None = None,
              out: str | Path | None = None, address: str | None = None, use_cache: bool = True,
-             console: Console | None = None, context: stages.Context | None = None) -> RunResult:
+             console: Console | None = None, context: pipeline.Context | None = None) -> RunResult:
     """Evaluate a finished run's INT8 model again, without calibrating, into a new directory.
 
     `data`: a TOML file whose [test] table (keys as in a job's, paths relative to that file) replaces
@@ -100,8 +100,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
     must match its manifest, and the FP32 model rebuilt from its job must be the one it quantized.
     The result's directory defaults to RUN_DIR-eval-TIMESTAMP beside the run; the run is never changed.
     """
-    ctx = context or stages.Context(console=console or Console(stderr=True))
-    started = ctx.clock()
+    ctx = context or pipeline.Context(console=console or Console(stderr=True))
     with ctx.stage("load"):
         files = RunFiles(run_dir)
         manifest = files.manifest
@@ -112,26 +111,40 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
         if samples is not None:
             test = dataclasses.replace(test, samples=samples)
         spec = dataclasses.replace(spec, test=test)
-        stages.check_stats_location(spec, use_cache)
-    if not out:
-        name = f"-eval-{ctx.now().astimezone():%Y%m%d-%H%M%S}"
-        out = join(files.location, suffix=name)
-    with StagedDir(out) as staged:  # --out is checked before the model is built
+    with pipeline.session(ctx, out or join(files.location, suffix=f"-eval-{ctx.stamp()}"), spec, use_cache) as session:
         with ctx.stage("load"):
             where = f"{data}: [test]" if data is not None else f"{job_path}: [test]"
-            loaded = stages.load_for_evaluation(spec, manifest, where)
-        with stages.ray_cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
-            with stages.start_workers(ctx, loaded) as pool:
-                evaluation = stages.evaluate(ctx, loaded, stages.Quantized(int8_state, script), pool, use_cache)
+            job = pipeline.load_for_evaluation(spec, manifest, where)
+        with session.cluster(address), session.workers(job) as pool:
+            evaluation = pipeline.evaluate(ctx, job, pipeline.Quantized(int8_state, script), pool, use_cache)
+        staged = session.staged
         with ctx.stage("write"):
-            metrics = stages.write_results(staged, evaluation, len(loaded.fp32_bytes), len(int8_state), len(script))
+            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), len(int8_state), len(script))
             if data is not None:
                 staged.write_bytes("data.toml", Path(data).read_bytes())
         evaluates = {"run_dir": str(files.location if is_uri(files.location) else Path(files.location).resolve()),
                      "created": manifest["created"],
                      "files": {k: manifest["files"][k] for k in ("model_int8.pth", "model_int8.pt")}}
-        summary = stages.manifest(ctx, loaded, evaluation, qparams_digest=manifest["qparams_digest"],
-                                  input_shape=manifest["input_shape"], evaluates=evaluates, started=started, pool=pool)
-        stages.write_html(staged, metrics, evaluation.layers, summary)
-        location = staged.commit(summary)
+        summary = pipeline.manifest(ctx, job, evaluation, qparams_digest=manifest["qparams_digest"],
+                                    input_shape=manifest["input_shape"], evaluates=evaluates, pool=pool)
+        pipeline.write_html(staged, metrics, evaluation.layers, summary)
+        location = session.commit(summary)
     return RunResult(location, metrics, staged.manifest, evaluation.layers)
+
+
+def load_quantized(run_dir: str | Path) -> torch.nn.Module:
+    """The INT8 model of a run, rebuilt with the seed's recipe: FP32 model, prepare_fx, convert_fx,
+    load_state_dict(model_int8.pth). The FP32 model's factory or checkpoint must be reachable."""
+    run = RunFiles(run_dir)
+    try:
+        weights = run.read("model_int8.pth")
+    except SpecError as e:
+        raise QuantrayError(str(e)) from None
+    manifest = run.manifest
+    model_spec = dict(manifest["spec"]["model"])
+    if model_spec.get("checkpoint") is not None:
+        model_spec["checkpoint"] = Path(model_spec["checkpoint"])
+    fp32 = build_model(ModelSpec(**model_spec), job_path=manifest["job"]["path"])
+    quant = QuantSpec(**manifest["spec"]["quantization"])
+    return rebuild_int8(fp32, quant, torch.zeros(manifest["input_shape"]),
+                        torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))

@@ -1,4 +1,5 @@
-"""The run directory's contract: its files' schemas, reading a run back, loading its INT8 model.
+"""The run directory's contract: its files' schemas and reading a run back (as bytes: the INT8
+model is rebuilt by `api.load_quantized`).
 
 Layout (a contract other tools rely on):
     manifest.json        spec, versions, workers, shard map, stage timings, sha256 of every file
@@ -17,7 +18,6 @@ A run directory is a local path or a URI (`store.Store`); it is written by `stor
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -26,10 +26,10 @@ import torch
 
 from . import __version__
 from .digest import sha256_bytes
-from .errors import QuantrayError, SpecError
+from .errors import SpecError
 from .store import Store
 
-__all__ = ["RunFiles", "load_quantized", "software_versions",
+__all__ = ["RunFiles", "software_versions",
            "QPARAMS_SCHEMA", "PREDICTIONS_SCHEMA", "LAYERS_SCHEMA"]
 
 QPARAMS_SCHEMA = pa.schema([
@@ -77,33 +77,12 @@ class RunFiles:
 
 def software_versions() -> dict:
     """What produced a run, for its manifest."""
+    import importlib.metadata
     import platform
 
-    import ray
     import torchvision
 
+    # Ray's version from its package metadata: reading a run needs no Ray import.
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ray": ray.__version__, "pyarrow": pa.__version__,
+            "torchvision": torchvision.__version__, "ray": importlib.metadata.version("ray"), "pyarrow": pa.__version__,
             "quantray": __version__, "machine": platform.machine()}
-
-
-def load_quantized(run_dir: str | Path) -> torch.nn.Module:
-    """The INT8 model of a run, rebuilt with the seed's recipe: FP32 model, prepare_fx, convert_fx,
-    load_state_dict(model_int8.pth). The FP32 model's factory or checkpoint must be reachable."""
-    from .flow import rebuild_int8
-    from .models import build_model
-    from .spec import ModelSpec, QuantSpec
-
-    run = RunFiles(run_dir)
-    try:
-        weights = run.read("model_int8.pth")
-    except SpecError as e:
-        raise QuantrayError(str(e)) from None
-    manifest = run.manifest
-    model_spec = dict(manifest["spec"]["model"])
-    if model_spec.get("checkpoint") is not None:
-        model_spec["checkpoint"] = Path(model_spec["checkpoint"])
-    fp32 = build_model(ModelSpec(**model_spec), job_path=manifest["job"]["path"])
-    quant = QuantSpec(**manifest["spec"]["quantization"])
-    return rebuild_int8(fp32, quant, torch.zeros(manifest["input_shape"]),
-                        torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))

@@ -1,35 +1,31 @@
-"""Calibration: one protocol, run over any executor, and the worker class executors drive.
+"""The worker side of calibration, a plain class, and the executor that runs it in this process.
 
-    plan = Plan(batches, shards, observed_values(prepared), identities)
-    with SerialExecutor(fp32, example, quant, data_spec, threads=1) as executor:   # or runner.WorkerPool
-        result = calibrate(MODES["exact"], executor, plan, store=stats_store)
-    counts = result.stats.load(prepared)
-    int8 = flow.convert(prepared)
+    worker = CalibrationWorker(fp32, example, quant, data_spec, threads, signature, memory_bytes)
+    worker.log(batch_id, indices)       # pass 1 on one batch: exact (min, max) per value, or a Failure
+    worker.start_counts(requests); worker.count(batch_id, indices); worker.collect_counts()   # exact pass 2
 
-`calibrate` runs a mode's passes unit by unit: stored entries that cover what the config needs are
-reused, the rest are computed by workers (one per shard; each prepares its own copy, as prepared
-GraphModules do not pickle) and stored. A sample that fails to load or NaN in an activation ends
-the run with the first such batch in sample order, whichever worker found it first. No Ray here.
+Each worker prepares its own copy of the FP32 model (prepared GraphModules do not pickle), checks
+that its observers observe what the driver's do, and keeps its batches, and pass 1's values for
+pass 2, between passes. `protocol.calibrate` drives it through an executor: `SerialExecutor` here,
+`runner.WorkerPool` on Ray (through `worker.Worker`, which holds one). No Ray here.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from . import data as data_mod
 from . import flow, sites
+from .calls import Call
 from .errors import CalibrationError, DataError, QuantrayError
-from .modes import MODES, Mode, Pass, Plan
-from .probes import attach_probes
 from .merge import sites_key
+from .probes import attach_probes
 
-__all__ = ["calibrate", "Calibration", "CalibrationWorker", "SerialExecutor", "Failure", "Plan", "MODES"]
-
-_PER_BATCH = ("log", "count", "replay")  # worker calls a progress bar counts: one per batch
+__all__ = ["CalibrationWorker", "SerialExecutor", "Failure", "KeptValues"]
 
 
 @dataclass(frozen=True)
@@ -41,91 +37,23 @@ class Failure:
     message: str
 
 
-@dataclass
-class Calibration:
-    """The merged statistics (a mode's typed result) and what it took: seconds per pass, stored
-    entries reused per pass, attempts per shard, bytes the workers sent, when workers were ready."""
-
-    stats: object
-    info: dict = field(default_factory=dict)
-
-
-def calibrate(mode: Mode, executor, plan: Plan, *, store=None, progress=None, clock=time.perf_counter) -> Calibration:
-    """Run `mode`'s passes over `plan` on `executor`, reusing and filling `store` (a `stats.StatsStore`)."""
-    info: dict = {"mode": mode.name, "cached": {}}
-    done: dict = {}
-    started = clock()
-    ran: set = set()
-    for make_pass in mode.passes:
-        t = clock()
-        step = make_pass(plan, done, executor.share)
-        done[step.name], info["cached"][step.name] = _run_pass(step, plan, executor, store, progress, ran)
-        info[f"{step.name}_s"] = round(clock() - t, 4)
-    if ran:  # where pass 2's batches came from; the workers free what pass 1 kept
-        sources = executor.run({s: [(s, "pass2_sources", ())] for s in sorted(ran)})
-        info["pass2_batches"] = {k: sum(v[k] for v in sources.values()) for k in ("memory", "disk", "forward")}
-        info["peak_kept_bytes"] = {s: v["peak_kept_bytes"] for s, v in sorted(sources.items())}
-    info.update(bytes_from_workers=executor.bytes_received, attempts=dict(executor.attempts),
-                actors_ready_s=round(max(0.0, executor.ready_at - started), 4) if executor.ready_at else 0.0)
-    return Calibration(mode.merge(plan, done), info)
-
-
-def _run_pass(step: Pass, plan: Plan, executor, store, progress, ran: set) -> tuple[dict, list[int]]:
-    found, stale, keys = {}, {}, {}
-    if store is not None:
-        for unit in step.units:
-            keys[unit] = store.key(*step.key(unit))
-            entry = store.get(keys[unit])
-            if entry is not None and step.covers(unit, entry):
-                found[unit] = entry
-            elif entry is not None:
-                stale[unit] = entry
-    todo = [u for u in step.units if u not in found]
-    calls, by_shard = {u: step.calls(u) for u in todo}, {}
-    for unit in todo:
-        shard = unit if step.unit == "shard" else plan.shard_of(unit)
-        by_shard.setdefault(shard, []).extend(((unit, i), method, args) for i, (method, args) in enumerate(calls[unit]))
-    total = sum(1 for u in todo for method, _ in calls[u] if method in _PER_BATCH)
-    bar = progress.add_task(f"calibrate: {step.name.replace('pass', 'pass ')}", total=total) if progress else None
-
-    def advance(key, method, delta):
-        if bar is not None and method in _PER_BATCH:
-            progress.advance(bar, delta)
-
-    results = executor.run(by_shard, advance) if by_shard else {}
-    ran.update(by_shard)
-    failures = [v for v in results.values() if isinstance(v, Failure)]
-    if failures:
-        first = min(failures, key=lambda f: f.batch_id)
-        raise DataError(first.message)
-    fresh = {u: step.collect(u, [results[(u, i)] for i in range(len(calls[u]))]) for u in todo}
-    if store is not None:
-        for unit, entry in fresh.items():
-            store.put(keys[unit], step.combine(stale[unit], entry) if unit in stale else entry)
-    return {**found, **fresh}, [len(found), len(step.units)]
-
-
 class CalibrationWorker:
-    """One shard's worker: a plain class; `runner` wraps it in a Ray actor, `SerialExecutor` calls it here.
-
-    It prepares its own copy of the FP32 model, checks that its observers observe what the driver's
-    do, and keeps its shard's batches in memory between passes.
-    """
+    """One shard's worker (see the module docstring). `memory_bytes` bounds what it keeps of pass 1's
+    values for pass 2 (`KeptValues`); 0 keeps none."""
 
     def __init__(self, model, example_inputs: torch.Tensor, quant, data, threads: int,
-                 signature: list | None = None, shard: int = 0, memory_bytes: int = 0):
+                 signature: list | None = None, memory_bytes: int = 0):
         flow.quiet_torch_warnings()
         # Same intra-op thread count for every worker count: reduction order may depend on it.
         torch.set_num_threads(threads)
-        self._shard = shard
         self._model = flow.prepare(model, quant, example_inputs)
         self._observed = sites.observed_values(self._model)
         if signature is not None and [tuple(s) for s in signature] != sites.signature(self._observed):
-            raise CalibrationError(f"shard {shard}: this worker's prepare_fx gave other observers than the "
-                                   "driver's; workers and driver need the same torch version")
+            raise CalibrationError("this worker's prepare_fx gave other observers than the driver's; workers "
+                                   "and driver need the same torch version")
         self._observers = sites.find_observers(self._model)  # the instances the probes will hold
         self._recorder = attach_probes(self._model)
-        self._dataset = data_mod.build_dataset(data, where="[calibration]")
+        self.dataset = data_mod.build_dataset(data, where="[calibration]")
         self._batches: dict[int, torch.Tensor] = {}
         self._kept = KeptValues(memory_bytes)
 
@@ -195,16 +123,14 @@ class CalibrationWorker:
         where = f"calibration batch {batch_id}, samples {indices[0]}..{indices[-1]}"
         try:
             if x is None:
-                x = self._batches[batch_id] = data_mod.load_batch(self._dataset, indices)[0]
+                x = self._batches[batch_id] = data_mod.load_batch(self.dataset, indices)[0]
             if not torch.isfinite(x).all():
                 raise DataError("NaN or Inf in the calibration input")
             self._recorder.start_batch()
             with torch.inference_mode():
                 self._model(x)
-        except DataError as e:  # no shard: the same message for any worker count
-            raise DataError(f"{e} ({where})") from None
-        except QuantrayError as e:
-            raise type(e)(f"{e} (shard {self._shard}, {where})") from None
+        except QuantrayError as e:  # the batch, not the shard: the same line for any worker count
+            raise type(e)(f"{e} ({where})") from None
 
 
 class KeptValues:
@@ -299,11 +225,8 @@ class SerialExecutor:
 
     def __init__(self, model, example_inputs, quant, data, threads: int = 1, signature=None, order=None,
                  memory_bytes: int = 0):
-        self._args = (model, example_inputs, quant, data, threads, signature)
-        self._memory_bytes = memory_bytes
+        self._args = (model, example_inputs, quant, data, threads, signature, memory_bytes)
         self._order, self._workers = order, {}
-        self.attempts: dict[int, int] = {}
-        self.bytes_received, self.ready_at = 0, None
 
     def __enter__(self) -> "SerialExecutor":
         return self
@@ -314,15 +237,13 @@ class SerialExecutor:
     def share(self, obj):
         return obj
 
-    def run(self, calls: dict[int, list], on_result=None) -> dict:
+    def run(self, calls: dict[int, list[Call]], on_result=None) -> dict:
         results = {}
-        order = [s for s in (self._order or sorted(calls)) if s in calls]
-        for shard in order:
+        for shard in [s for s in (self._order or sorted(calls)) if s in calls]:
             if shard not in self._workers:
-                self._workers[shard] = CalibrationWorker(*self._args, shard=shard, memory_bytes=self._memory_bytes)
-                self.attempts[shard] = 1
-            for key, method, args in calls[shard]:
-                results[key] = getattr(self._workers[shard], method)(*args)
+                self._workers[shard] = CalibrationWorker(*self._args)
+            for call in calls[shard]:
+                results[call.key] = call.on(self._workers[shard])
                 if on_result is not None:
-                    on_result(key, method, 1)
+                    on_result(call, 1)
         return results

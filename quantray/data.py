@@ -6,8 +6,12 @@ cut into the same batches; shards are whole batches, never re-batched per worker
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import inspect
+import json
+import os
 import random
 from pathlib import Path
 
@@ -15,13 +19,12 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from .errors import DataError, SpecError, first_line
-from .spec import DataSpec
+from .spec import DataSpec, suggest
+from .transforms import make_transform
 
-__all__ = ["build_dataset", "digits", "sample_indices", "make_batches", "assign_shards",
-           "load_batch", "sample_file", "make_transform", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["build_dataset", "check_data", "digits", "sample_indices", "draw_indices", "make_batches", "assign_shards",
+           "load_batch", "sample_file", "batch_identities"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the seed article has 0.465 for 0.456: a typo
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -96,6 +99,18 @@ def sample_indices(n: int, samples: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), samples))
 
 
+def draw_indices(dataset, d: DataSpec, where: str, empty: str) -> list[int]:
+    """The samples `d` draws from `dataset`; a SpecError naming `where` if it asks for too many or
+    draws none (`empty`: what to say then)."""
+    try:
+        indices = sample_indices(len(dataset), d.samples, d.seed)
+    except ValueError as e:
+        raise SpecError(f"{where} samples = {d.samples}: {e}") from None
+    if not indices:
+        raise SpecError(f"{where} {empty}")
+    return indices
+
+
 def make_batches(indices: list[int], batch_size: int) -> list[list[int]]:
     """Cut the canonical sample order into fixed batches, once, for every worker count."""
     return [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -145,21 +160,28 @@ def sample_file(dataset, i: int) -> str | None:
     return None
 
 
-def make_transform(preset: str | None):
-    """The torchvision transform a `transform` preset names (None for "none")."""
-    import torchvision.transforms as T
+def check_data(spec: DataSpec, where: str) -> None:
+    """What a DataSpec cannot check without torch: that a torchvision source names a dataset class
+    in torchvision.datasets, and has the root it takes. `where` ("JOB: [test]") starts the error line."""
+    if spec.source != "torchvision":
+        return
+    import torch.utils.data
+    import torchvision.datasets
 
-    if preset in (None, "none"):
-        return None
-    if preset == "to_tensor":
-        return T.ToTensor()
-    # The seed article's eval transform, with the standard ImageNet mean.
-    return T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    cls = getattr(torchvision.datasets, spec.dataset, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.utils.data.Dataset)):
+        names = [n for n in dir(torchvision.datasets) if isinstance(getattr(torchvision.datasets, n), type)]
+        raise SpecError(f"{where} dataset = {spec.dataset!r}: not a dataset class in torchvision.datasets"
+                        f"{suggest(spec.dataset, names)}; e.g. Flowers102, CIFAR10, ImageNet")
+    if spec.root is None and "root" in inspect.signature(cls).parameters:
+        raise SpecError(f"{where} root is required for source = 'torchvision' with dataset = {spec.dataset!r} "
+                        "(the dataset's folder)")
 
 
 def _torchvision_dataset(spec: DataSpec, where: str) -> Dataset:
     import torchvision.datasets
 
+    check_data(spec, where)
     cls = getattr(torchvision.datasets, spec.dataset)
     params = inspect.signature(cls).parameters
     if not spec.verify:
@@ -195,3 +217,30 @@ def _unverified(cls, where: str):
     if not callable(getattr(cls, "_check_integrity", None)):
         raise SpecError(f"{where} verify = false: torchvision.datasets.{cls.__name__} has no file check to skip")
     return type(cls.__name__, (cls,), {"_check_integrity": lambda self: True})
+
+
+def batch_identities(dataset, data_spec, batches: list[list[int]]) -> list[str]:
+    """One digest per batch, what stored statistics are keyed by: the dataset's spec (what transforms
+    the files) and each sample's identity: its file's path, size and mtime where the dataset has
+    files; in Parquet shards, its shard, row and content digest; else the sample's index."""
+    # samples, seed and batch_size only pick samples: identities cover them. Packed shards are
+    # identified by content, wherever they are stored: a copy in another bucket is the same data.
+    skip = ("samples", "seed", "batch_size") + (("root",) if data_spec.source == "parquet" else ())
+    spec = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(data_spec).items() if k not in skip}
+    prefix = json.dumps(spec, sort_keys=True)
+    packed = dataset.identities() if callable(getattr(dataset, "identities", None)) else None
+    out = []
+    for batch in batches:  # (the same text hashed as before: run manifests' data_digest stays comparable)
+        h = hashlib.sha256(prefix.encode())
+        for i in batch:
+            if packed is not None:  # shard, row and the sample's content digest, written at pack time
+                h.update(f"|{i}:{packed[i]}".encode())
+                continue
+            path = sample_file(dataset, i)
+            if path is None:
+                h.update(f"|{i}".encode())
+            else:
+                st = os.stat(path)
+                h.update(f"|{i}:{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+        out.append(h.hexdigest())
+    return out

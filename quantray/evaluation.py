@@ -19,7 +19,8 @@ from torch import nn
 from . import data as data_mod
 
 __all__ = ["ShardResult", "evaluate_shard", "score_batch", "merge_results", "accuracy_metrics",
-           "wilson", "measure_latency", "measure_throughput", "measure_speed", "processor", "state_dict_bytes"]
+           "wilson", "measure_latency", "measure_throughput", "measure_speed", "processor", "cpu_kind",
+           "state_dict_bytes"]
 
 COUNT_KEYS = ("n", "fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "agree")
 COLUMNS = ("index", "label", "fp32_pred", "int8_pred", "fp32_top5", "int8_top5", "fp32_margin", "int8_margin",
@@ -221,6 +222,27 @@ def processor() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# CPU features that decide which FP32 kernels run (oneDNN and torch's own dispatch choose by them).
+_KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_kind() -> dict:
+    """What decides this CPU's FP32 results to the last bit: its model, the instruction set torch
+    dispatches its kernels on, and the CPU features oneDNN chooses its kernels by. Two workers of
+    different kinds may observe activations that differ in the last bits."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    return {"model": processor(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": [f for f in _KERNEL_FLAGS if f in flags]}
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

@@ -34,10 +34,10 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 from .errors import QuantrayError, SpecError
 from .ranges import RangeObserver
-from .spec import QuantSpec
+from .spec import QuantSpec, suggest
 
-__all__ = ["prepare", "convert", "rebuild_int8", "qconfig_mapping", "set_engine", "quiet_torch_warnings",
-           "without_stack_traces"]
+__all__ = ["prepare", "convert", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
+           "quiet_torch_warnings", "without_stack_traces"]
 
 # Warnings torch 2.14 prints on every FX-quantization or TorchScript call, in every process; the
 # README says once that FX quantization is deprecated upstream (torchao PT2E is the successor).
@@ -79,10 +79,25 @@ def qconfig_mapping(quant: QuantSpec | str) -> QConfigMapping:
                                                       "activation_range": quant.activation_range,
                                                       "percentile": quant.percentile}))
     for type_name, choice in quant.module_types.items():
-        mapping.set_object_type(getattr(torch.nn, type_name), _qconfig(base, quant.backend, choice, quant.percentile))
+        mapping.set_object_type(_module_class(type_name), _qconfig(base, quant.backend, choice, quant.percentile))
     for module_name, choice in quant.module_names.items():
         mapping.set_module_name(module_name, _qconfig(base, quant.backend, choice, quant.percentile))
     return mapping
+
+
+def check_quant(quant: QuantSpec) -> None:
+    """What a QuantSpec cannot check without torch: that each `module_types` key is a torch.nn class."""
+    for type_name in quant.module_types:
+        _module_class(type_name)
+
+
+def _module_class(name: str) -> type:
+    cls = getattr(torch.nn, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        classes = [n for n in dir(torch.nn) if isinstance(getattr(torch.nn, n), type)]
+        raise SpecError(f"[quantization] module_types.{name}: not a torch.nn module class{suggest(name, classes)}; "
+                        "e.g. Conv2d, Linear")
+    return cls
 
 
 def _qconfig(base: QConfig, backend: str, choice, percentile: float = 99.99) -> QConfig | None:
@@ -148,3 +163,14 @@ def rebuild_int8(fp32: nn.Module, quant: QuantSpec | str, example_inputs: torch.
     int8 = convert(prepare(fp32, quant, example_inputs))
     int8.load_state_dict(state_dict)
     return int8
+
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def quantized_layers(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> list[str]:
+    """The modules with weights that `quant` quantizes, by name in the model's order (a fused module
+    under its first module's name): the layers a search may keep in FP32."""
+    converted = dict(convert(prepare(model, quant, example_inputs)).named_modules())
+    return [name for name, module in model.named_modules()
+            if isinstance(module, _LAYER_TYPES) and ".quantized" in type(converted.get(name)).__module__]

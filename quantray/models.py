@@ -13,21 +13,36 @@ import torch
 from torch import nn
 
 from .errors import SpecError
-from .spec import ModelSpec
+from .spec import ModelSpec, suggest
 
-__all__ = ["build_model", "resolve_callable", "call_user"]
+__all__ = ["build_model", "check_model", "resolve_callable", "call_user"]
 
 
 def build_model(spec: ModelSpec, job_path: Path | str = "job") -> nn.Module:
     """The FP32 model in eval mode, with the checkpoint's weights loaded (`weights_only=True`).
     It is built under `torch.manual_seed(spec.seed)` (the caller's random state is left as it was),
     so a model without a checkpoint has the same weights on every run."""
+    check_model(spec, f"{job_path}: [model]")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = _construct(spec, job_path)
     if spec.checkpoint is not None:
         _load_checkpoint(model, spec.checkpoint, job_path)
     return model.eval()
+
+
+def check_model(spec: ModelSpec, where: str) -> None:
+    """What a ModelSpec cannot check without torch: that `arch` names a torchvision architecture.
+    `where` ("JOB: [model]") starts the error line."""
+    if spec.arch is None:
+        return
+    import torchvision
+
+    archs = torchvision.models.list_models()
+    if spec.arch not in archs:
+        raise SpecError(f"{where} arch = {spec.arch!r}: unknown torchvision architecture{suggest(spec.arch, archs)}; "
+                        f"valid: any name in torchvision.models.list_models() ({len(archs)} names, e.g. resnet18, "
+                        "resnet50, mobilenet_v3_large)")
 
 
 def _construct(spec: ModelSpec, job_path) -> nn.Module:

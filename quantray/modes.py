@@ -2,7 +2,7 @@
 result, and how that result is loaded into a prepared model.
 
     mode = MODES["exact"]
-    stats = calibration.calibrate(mode, executor, plan).stats    # runs mode.passes
+    stats = protocol.calibrate(mode, executor, plan).stats       # runs mode.passes: a MergedStats
     counts = stats.load(prepared)                                 # any config over the same FP32 graph
 
 | mode   | pass 1 (unit)                      | pass 2 (unit)                                  | result       |
@@ -12,7 +12,7 @@ result, and how that result is loaded into a prepared model.
 
 A pass is a `Pass`: which units it has, what a unit's stored entry is keyed by, the worker calls
 that compute a unit, how their returns make the entry, whether a stored entry covers what this
-config needs, and how a stored entry and a new one join. `calibration.calibrate` runs passes over
+config needs, and how a stored entry and a new one join. `protocol.calibrate` runs passes over
 any executor; nothing here knows about Ray or storage.
 """
 
@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import merge
+from .calibration import CalibrationWorker
 from .probes import count_key
 from .sites import HISTOGRAM, Observed, observed_values
 
-__all__ = ["Plan", "Pass", "Mode", "ExactStats", "ReplayStats", "FastStats", "MODES"]
+__all__ = ["Plan", "Pass", "Mode", "MergedStats", "ExactStats", "ReplayStats", "FastStats", "MODES"]
 
 
 @dataclass(frozen=True)
@@ -50,16 +51,17 @@ class Pass:
     unit: str                                        # "batch" | "shard": computed, stored and redone as one
     units: list[int]
     key: Callable[[int], list]                       # a unit's stored entry is keyed by these (and the store's base)
-    calls: Callable[[int], list[tuple[str, tuple]]]  # worker (method, args) that compute a unit, in order
+    calls: Callable[[int], list[tuple[Callable, tuple]]]  # CalibrationWorker (function, args) that compute a unit, in order
     collect: Callable[[int, list], Any]              # a unit's entry from its calls' return values
     covers: Callable[[int, Any], bool]               # a stored entry holds all this config needs of the unit
     combine: Callable[[Any, Any], Any]               # a stored entry joined with a new one
 
 
 @dataclass
-class _Stats:
-    """Pass-1 logs ({batch: {value: {reduction: (min, max) | None}}}), which every mode has: min/max
-    observers are loaded from them; histogram observers by the mode's own result (`_histograms`)."""
+class MergedStats:
+    """A calibration's merged statistics, what every mode returns: they load into any config over
+    the same FP32 graph. Pass-1 logs ({batch: {value: {reduction: (min, max) | None}}}), which every
+    mode has, load the min/max observers; histogram observers load from the mode's own result."""
 
     logs: dict[int, dict]
 
@@ -70,9 +72,12 @@ class _Stats:
         merge.load_minmax(prepared, observed, self.logs)
         return self._histograms(prepared, observed) or {}
 
+    def _histograms(self, prepared, observed) -> dict[str, int] | None:
+        raise NotImplementedError
+
 
 @dataclass
-class ExactStats(_Stats):
+class ExactStats(MergedStats):
     """And float64 counts per (value, range, bins)."""
 
     counts: dict[tuple, tuple]
@@ -82,7 +87,7 @@ class ExactStats(_Stats):
 
 
 @dataclass
-class ReplayStats(_Stats):
+class ReplayStats(MergedStats):
     """And, per batch, torch's update histogram per (value, planned range, bins)."""
 
     updates: dict[int, dict]
@@ -92,7 +97,7 @@ class ReplayStats(_Stats):
 
 
 @dataclass
-class FastStats(_Stats):
+class FastStats(MergedStats):
     """And each shard's torch histogram states (shard order), keyed by `merge.sites_key`."""
 
     states: list[dict]
@@ -105,7 +110,7 @@ class Mode:
     name: str
     passes: tuple[Callable, ...]  # each: (plan, done passes {name: {unit: entry}}, share) -> Pass
 
-    def merge(self, plan: Plan, done: dict):
+    def merge(self, plan: Plan, done: dict) -> MergedStats:
         raise NotImplementedError
 
 
@@ -114,7 +119,7 @@ def _log_pass(plan: Plan, done: dict, share) -> Pass:
     need = merge.needed_values(plan.observed)
     return Pass("pass1", "batch", list(range(len(plan.batches))),
                 key=lambda b: ["log", plan.identities[b]],
-                calls=lambda b: [("log", (b, plan.batches[b]))],
+                calls=lambda b: [(CalibrationWorker.log, (b, plan.batches[b]))],
                 collect=lambda b, returned: returned[0],
                 covers=lambda b, entry: _covers(entry, need),
                 combine=_union_logs)
@@ -144,8 +149,9 @@ class Exact(Mode):
         return Pass("pass2", "shard", list(range(len(plan.shards))) if requests else [],  # no histograms: no pass 2
                     # counts accumulate on the worker: a shard is one unit, redone whole after a lost worker
                     key=lambda s: ["count", [plan.identities[b] for b in plan.shards[s]]],
-                    calls=lambda s: [("start_counts", (shared,)), *[("count", (b, plan.batches[b])) for b in plan.shards[s]],
-                                     ("collect_counts", ())],
+                    calls=lambda s: [(CalibrationWorker.start_counts, (shared,)),
+                                     *[(CalibrationWorker.count, (b, plan.batches[b])) for b in plan.shards[s]],
+                                     (CalibrationWorker.collect_counts, ())],
                     collect=lambda s, returned: returned[-1],
                     covers=lambda s, entry: want <= entry.keys(),
                     combine=_union)
@@ -168,7 +174,7 @@ class Replay(Mode):
         want = {b: {count_key(v, *r) for v, wanted in requests[b].items() for r in wanted} for b in requests}
         return Pass("pass2", "batch", list(range(len(plan.batches))),
                     key=lambda b: ["replay", plan.identities[b]],
-                    calls=lambda b: [("replay", (b, plan.batches[b], requests[b]))],
+                    calls=lambda b: [(CalibrationWorker.replay, (b, plan.batches[b], requests[b]))],
                     collect=lambda b, returned: returned[0],
                     covers=lambda b, entry: want[b] <= entry.keys(),
                     combine=_union)
@@ -191,8 +197,8 @@ class Fast(Mode):
         states = {merge.sites_key(o) for o in plan.observed.values() if o.kind == HISTOGRAM}
         return Pass("pass1", "shard", list(range(len(plan.shards))),
                     key=lambda s: ["fast", [plan.identities[b] for b in plan.shards[s]]],
-                    calls=lambda s: [*[("log", (b, plan.batches[b], True)) for b in plan.shards[s]],
-                                     ("observer_states", ())],
+                    calls=lambda s: [*[(CalibrationWorker.log, (b, plan.batches[b], True)) for b in plan.shards[s]],
+                                     (CalibrationWorker.observer_states, ())],
                     collect=lambda s, returned: {"logs": dict(zip(plan.shards[s], returned)), "states": returned[-1]},
                     covers=lambda s, entry: (states <= entry["states"].keys()
                                              and all(_covers(entry["logs"].get(b, {}), need) for b in plan.shards[s])),

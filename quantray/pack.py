@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 import torch
 from rich.console import Console
 
-from .data import build_dataset, make_transform, sample_file
+from .data import build_dataset, sample_file
+from .transforms import make_transform
 from .digest import digest, sha256_bytes
 from .errors import SpecError
 from .report import make_progress

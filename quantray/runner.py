@@ -1,19 +1,18 @@
 """The Ray shell: the only module that imports ray. It starts or joins a cluster and fans work out
-and in; what the work is, and what is stored, is decided by the caller.
+and in; what the work is, what it is called and what is stored is decided by the caller.
 
     with Cluster(address) as cluster:
-        with WorkerPool(cluster, worker_args, worker_kwargs, size) as pool:   # one pool per job
-            results = pool.run({worker: [(key, method, args), ...]}, stage="calibrate")
-            results = pool.run({...}, stage="evaluate")                       # the same processes
-            node = pool.node_alone(0)                                         # speed: alone on its node?
-        results = map_tasks(fn, [args, ...], stage="evaluate", ...)           # plain tasks
-        speed = on_whole_node(fn, *args)                                      # a task alone on a node
+        with WorkerPool(cluster, setup, size) as pool:                       # one pool per job
+            results = pool.run({w: [Call(key, Worker.evaluate, args), ...]}, names=names)
+            node = pool.node_alone(0)                                        # speed: alone on its node?
+        speed, node = on_whole_node(fn, *args)                               # a task alone on a node
 
-A job's work runs on one pool of hand-written actors (`worker.Worker`): they are started once and
-keep the FP32 model, the datasets and the prepared and INT8 models between stages (Ray Data's
-actor pools cost 3x here, DESIGN.md). Large objects go by reference (`put` once). Every failure (a
-process that died past its retries, an exception raised in user code) becomes one QuantrayError
-line naming the stage, the worker or batches and the cause.
+A job's work runs on one pool of hand-written actors, each holding a `worker.Worker`: they are
+started once and keep the FP32 model, the datasets and the prepared and INT8 models between stages
+(Ray Data's actor pools cost 3x here, DESIGN.md). Large objects go by reference (`share` once).
+Every failure (a process that died past its retries, an exception raised in user code) becomes one
+QuantrayError line that names the work as the caller names it (`Names`) and the cause; the pool's
+loop and the tasks' loop sort Ray's errors the same way (`_fetch`).
 """
 
 from __future__ import annotations
@@ -22,13 +21,16 @@ import logging
 import os
 import pickle
 import time
+from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import ray
 
-from .errors import CalibrationError, QuantrayError, SpecError, first_line
-from .worker import Worker
+from .calls import Call
+from .errors import QuantrayError, SpecError, first_line
+from .worker import Worker, WorkerSetup
 
-__all__ = ["Cluster", "WorkerPool", "map_tasks", "on_whole_node"]
+__all__ = ["Cluster", "WorkerPool", "Names", "map_tasks", "on_whole_node"]
 
 
 class _DropTokenNotice(logging.Filter):
@@ -80,34 +82,45 @@ class Cluster:
         smallest = min(n["Resources"].get("memory", 0) for n in nodes) if nodes else 0
         return int(smallest * 0.75 / per_node)
 
-    @staticmethod
-    def put(obj):
-        """A reference to `obj` in the object store, to pass to many tasks at the cost of one."""
-        return ray.put(obj)
+
+@dataclass(frozen=True)
+class Names:
+    """How the caller names its work in the pool's lines. `worker(w)`: the worker, e.g. "the worker
+    of calibration shard 1"; `call(w, key)`: where an error raised in a call happened, e.g.
+    "evaluate: test batch 3 of 6"; `error`: the class of the line when a worker fails on every attempt."""
+
+    worker: Callable[[int], str]
+    call: Callable[[int, Hashable], str]
+    error: type[QuantrayError] = QuantrayError
 
 
-class _Actor(Worker):
-    """Runs Worker's constructor in `setup`: an exception raised in an actor's __init__ reaches the
-    driver only as text, one raised in a method keeps its type and message."""
+class _Actor:
+    """Builds its `Worker` in `start`, not in __init__: an exception raised in an actor's __init__
+    reaches the driver only as text, one raised in a method keeps its type and message."""
 
-    def __init__(self, *args, **kwargs):
-        self._init_args = (args, kwargs)
+    def __init__(self, setup: WorkerSetup):
+        self._setup, self._worker = setup, None
 
-    def setup(self) -> dict:
+    def start(self) -> dict:
         """Builds the worker; returns the seconds from its process's start to this call (Ray's
-        worker start-up, the imports) and the seconds the build took."""
+        worker start-up, the imports), the seconds the build took, its node and its kind of CPU."""
         import psutil  # a Ray dependency
 
         started = time.time() - psutil.Process().create_time()
-        args, kwargs = self._init_args
-        super().__init__(*args, **kwargs)
-        return {"process_start_s": round(started, 3), "build_s": self.setup_s,
-                "node": ray.get_runtime_context().get_node_id()}
+        self._worker = Worker(self._setup)
+        return {"process_start_s": round(started, 3), "build_s": self._worker.build_s,
+                "node": ray.get_runtime_context().get_node_id(), "cpu": self._worker.cpu()}
+
+    def call(self, on, fn, *args):
+        """`fn(worker, *args)`, or `fn(on(worker), *args)`: a call on a part of the worker."""
+        return fn(self._worker if on is None else on(self._worker), *args)
 
 
 class WorkerPool:
     """A job's workers: `size` actors (started on first use, kept until the pool closes) and a
-    driver-side table of their in-flight calls.
+    driver-side table of their in-flight calls. `wanted` is how many workers were asked for (a
+    calibration with fewer batches uses fewer); `memory` each one's memory budget and where it
+    came from, as the manifest records them.
 
     When an actor dies, its calls of the current `run` are dropped and resubmitted, in order, to a
     new actor, up to `max_attempts` per worker: each run's calls for a worker must be enough for a
@@ -116,22 +129,22 @@ class WorkerPool:
     quantray code are not retried: they would fail again.
     """
 
-    def __init__(self, cluster: Cluster, worker_args: tuple, worker_kwargs: dict, size: int, *,
-                 max_attempts: int = 3, console=None, order=None):
+    def __init__(self, cluster: Cluster, setup: WorkerSetup, size: int, *, wanted: int | None = None,
+                 memory: dict | None = None, max_attempts: int = 3, console=None, order=None):
         # With more workers than CPUs, actors share CPUs instead of waiting forever for a free one.
         self.num_cpus = min(1.0, cluster.cpus / max(1, size))
         self._cls = ray.remote(num_cpus=self.num_cpus, max_restarts=0)(_Actor)
-        model, *rest = worker_args
-        self._args, self._kwargs = (ray.put(model), *rest), worker_kwargs
-        self.size = size
+        self._setup_ref = ray.put(setup)  # the model inside goes to the object store once
+        self.size, self.wanted, self.memory = size, wanted or size, memory
         self._order = list(order) if order is not None else None
         self.max_attempts, self.console = max_attempts, console
         self.attempts: dict[int, int] = {}
         self.bytes_received = 0
-        self.actors, self._setup = {}, {}
-        self.setup_s: dict[int, dict] = {}  # each worker's start-up: process start to setup, then its build
-        self.nodes: dict[int, str] = {}     # each worker's Ray node
-        self.started_at = self.ready_at = None  # when start() was called, when the last setup finished
+        self.actors, self._starting = {}, {}
+        self.startup_s: dict[int, dict] = {}  # each worker's start-up: process start to its build, then the build
+        self.nodes: dict[int, str] = {}       # each worker's Ray node
+        self.cpus: dict[int, dict] = {}       # each worker's kind of CPU (`evaluation.cpu_kind`)
+        self.started_at = self.ready_at = None  # when start() was called, when the last start finished
 
     def __enter__(self) -> "WorkerPool":
         return self
@@ -144,7 +157,7 @@ class WorkerPool:
         for actor in self.actors.values():
             ray.kill(actor)
         self.actors.clear()
-        self._setup.clear()  # (nodes stay: where the job's workers ran, for its manifest)
+        self._starting.clear()  # (nodes and CPUs stay: where the job's workers ran, for its manifest)
 
     share = staticmethod(ray.put)
 
@@ -157,119 +170,98 @@ class WorkerPool:
 
     def _start(self, w: int) -> None:
         self.attempts.setdefault(w, 1)
-        self.nodes.pop(w, None)  # known again once its setup returns
-        self.actors[w] = self._cls.remote(*self._args, **self._kwargs, index=w)
-        self._setup[w] = self.actors[w].setup.remote()  # actor calls run in submission order
+        self.nodes.pop(w, None)  # known again once its start returns
+        self.actors[w] = self._cls.remote(self._setup_ref)
+        self._starting[w] = self.actors[w].start.remote()  # actor calls run in submission order
 
-    def run(self, calls: dict[int, list], on_result=None, stage: str = "calibrate", describe=None) -> dict:
-        """Submit each worker's [(key, method, args)] to it, in order; return {key: result}. An
-        error raised in a call names `stage` and `describe(key)` (calibration's errors name their
-        shard and batch themselves)."""
+    def run(self, calls: dict[int, list[Call]], on_result=None, *, names: Names, on=None) -> dict:
+        """Submit each worker's calls to it, in order; return {call.key: result}. `on(worker)` picks
+        the part of each worker the calls are made on (default: the worker). `on_result(call, +1)`
+        follows the results; `-1` takes one back when its worker died and its calls are redone."""
         in_flight, results, owner = {}, {}, {}
 
         def submit(w):
             if w not in self.actors:
                 self._start(w)
-            if w in self._setup:
-                in_flight[self._setup.pop(w)] = (w, None, "setup", self.attempts[w])
-            for key, method, args in calls[w]:
-                in_flight[getattr(self.actors[w], method).remote(*args)] = (w, key, method, self.attempts[w])
+            if w in self._starting:
+                in_flight[self._starting.pop(w)] = (w, None, self.attempts[w])
+            for call in calls[w]:
+                in_flight[self.actors[w].call.remote(on, call.fn, *call.args)] = (w, call, self.attempts[w])
 
         for w in [w for w in (self._order or sorted(calls)) if w in calls]:
             submit(w)
         while in_flight:
             [ref], _ = ray.wait(list(in_flight), num_returns=1)
-            w, key, method, attempt = in_flight.pop(ref)
-            try:
-                value = ray.get(ref)
-            except ray.exceptions.RayTaskError as e:
-                if stage == "calibrate":  # calibration's errors name their shard and batch
-                    raise _quantray_cause(e) or _one_line(e, _where(stage, w)) from None
-                what = describe(key) if describe is not None and key is not None else None
-                raise _one_line(e, f"{stage}: {what}" if what else _where(stage, w)) from None
-            except ray.exceptions.RayActorError as e:
+            w, call, attempt = in_flight.pop(ref)
+            failed, value = _fetch(ref)
+            if failed == "raised":
+                raise _one_line(value, names.call(w, call.key if call else None)) from None
+            if failed == "died":
                 if attempt != self.attempts[w]:
                     continue  # a call to an actor already replaced
-                cause = _quantray_cause(e)
-                if cause is not None:
-                    raise cause from None
                 for r in [r for r, entry in in_flight.items() if entry[0] == w]:
                     del in_flight[r]
-                for k in [k for k, w2 in owner.items() if w2 == w]:
-                    del results[k], owner[k]
+                for key in [k for k, w2 in owner.items() if w2 == w]:
+                    done = results.pop(key)[0]
+                    del owner[key]
                     if on_result is not None:
-                        on_result(k, _method_of(calls[w], k), -1)
-                self._replace(w, e, stage)
+                        on_result(done, -1)
+                self._replace(w, value, names)
                 submit(w)
                 continue
-            if method == "setup":
-                self.nodes[w] = value.pop("node")
-                self.ready_at, self.setup_s[w] = time.perf_counter(), value
+            if call is None:  # the worker's start
+                self.nodes[w], self.cpus[w] = value.pop("node"), value.pop("cpu")
+                self.ready_at, self.startup_s[w] = time.perf_counter(), value
                 continue
-            results[key], owner[key] = value, w
+            results[call.key], owner[call.key] = (call, value), w
             self.bytes_received += len(pickle.dumps(value))
             if on_result is not None:
-                on_result(key, method, 1)
-        return results
+                on_result(call, 1)
+        return {key: value for key, (_, value) in results.items()}
 
     def node_alone(self, w: int) -> str | None:
         """Worker `w`'s Ray node id if this pool's actors hold every CPU of that node (then, with the
         others idle, nothing else can run there: timings), else None."""
         unknown = {v: [] for v in {*self.actors, w} if v not in self.nodes}
-        if unknown:  # started but never called (or not started): their setups say where they run
-            self.run(unknown, stage="speed")
+        if unknown:  # started but never called (or not started): their starts say where they run
+            self.run(unknown, names=Names(lambda v: f"worker {v}", lambda v, key: f"worker {v}"))
         node = self.nodes[w]
         total = next(n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node)
         return node if self.num_cpus * sum(self.nodes[v] == node for v in self.actors) >= total - 1e-6 else None
 
-    def _replace(self, w: int, error: Exception, stage: str) -> None:
-        cause = first_line(error)
+    def _replace(self, w: int, error: Exception, names: Names) -> None:
+        cause = f"{type(error).__name__}: {first_line(error)}"
         if self.attempts[w] >= self.max_attempts:
-            if stage == "calibrate":
-                raise CalibrationError(f"calibration shard {w} failed on all {self.max_attempts} attempts "
-                                       f"([run] max_attempts); last cause: {type(error).__name__}: {cause}")
-            raise QuantrayError(f"{stage}: worker {w} failed on all {self.max_attempts} attempts ([run] max_attempts); "
-                                f"last cause: {type(error).__name__}: {cause}")
+            raise names.error(f"{names.worker(w)} failed on all {self.max_attempts} attempts ([run] max_attempts); "
+                              f"last cause: {cause}")
         ray.kill(self.actors[w])
         self.attempts[w] += 1
         if self.console is not None:
-            what, redo = ((f"calibration worker for shard {w}", "the shard") if stage == "calibrate"
-                          else (f"worker {w} ({stage})", "its calls"))
-            self.console.print(f"[yellow]{what} died ({type(error).__name__}); redoing {redo} on a new worker, "
-                               f"attempt {self.attempts[w]} of {self.max_attempts}[/]")
+            self.console.print(f"[yellow]{names.worker(w)} died ({type(error).__name__}); redoing its calls on a "
+                               f"new worker, attempt {self.attempts[w]} of {self.max_attempts}[/]")
         self._start(w)
 
 
-def _where(stage: str, w: int) -> str:
-    return f"calibrate: shard {w}" if stage == "calibrate" else f"{stage}: worker {w}"
-
-
-def _method_of(calls: list, key) -> str:
-    return next(method for k, method, _ in calls if k == key)
-
-
-def map_tasks(fn, arg_lists: list[tuple], *, stage: str, describe: list[str], progress=None,
-              weights: list[int] | None = None, num_cpus: float = 1, max_retries: int = 2) -> list:
-    """Run `fn(*args)` for each args as Ray tasks; return the results in order. A task whose process
-    dies is retried `max_retries` times (the tasks are deterministic: a retry gives the same result);
-    past that, or on an exception raised inside `fn`, the rest are cancelled and one QuantrayError
-    names `stage`, `describe[i]` and the cause."""
+def map_tasks(fn, arg_lists: list[tuple], *, describe: list[str], on_result=None, num_cpus: float = 1,
+              max_retries: int = 2) -> list:
+    """Run `fn(*args)` for each args as Ray tasks; return the results in order (`on_result(i)` as
+    each comes). A task whose process dies is retried `max_retries` times (the tasks are
+    deterministic: a retry gives the same result); past that, or on an exception raised inside `fn`,
+    the rest are cancelled and one QuantrayError names `describe[i]` and the cause."""
     task = ray.remote(num_cpus=num_cpus, max_retries=max_retries)(fn)
     refs = {task.remote(*args): i for i, args in enumerate(arg_lists)}
-    weights = weights or [1] * len(arg_lists)
-    bar = progress.add_task(stage, total=sum(weights)) if progress is not None else None
     results, pending = {}, list(refs)
     try:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             for ref in done:
                 i = refs[ref]
-                try:
-                    results[i] = ray.get(ref)
-                except (ray.exceptions.RayError, ray.exceptions.RayTaskError) as e:
-                    raise _one_line(e, f"{stage}: {describe[i]}", retries=max_retries) from None
-                if bar is not None:
-                    progress.advance(bar, weights[i])
+                failed, value = _fetch(ref)
+                if failed:
+                    raise _one_line(value, describe[i], retries=max_retries) from None
+                results[i] = value
+                if on_result is not None:
+                    on_result(i)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -277,16 +269,28 @@ def map_tasks(fn, arg_lists: list[tuple], *, stage: str, describe: list[str], pr
     return [results[i] for i in range(len(arg_lists))]
 
 
-def on_whole_node(fn, *args, stage: str = "speed"):
+def on_whole_node(fn, *args, describe: str = "speed"):
     """`fn(*args, cpus)` in one task that reserves every CPU of the largest node, so that nothing
     else is scheduled beside it (timings). Returns its result and the Ray node id it ran on."""
     cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
-    return map_tasks(_on_node, [(fn, args, cpus)], stage=stage, describe=[f"a task holding all {cpus} CPUs of a node"],
+    return map_tasks(_on_node, [(fn, args, cpus)], describe=[f"{describe}: a task holding all {cpus} CPUs of a node"],
                      num_cpus=max(1, cpus))[0]
 
 
 def _on_node(fn, args: tuple, cpus: int):
     return fn(*args, cpus), ray.get_runtime_context().get_node_id()
+
+
+def _fetch(ref) -> tuple[str | None, object]:
+    """(None, the result), or how it failed: ("raised", error) when the call's own code raised,
+    ("died", error) when its process died or Ray lost it (an actor gone, a worker crashed, out of
+    memory, an object lost). Both fan-in loops sort Ray's errors here."""
+    try:
+        return None, ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        return "raised", e
+    except ray.exceptions.RayError as e:
+        return "died", e
 
 
 def _one_line(error: BaseException, where: str, retries: int | None = None) -> QuantrayError:

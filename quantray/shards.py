@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from .errors import SpecError
 from .store import Store
+from .transforms import make_transform
 
 __all__ = ["ShardedImages", "FORMAT", "SHARD_SCHEMA", "INDEX_SCHEMA", "decode"]
 
@@ -60,8 +61,6 @@ class ShardedImages(Dataset):
     `transform` is a preset name (None: the one the split was packed with)."""
 
     def __init__(self, location: str, transform: str | None = None, what: str = "root"):
-        from .data import make_transform
-
         self.store = Store(location, what)
         self.location, self.what = str(self.store.location), what
         payload = self.store.read("manifest.json")

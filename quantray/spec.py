@@ -1,17 +1,20 @@
-"""Job specs: frozen dataclasses, loaded strictly from TOML.
+"""Job specs: frozen dataclasses that check themselves, loaded strictly from TOML.
 
-    spec = load_spec("jobs/digits.toml")
+    spec = load_spec("jobs/digits.toml")                       # from a file
+    spec = dataclasses.replace(spec, test=DataSpec(samples=64))  # or in Python: checked the same way
 
-Everything is checked before any work starts: an unknown key, a wrong type, a missing file, an
-unknown architecture, dataset class or backend raises `SpecError` with one line naming the file,
-the key and what would be valid. Relative paths resolve against the job file's folder.
+Every spec checks its values when it is constructed (`__post_init__`): an unknown source, a wrong
+type, a missing file, a bad range raises `SpecError` with one line naming the key and what would be
+valid. Parsing a file adds only what a file knows: unknown keys, the file and section in each
+line, and paths resolved against the job file's folder. What needs torch to check (a torchvision
+architecture or dataset class, a torch.nn module class) is checked where the model and data are
+built (`models`, `data`, `flow`), before any work starts: this module imports no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import re
 import tomllib
 import types
@@ -21,39 +24,120 @@ from pathlib import Path
 
 from .errors import SpecError
 
-__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec", "load_spec", "parse_spec",
-           "load_test_section", "to_toml"]
+__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec", "FieldError", "load_spec",
+           "parse_spec", "load_test_section", "to_toml", "suggest"]
 
 SOURCES = ("digits", "torchvision", "imagefolder", "factory", "parquet")
 TRANSFORMS = ("imagenet_eval", "to_tensor", "none")
 BACKENDS = ("x86", "qnnpack")
-MODES = ("exact", "replay", "fast")
+MODES = ("exact", "replay", "fast")                         # core.modes.MODES (a test pins them)
 MAPPINGS = ("global", "default")
 ACTIVATIONS = ("histogram", "minmax", "moving_average")
-RANGES = ("l2", "minmax", "percentile", "mse", "entropy")  # quantray.ranges.METHODS
+RANGES = ("l2", "minmax", "percentile", "mse", "entropy")  # core.ranges.METHODS (a test pins them)
 WEIGHTS = ("per_channel", "per_tensor")
 DIGITS_SPLITS = ("train", "test", "all")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
 
+class FieldError(SpecError):
+    """One spec value is wrong: `key` and what is wrong with it (`detail`, e.g. "= 0: must be at
+    least 1"). Built in Python it reads "[run] threads = 0: ..."; from a file, the parser puts the
+    file and the section in front instead."""
+
+    def __init__(self, owner: str, key: str, detail: str):
+        self.owner, self.key, self.detail = owner, key, detail
+        super().__init__(f"{owner} {key} {detail}" if owner else f"{key} {detail}")
+
+
+def suggest(word: str, options) -> str:
+    """' (did you mean X?)' for the option closest to `word`, or ''."""
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_types(spec) -> None:
+    """Each field holds a value of its declared type. Ints pass for floats (stored as float); a
+    string passes for a Path (a URI stays a string where the field allows one; a path is expanded)."""
+    owner = spec._OWNER
+    hints = typing.get_type_hints(type(spec))
+    for f in dataclasses.fields(spec):
+        value, hint = getattr(spec, f.name), hints[f.name]
+        allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        if Path in allowed and isinstance(value, (str, Path)):
+            if isinstance(value, str) and _URI.match(value) and str in allowed:
+                continue  # a URI stays as given: a Path would fold its '//' into '/'
+            if isinstance(value, str) and not _URI.match(value):
+                object.__setattr__(spec, f.name, Path(value).expanduser())
+            if isinstance(getattr(spec, f.name), Path):
+                continue
+        elif float in allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+            object.__setattr__(spec, f.name, float(value))
+            continue
+        elif int in allowed and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        elif any(t in (str, bool, dict) and isinstance(value, t) for t in allowed):
+            continue
+        wanted = " or ".join("a path string" if t is Path else f"a {t.__name__}" for t in allowed if t is not type(None))
+        raise FieldError(owner, f.name, f"= {value!r}: wrong type ({type(value).__name__}); expected {wanted}")
+
+
+def _at_least(spec, bounds: dict[str, float]) -> None:
+    for key, low in bounds.items():
+        value = getattr(spec, key)
+        if value is not None and value < low:
+            raise FieldError(spec._OWNER, key, f"= {value}: must be at least {low}")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A torchvision architecture by name, or a `module.path:function` factory; optional checkpoint.
     The model is built with torch's random generator seeded by `seed`, so a model without a
-    checkpoint gets the same weights, and the same qparams, on every run."""
+    checkpoint gets the same weights, and the same qparams, on every run. (Whether `arch` names a
+    torchvision architecture is checked by `models.check_model`.)"""
+
+    _OWNER: typing.ClassVar[str] = "[model]"
 
     arch: str | None = None
     num_classes: int | None = None
     factory: str | None = None
     kwargs: dict = field(default_factory=dict)
-    checkpoint: Path | None = None
+    checkpoint: Path | str | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        _check_types(self)
+        fail = lambda key, detail: FieldError(self._OWNER, key, detail)  # noqa: E731
+        if (self.arch is None) == (self.factory is None):
+            raise fail("arch", "/ factory: give exactly one: arch = \"resnet18\" (torchvision) "
+                               "or factory = \"package.module:function\"")
+        if self.factory is not None and not _FACTORY.match(self.factory):
+            raise fail("factory", f"= {self.factory!r}: expected \"package.module:function\"")
+        _at_least(self, {"num_classes": 1})
+        if isinstance(self.checkpoint, str):
+            raise fail("checkpoint", f"= {self.checkpoint!r}: a file on the driver's disk, not a URI (the driver "
+                                     "ships the model to the workers); download it first")
+        if self.checkpoint is not None and not self.checkpoint.is_file():
+            raise fail("checkpoint", f"= {str(self.checkpoint)!r}: file not found (paths are relative to the job file)")
+
+
+# The keys each source reads, besides samples, seed and batch_size.
+_SOURCE_KEYS = {"digits": {"split"},
+                "torchvision": {"dataset", "root", "split", "transform", "kwargs", "download", "verify"},
+                "imagefolder": {"root", "transform"},
+                "factory": {"factory", "split", "kwargs"},
+                "parquet": {"root", "transform"}}
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """One dataset (calibration or test) and how to draw samples and batches from it."""
+    """One dataset (calibration or test) and how to draw samples and batches from it. `split` left
+    out means the section's own (digits: train for calibration, test for test: `for_section`). (A
+    torchvision dataset class is checked by `data.check_data`.)"""
+
+    _OWNER: typing.ClassVar[str] = "DataSpec"
 
     source: str = "digits"
     split: str | None = None
@@ -68,6 +152,70 @@ class DataSpec:
     seed: int = 0
     batch_size: int = 32
 
+    def __post_init__(self):
+        _check_types(self)
+        if self.source not in SOURCES:
+            raise self._fail("source", f"= {self.source!r}: unknown source{suggest(self.source, SOURCES)}; "
+                                       f"valid: {', '.join(SOURCES)}")
+        uses = _SOURCE_KEYS[self.source]
+        defaults = {f.name: f.default for f in dataclasses.fields(DataSpec) if f.name != "kwargs"}
+        for key in ("split", "dataset", "root", "transform", "factory", "download", "verify"):
+            if getattr(self, key) != defaults[key] and key not in uses:
+                raise self._fail(key, f"is not used by source = {self.source!r}; keys it takes: {', '.join(sorted(uses))}")
+        if self.kwargs and "kwargs" not in uses:
+            raise self._fail("kwargs", f"is not used by source = {self.source!r}")
+        if isinstance(self.root, str) and self.source != "parquet":
+            raise self._fail("root", f"= {self.root!r}: source = {self.source!r} reads a folder on every worker's disk; "
+                                     "for data in object storage pack it (`quantray pack`) and use source = \"parquet\"")
+        getattr(self, f"_check_{self.source}")()
+        if self.transform is not None and self.transform not in TRANSFORMS:
+            raise self._fail("transform", f"= {self.transform!r}: unknown preset{suggest(self.transform, TRANSFORMS)}; "
+                                          f"valid: {', '.join(TRANSFORMS)}")
+        if self.samples is not None and self.samples < 1:
+            raise self._fail("samples", f"= {self.samples}: must be at least 1 (leave it out to use the whole split)")
+        _at_least(self, {"batch_size": 1})
+
+    def _fail(self, key: str, detail: str) -> FieldError:
+        return FieldError(self._OWNER, key, detail)
+
+    def _check_digits(self):
+        if self.split is not None and self.split not in DIGITS_SPLITS:
+            raise self._fail("split", f"= {self.split!r}: digits splits are {', '.join(DIGITS_SPLITS)}")
+
+    def _check_torchvision(self):
+        if self.dataset is None:
+            raise self._fail("dataset", "is required for source = \"torchvision\" (a class in torchvision.datasets, "
+                                        "e.g. \"Flowers102\")")
+        if self.root is not None and not self.download and not self.root.is_dir():
+            raise self._fail("root", f"= {str(self.root)!r}: folder not found (or set download = true on a machine "
+                                     "with internet)")
+        object.__setattr__(self, "transform", self.transform or "imagenet_eval")
+
+    def _check_imagefolder(self):
+        if self.root is None:
+            raise self._fail("root", "is required for source = 'imagefolder' (the dataset's folder)")
+        if not self.root.is_dir():
+            raise self._fail("root", f"= {str(self.root)!r}: folder not found")
+        object.__setattr__(self, "transform", self.transform or "imagenet_eval")
+
+    def _check_factory(self):
+        if self.factory is None or not _FACTORY.match(self.factory):
+            raise self._fail("factory", f"= {self.factory!r}: expected \"package.module:function\" returning a torch Dataset")
+
+    def _check_parquet(self):
+        if self.root is None:
+            raise self._fail("root", "is required for source = \"parquet\" (a folder or URI written by `quantray pack`, "
+                                     "e.g. s3://bucket/flowers/test)")
+        if isinstance(self.root, Path) and not (self.root / "manifest.json").is_file():
+            raise self._fail("root", f"= {str(self.root)!r}: no manifest.json there; write the shards with "
+                                     "`quantray pack JOB.toml --out DIR` and point root at DIR/calibration or DIR/test")
+
+    def for_section(self, section: str) -> "DataSpec":
+        """This spec as the [calibration] or [test] table: digits' split defaults to the section's."""
+        if self.source == "digits" and self.split is None:
+            return dataclasses.replace(self, split="train" if section == "calibration" else "test")
+        return self
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -77,7 +225,10 @@ class QuantSpec:
 
     `activation` is the observer kind, `activation_range` how a histogram's range is chosen
     (`quantray.ranges`); they must agree: minmax is both a kind and a range, the other ranges need
-    the histogram, moving_average takes no range. Either alone decides the other."""
+    the histogram, moving_average takes no range. Either alone decides the other. (Whether a
+    module_types key names a torch.nn class is checked by `flow.qconfig_mapping`.)"""
+
+    _OWNER: typing.ClassVar[str] = "[quantization]"
 
     backend: str = "x86"
     mode: str = "exact"
@@ -89,14 +240,64 @@ class QuantSpec:
     module_types: dict = field(default_factory=dict)
     module_names: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        _check_types(self)
+        for key, valid in (("backend", BACKENDS), ("mode", MODES), ("mapping", MAPPINGS)):
+            value = getattr(self, key)
+            if value not in valid:
+                raise FieldError(self._OWNER, key, f"= {value!r}: unknown {key}{suggest(value, valid)}; "
+                                                   f"valid: {', '.join(valid)}")
+        _check_choice({"activation": self.activation, "activation_range": self.activation_range,
+                       "percentile": self.percentile, "weight": self.weight}, "")
+        for table in ("module_types", "module_names"):
+            for name, value in getattr(self, table).items():
+                key = f"{table}.{name}"
+                if value == "fp32":
+                    continue
+                if not isinstance(value, dict):
+                    raise FieldError(self._OWNER, key, f"= {value!r}: expected \"fp32\" or a table "
+                                                       "{ activation = ..., weight = ... }")
+                _check_choice(value, f"{key}.")
+
+
+_CHOICE_KEYS = {"activation": ACTIVATIONS, "activation_range": RANGES, "percentile": None, "weight": WEIGHTS}
+
+
+def _check_choice(choice: dict, prefix: str) -> None:
+    """One qconfig choice (the global keys, or a module table): known keys and values, and an
+    observer kind and range method that agree."""
+    def fail(key, detail):
+        return FieldError(QuantSpec._OWNER, f"{prefix}{key}", detail)
+
+    for sub, value in choice.items():
+        if sub not in _CHOICE_KEYS:
+            raise fail(sub, f"unknown key{suggest(sub, _CHOICE_KEYS)}; valid keys: {', '.join(_CHOICE_KEYS)}")
+        valid = _CHOICE_KEYS[sub]
+        if sub == "percentile":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 50 < value <= 100:
+                raise fail(sub, f"= {value!r}: a percentile above 50 and at most 100 (99.99 clips 0.01% of values "
+                                "at each end)")
+        elif value is not None and value not in valid:
+            raise fail(sub, f"= {value!r}: unknown {sub}{suggest(str(value), valid)}; valid: {', '.join(valid)}")
+    kind, method = choice.get("activation"), choice.get("activation_range")
+    if kind is None or method is None:
+        return
+    agree = {"histogram": ("l2", "percentile", "mse", "entropy"), "minmax": ("minmax",), "moving_average": ()}[kind]
+    if method not in agree:
+        fix = ('activation = "histogram" (or leave activation out)' if method != "minmax"
+               else 'activation = "minmax" (or leave activation out)')
+        raise fail("activation_range", f"= {method!r} contradicts {prefix}activation = {kind!r}: {method} needs {fix}")
+
 
 @dataclass(frozen=True)
 class RunSpec:
+    _OWNER: typing.ClassVar[str] = "[run]"
+
     workers: int | None = None
     threads: int = 1
     max_attempts: int = 3
     cache: bool = True
-    cache_dir: str | None = None  # a folder (relative to the job file) or a URI pyarrow.fs opens
+    cache_dir: str | None = field(default=None, metadata={"folder": True})  # a folder or a URI pyarrow.fs opens
     latency_warmup: int = 10
     latency_iters: int = 100       # at most this many timed calls per model (the article's method: exactly 100)
     latency_precision: float = 0.02  # stop once the 95% interval of the mean is within +-2% of it; 0: always latency_iters
@@ -104,17 +305,43 @@ class RunSpec:
     layer_samples: int = 64  # test samples (whole batches, from the first) for per-layer SQNR; 0: none
     memory_gb: float | None = None  # per worker's resident memory, keeping pass-1 activations for pass 2; None: derived; 0: keep none
 
+    def __post_init__(self):
+        _check_types(self)
+        _at_least(self, {"workers": 1, "threads": 1, "max_attempts": 1, "latency_warmup": 0, "latency_iters": 1,
+                         "throughput_batch": 0, "layer_samples": 0, "latency_precision": 0, "memory_gb": 0})
+        if self.latency_precision >= 1:
+            raise FieldError(self._OWNER, "latency_precision", f"= {self.latency_precision}: a fraction of the mean "
+                                                               "(0.02 = +-2%), below 1")
+        location = self.cache_dir
+        if location is not None and not location.strip():
+            raise FieldError(self._OWNER, "cache_dir", "= '': give a folder or a URI (s3://bucket/prefix), or leave it out")
+        if location is not None and "://" in location and not _URI.match(location):
+            raise FieldError(self._OWNER, "cache_dir", f"= {location!r}: not a URI (scheme://...) nor a folder")
+
 
 @dataclass(frozen=True)
 class GateSpec:
     """What `quantray refresh` demands before promoting a run (accuracies as fractions, 0.01 = 1 pt)."""
 
+    _OWNER: typing.ClassVar[str] = "[gate]"
+
     max_top1_drop: float = 0.01     # INT8 top-1 may trail FP32 top-1 by at most this
     max_regression: float = 0.005   # and the promoted model's INT8 top-1 by at most this
+
+    def __post_init__(self):
+        _check_types(self)
+        for key in ("max_top1_drop", "max_regression"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise FieldError(self._OWNER, key, f"= {getattr(self, key)}: a fraction of accuracy between 0 and 1 "
+                                                   "(0.01 = 1 point)")
 
 
 @dataclass(frozen=True)
 class JobSpec:
+    """A whole job. `path` is the job file (its bytes are copied into the run directory)."""
+
+    _OWNER: typing.ClassVar[str] = ""
+
     name: str
     path: Path
     model: ModelSpec
@@ -123,6 +350,16 @@ class JobSpec:
     quantization: QuantSpec = QuantSpec()
     run: RunSpec = RunSpec()
     gate: GateSpec = GateSpec()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not re.fullmatch(r"[\w.-]+", self.name):
+            raise FieldError("", "name", f"= {self.name!r}: must be a string of letters, digits, '_', '-' or '.'")
+        object.__setattr__(self, "path", Path(self.path))
+        for section, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, section), cls):
+                raise FieldError("", section, f"= {getattr(self, section)!r}: expected a {cls.__name__}")
+        for section in ("calibration", "test"):
+            object.__setattr__(self, section, getattr(self, section).for_section(section))
 
     def to_dict(self) -> dict:
         """JSON-ready form (paths as strings), as recorded in the manifest."""
@@ -154,23 +391,13 @@ def parse_spec(raw: dict, path: Path, base_dir: Path | None = None) -> JobSpec:
     valid_top = ["name", *_SECTIONS]
     for key in raw:
         if key not in valid_top:
-            ctx.fail(None, key, f"unknown key{_suggest(key, valid_top)}; valid top-level keys: {', '.join(valid_top)}")
+            ctx.fail(None, key, f"unknown key{suggest(key, valid_top)}; valid top-level keys: {', '.join(valid_top)}")
     for section in ("model", "calibration", "test"):
         if section not in raw:
             ctx.fail(None, section, f"missing section [{section}]; see jobs/digits.toml for an example")
-    name = raw.get("name", ctx.path.stem)
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
-        ctx.fail(None, "name", f"= {name!r}: must be a string of letters, digits, '_', '-' or '.'")
     built = {s: _build(cls, raw.get(s, {}), s, ctx) for s, cls in _SECTIONS.items()}
-    _check_model(built["model"], ctx)
-    for section in ("calibration", "test"):
-        built[section] = _check_data(built[section], section, ctx)
-    _check_quant(built["quantization"], ctx)
-    built["run"] = _check_run(built["run"], ctx)
-    for key in ("max_top1_drop", "max_regression"):
-        if not 0 <= getattr(built["gate"], key) <= 1:
-            ctx.fail("gate", key, f"= {getattr(built['gate'], key)}: a fraction of accuracy between 0 and 1 (0.01 = 1 point)")
-    return JobSpec(name=name, path=ctx.path, **built)
+    with ctx.within(None):
+        return JobSpec(name=raw.get("name", ctx.path.stem), path=ctx.path, **built)
 
 
 def load_test_section(path: str | Path) -> DataSpec:
@@ -181,7 +408,7 @@ def load_test_section(path: str | Path) -> DataSpec:
     ctx = _Context(path, path.resolve().parent)
     if "test" not in raw:
         ctx.fail(None, "test", "missing section [test]: --data takes a file with a [test] table, as in a job file")
-    return _check_data(_build(DataSpec, raw["test"], "test", ctx), "test", ctx)
+    return _build(DataSpec, raw["test"], "test", ctx).for_section("test")
 
 
 class _Context:
@@ -192,200 +419,47 @@ class _Context:
         where = f"[{section}] {key}" if section else key
         raise SpecError(f"{self.path}: {where} {message}")
 
+    def within(self, section: str | None):
+        """A spec's own check, reported as this file's, in `section`."""
+        ctx = self
+
+        class _Reraise:
+            def __enter__(self):
+                return None
+
+            def __exit__(self, kind, error, tb):
+                if isinstance(error, FieldError):
+                    ctx.fail(section, error.key, error.detail)
+
+        return _Reraise()
+
 
 def _build(cls, table, section: str, ctx: _Context):
+    """A section's spec from its table: unknown keys refused, paths resolved against the job file's
+    folder; the spec checks its values itself."""
     if not isinstance(table, dict):
         ctx.fail(None, section, "must be a table, e.g. [" + section + "]")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     values = {}
     for key, value in table.items():
-        if key not in names:
-            ctx.fail(section, key, f"unknown key{_suggest(key, names)}; valid keys: {', '.join(names)}")
-        values[key] = _coerce(value, hints[key], section, key, ctx)
-    return cls(**values)
+        if key not in fields:
+            ctx.fail(section, key, f"unknown key{suggest(key, fields)}; valid keys: {', '.join(fields)}")
+        values[key] = _resolve(value, hints[key], fields[key].metadata.get("folder", False), ctx)
+    with ctx.within(section):
+        return cls(**values)
 
 
-def _coerce(value, hint, section: str, key: str, ctx: _Context):
+def _resolve(value, hint, folder: bool, ctx: _Context):
+    """A path string relative to the job file's folder, made absolute (a URI stays as given); a
+    `folder` field (cache_dir: a folder or a URI) likewise, kept a string. Other values as written."""
     allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for t in allowed:
-        if t is type(None):
-            continue
-        if t is Path and isinstance(value, str):
-            if _URI.match(value):  # a URI stays as given: a Path would fold its '//' into '/'
-                return value
-            p = Path(value).expanduser()
-            return p if p.is_absolute() else (ctx.base_dir / p).resolve()
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if t in (str, bool, dict) and isinstance(value, t):
-            return value
-    wanted = " or ".join("a path string" if t is Path else f"a {t.__name__}" for t in allowed if t is not type(None))
-    ctx.fail(section, key, f"= {value!r}: wrong type ({type(value).__name__}); expected {wanted}")
-
-
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _check_model(m: ModelSpec, ctx: _Context) -> None:
-    if (m.arch is None) == (m.factory is None):
-        ctx.fail("model", "arch", "/ factory: give exactly one: arch = \"resnet18\" (torchvision) "
-                                  "or factory = \"package.module:function\"")
-    if m.arch is not None:
-        import torchvision
-        archs = torchvision.models.list_models()
-        if m.arch not in archs:
-            ctx.fail("model", "arch", f"= {m.arch!r}: unknown torchvision architecture{_suggest(m.arch, archs)}; "
-                                      f"valid: any name in torchvision.models.list_models() ({len(archs)} names, "
-                                      f"e.g. resnet18, resnet50, mobilenet_v3_large)")
-    if m.factory is not None and not _FACTORY.match(m.factory):
-        ctx.fail("model", "factory", f"= {m.factory!r}: expected \"package.module:function\"")
-    if m.num_classes is not None and m.num_classes < 1:
-        ctx.fail("model", "num_classes", f"= {m.num_classes}: must be at least 1")
-    if isinstance(m.checkpoint, str):
-        ctx.fail("model", "checkpoint", f"= {m.checkpoint!r}: a file on the driver's disk, not a URI (the driver "
-                                        "ships the model to the workers); download it first")
-    if m.checkpoint is not None and not m.checkpoint.is_file():
-        ctx.fail("model", "checkpoint", f"= {str(m.checkpoint)!r}: file not found (paths are relative to the job file)")
-
-
-def _check_data(d: DataSpec, section: str, ctx: _Context) -> DataSpec:
-    if d.source not in SOURCES:
-        ctx.fail(section, "source", f"= {d.source!r}: unknown source{_suggest(d.source, SOURCES)}; valid: {', '.join(SOURCES)}")
-    uses = {"digits": {"split"},
-            "torchvision": {"dataset", "root", "split", "transform", "kwargs", "download", "verify"},
-            "imagefolder": {"root", "transform"},
-            "factory": {"factory", "split", "kwargs"},
-            "parquet": {"root", "transform"}}[d.source]
-    defaults = {f.name: f.default for f in dataclasses.fields(DataSpec)}
-    for key in ("split", "dataset", "root", "transform", "factory", "download", "verify"):
-        if getattr(d, key) != defaults[key] and key not in uses:
-            ctx.fail(section, key, f"is not used by source = {d.source!r}; keys it takes: {', '.join(sorted(uses))}")
-    if d.kwargs and "kwargs" not in uses:
-        ctx.fail(section, "kwargs", f"is not used by source = {d.source!r}")
-    if d.source == "digits":
-        split = d.split or ("train" if section == "calibration" else "test")
-        if split not in DIGITS_SPLITS:
-            ctx.fail(section, "split", f"= {split!r}: digits splits are {', '.join(DIGITS_SPLITS)}")
-        d = dataclasses.replace(d, split=split)
-    if d.source == "torchvision":
-        if d.dataset is None:
-            ctx.fail(section, "dataset", "is required for source = \"torchvision\" (a class in torchvision.datasets, e.g. \"Flowers102\")")
-        import torch.utils.data
-        import torchvision.datasets
-        cls = getattr(torchvision.datasets, d.dataset, None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.utils.data.Dataset)):
-            names = [n for n in dir(torchvision.datasets) if isinstance(getattr(torchvision.datasets, n), type)]
-            ctx.fail(section, "dataset", f"= {d.dataset!r}: not a dataset class in torchvision.datasets"
-                                         f"{_suggest(d.dataset, names)}; e.g. Flowers102, CIFAR10, ImageNet")
-    if isinstance(d.root, str) and d.source != "parquet":
-        ctx.fail(section, "root", f"= {d.root!r}: source = {d.source!r} reads a folder on every worker's disk; for data "
-                                  "in object storage pack it (`quantray pack`) and use source = \"parquet\"")
-    if d.source == "parquet":
-        if d.root is None:
-            ctx.fail(section, "root", "is required for source = \"parquet\" (a folder or URI written by `quantray pack`, "
-                                      "e.g. s3://bucket/flowers/test)")
-        if isinstance(d.root, Path) and not (d.root / "manifest.json").is_file():
-            ctx.fail(section, "root", f"= {str(d.root)!r}: no manifest.json there; write the shards with "
-                                      "`quantray pack JOB.toml --out DIR` and point root at DIR/calibration or DIR/test")
-        if d.transform is not None and d.transform not in TRANSFORMS:
-            ctx.fail(section, "transform", f"= {d.transform!r}: unknown preset{_suggest(d.transform, TRANSFORMS)}; "
-                                           f"valid: {', '.join(TRANSFORMS)}")
-    if d.source in ("torchvision", "imagefolder"):
-        takes_root = d.source == "imagefolder" or "root" in inspect.signature(cls).parameters
-        if takes_root and d.root is None:
-            ctx.fail(section, "root", f"is required for source = {d.source!r} (the dataset's folder)")
-        if takes_root and not d.download and not d.root.is_dir():
-            hint = " (or set download = true on a machine with internet)" if d.source == "torchvision" else ""
-            ctx.fail(section, "root", f"= {str(d.root)!r}: folder not found{hint}")
-        transform = d.transform or "imagenet_eval"
-        if transform not in TRANSFORMS:
-            ctx.fail(section, "transform", f"= {transform!r}: unknown preset{_suggest(transform, TRANSFORMS)}; valid: {', '.join(TRANSFORMS)}")
-        d = dataclasses.replace(d, transform=transform)
-    if d.source == "factory" and (d.factory is None or not _FACTORY.match(d.factory)):
-        ctx.fail(section, "factory", f"= {d.factory!r}: expected \"package.module:function\" returning a torch Dataset")
-    if d.samples is not None and d.samples < 1:
-        ctx.fail(section, "samples", f"= {d.samples}: must be at least 1 (leave it out to use the whole split)")
-    if d.batch_size < 1:
-        ctx.fail(section, "batch_size", f"= {d.batch_size}: must be at least 1")
-    return d
-
-
-def _check_quant(q: QuantSpec, ctx: _Context) -> None:
-    for key, valid in (("backend", BACKENDS), ("mode", MODES), ("mapping", MAPPINGS)):
-        value = getattr(q, key)
-        if value is not None and value not in valid:
-            ctx.fail("quantization", key, f"= {value!r}: unknown {key}{_suggest(value, valid)}; valid: {', '.join(valid)}")
-    _check_choice({"activation": q.activation, "activation_range": q.activation_range, "percentile": q.percentile,
-                   "weight": q.weight}, "", ctx)
-    import torch.nn
-
-    for table in ("module_types", "module_names"):
-        for name, value in getattr(q, table).items():
-            key = f"{table}.{name}"
-            if table == "module_types" and not (isinstance(getattr(torch.nn, name, None), type)
-                                                and issubclass(getattr(torch.nn, name), torch.nn.Module)):
-                classes = [n for n in dir(torch.nn) if isinstance(getattr(torch.nn, n), type)]
-                ctx.fail("quantization", key, f": not a torch.nn module class{_suggest(name, classes)}; e.g. Conv2d, Linear")
-            if value == "fp32":
-                continue
-            if not isinstance(value, dict):
-                ctx.fail("quantization", key, f"= {value!r}: expected \"fp32\" or a table {{ activation = ..., weight = ... }}")
-            _check_choice(value, f"{key}.", ctx)
-
-
-_CHOICE_KEYS = {"activation": ACTIVATIONS, "activation_range": RANGES, "percentile": None, "weight": WEIGHTS}
-
-
-def _check_choice(choice: dict, prefix: str, ctx: _Context) -> None:
-    """One qconfig choice (the global keys, or a module table): known keys and values, and an
-    observer kind and range method that agree."""
-    for sub, value in choice.items():
-        if sub not in _CHOICE_KEYS:
-            ctx.fail("quantization", f"{prefix}{sub}", f"unknown key{_suggest(sub, _CHOICE_KEYS)}; valid keys: "
-                                                       f"{', '.join(_CHOICE_KEYS)}")
-        valid = _CHOICE_KEYS[sub]
-        if sub == "percentile":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 50 < value <= 100:
-                ctx.fail("quantization", f"{prefix}{sub}", f"= {value!r}: a percentile above 50 and at most 100 "
-                                                           "(99.99 clips 0.01% of values at each end)")
-        elif value is not None and value not in valid:
-            ctx.fail("quantization", f"{prefix}{sub}", f"= {value!r}: unknown {sub}{_suggest(str(value), valid)}; "
-                                                       f"valid: {', '.join(valid)}")
-    kind, method = choice.get("activation"), choice.get("activation_range")
-    if kind is None or method is None:
-        return
-    agree = {"histogram": ("l2", "percentile", "mse", "entropy"), "minmax": ("minmax",), "moving_average": ()}[kind]
-    if method not in agree:
-        fix = ('activation = "histogram" (or leave activation out)' if method != "minmax"
-               else 'activation = "minmax" (or leave activation out)')
-        ctx.fail("quantization", f"{prefix}activation_range", f"= {method!r} contradicts {prefix}activation = {kind!r}: "
-                                                              f"{method} needs {fix}")
-
-
-def _check_run(r: RunSpec, ctx: _Context) -> RunSpec:
-    for key, low in (("workers", 1), ("threads", 1), ("max_attempts", 1), ("latency_warmup", 0), ("latency_iters", 1),
-                     ("throughput_batch", 0), ("layer_samples", 0), ("latency_precision", 0), ("memory_gb", 0)):
-        value = getattr(r, key)
-        if value is not None and value < low:
-            ctx.fail("run", key, f"= {value}: must be at least {low}")
-    if r.latency_precision >= 1:
-        ctx.fail("run", "latency_precision", f"= {r.latency_precision}: a fraction of the mean (0.02 = +-2%), below 1")
-    if r.cache_dir is not None:
-        location = r.cache_dir
-        if not location.strip():
-            ctx.fail("run", "cache_dir", "= '': give a folder or a URI (s3://bucket/prefix), or leave it out")
-        if "://" in location:  # a URI stays as given: a Path would fold its '//' into '/'
-            if not _URI.match(location):
-                ctx.fail("run", "cache_dir", f"= {location!r}: not a URI (scheme://...) nor a folder")
-        else:
-            p = Path(location).expanduser()
-            r = dataclasses.replace(r, cache_dir=str(p if p.is_absolute() else (ctx.base_dir / p).resolve()))
-    return r
+    paths = Path in allowed or folder
+    if not (paths and isinstance(value, str)) or "://" in value or not value.strip():
+        return value
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else (ctx.base_dir / p).resolve()
+    return p if Path in allowed else str(p)
 
 
 def to_toml(spec: JobSpec, *, header: str = "", relative_to: Path | None = None) -> str:

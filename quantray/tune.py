@@ -35,17 +35,18 @@ import pyarrow as pa
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
-from . import api, flow, stages
-from .data import make_batches
+from . import api, flow, pipeline
+from .calls import Call
+from .data import batch_identities, make_batches
 from .errors import SpecError
 from .evaluation import wilson
+from .html import render_tune
 from .ranges import METHODS
-from .report import make_progress
-from .spec import JobSpec, QuantSpec, WEIGHTS, load_spec, load_test_section, to_toml
-from .stats import batch_identities
-from .store import StagedDir, join
+from .runner import Names
+from .spec import WEIGHTS, JobSpec, QuantSpec, load_spec, load_test_section, to_toml
+from .store import join
+from .worker import TrialScores, Worker
 
 __all__ = ["tune", "Trial", "TuneResult", "TRIALS_SCHEMA", "best_toml"]
 
@@ -56,7 +57,6 @@ TRIALS_SCHEMA = pa.schema([
     ("logit_sqnr_db", pa.float64()), ("int8_size_bytes", pa.int64()), ("latency_ms", pa.float64()),
     ("wall_s", pa.float64()), ("qparams_digest", pa.string()),
 ])
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ class TuneResult:
 
 def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path | None = None, trials: int = 64,
          workers: int | None = None, out: str | Path | None = None, address: str | None = None,
-         use_cache: bool = True, rank_samples: int = 256, console: Console | None = None) -> TuneResult:
+         use_cache: bool = True, rank_samples: int = 256, console: Console | None = None,
+         context: pipeline.Context | None = None) -> TuneResult:
     """Search for the configuration with the fewest FP32 layers whose top-1 drop (a fraction: 0.003 is
     0.3 pt) on the selection set is within `max_drop`; write the tune directory (module docstring)."""
     spec = original = job if isinstance(job, JobSpec) else load_spec(job)
@@ -105,25 +106,22 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
     if trials < 1:
         raise SpecError(f"--trials {trials}: at least 1")
     selection = load_test_section(validation) if validation is not None else spec.test
-    ctx = stages.Context(console=console or Console(stderr=True))
-    started = ctx.clock()
-    if not out:
-        out = Path("tunes") / f"{spec.name}-{ctx.now().astimezone():%Y%m%d-%H%M%S}"
-    stages.check_stats_location(spec, use_cache)
-    with StagedDir(out) as staged, contextlib.ExitStack() as cleanup:
-        private = None
+    ctx = context or pipeline.Context(console=console or Console(stderr=True))
+    with (pipeline.session(ctx, out or Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,
+          contextlib.ExitStack() as cleanup):
+        staged, private = session.staged, None
         if not (use_cache and spec.run.cache):  # nothing stored earlier is read; what this tune computes
             # (statistics, FP32 outputs) is kept in a folder of its own, which its best run then reuses
             private = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="quantray-tune-stats-"))
             spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, cache=True, cache_dir=private))
         with ctx.stage("load"):
-            loaded = stages.load(dataclasses.replace(spec, test=selection))
+            loaded = pipeline.load(dataclasses.replace(spec, test=selection))
         with ctx.stage("prepare"):
-            prepared = stages.prepare(loaded)
-        with stages.ray_cluster(ctx, address), make_progress(ctx.console) as ctx.progress:
-            with stages.start_workers(ctx, loaded, prepared, workers=workers) as pool:
+            prepared = pipeline.prepare(loaded)
+        with session.cluster(address):
+            with session.workers(loaded, prepared, workers=workers) as pool:
                 with ctx.stage("calibrate"):
-                    calibrated = stages.calibrate(ctx, loaded, prepared, pool)
+                    calibrated = pipeline.calibrate(ctx, loaded, prepared, pool)
                 search = _Search(ctx, loaded, calibrated, pool, max_drop, trials, rank_samples)
                 search.run()
             best = search.best()
@@ -148,44 +146,49 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         summary = {"job": str(original.path), "max_drop": max_drop, "met": met, "stopped": search.stopped,
                    "selection": str(validation) if validation is not None else "[test] of the job (optimistic)",
                    "trials": len(rows), "trial_limit": trials, "best_trial": best.row["trial"],
-                   "sensitivity": search.sensitivity, "timings_s": ctx.timings, "wall_s": round(ctx.clock() - started, 3),
+                   "sensitivity": search.sensitivity, "timings_s": ctx.timings, "wall_s": round(ctx.wall_s(), 3),
                    "best_run": {"test_top1": best_run.metrics["int8"]["top1"], "fp32_top1": best_run.metrics["fp32"]["top1"],
                                 "qparams_digest": best_run.manifest["qparams_digest"]}}
         staged.write_json("tune.json", summary)
-        from .html import render_tune
-
         staged.write_bytes("report.html", render_tune(summary, rows, best_run.metrics).encode())
-        location = staged.commit({"kind": "tune", **summary})
+        location = session.commit({"kind": "tune", **summary})
     result = TuneResult(location, met, best.row, rows, best_run, search.stopped, validation is None, search.sensitivity)
     print_tune(ctx.console, result)
     return result
 
 
+# Tune's workers evaluate: lines name the trial (or the FP32 batch) a call was for.
+_NAMES = Names(worker=lambda w: f"tune worker {w}",
+               call=lambda w, key: f"tune: {key}" if key is not None else f"tune: worker {w}")
+
+
 class _Search:
     """The three phases over one pool; `scored` keeps every trial in the order it was evaluated."""
 
-    def __init__(self, ctx, job: stages.Job, calibrated: stages.Calibrated, pool, max_drop, limit, rank_samples):
+    def __init__(self, ctx, job: pipeline.Job, calibrated: pipeline.Calibrated, pool, max_drop, limit, rank_samples):
         self.ctx, self.job, self.calibrated, self.pool = ctx, job, calibrated, pool
         self.max_drop, self.limit, self.stopped = max_drop, limit, ""
         self.batches = make_batches(job.test_idx, job.spec.test.batch_size)
-        self.rank_batches = stages.first_batches(self.batches, rank_samples)
+        self.rank_batches = pipeline.first_batches(self.batches, rank_samples)
         self.scored: list[_Scored] = []
         self.sensitivity: list[dict] = []
         self.fp32_logits = self._fp32_logits()
 
     def _fp32_logits(self) -> list[torch.Tensor]:
-        """FP32 logits of every selection batch: stored ones reused, the others computed once on the pool."""
+        """FP32 logits of every selection batch: the memo's reused, the others computed once on the pool."""
         identities = batch_identities(self.job.test_ds, self.job.spec.test, self.batches)
-        store, keys, logits = stages.stored_fp32_logits(self.job, identities)
+        memo = pipeline.Fp32Memo(pipeline.open_stats(self.job, use_cache=True))
+        logits = memo.logits(identities)
         missing = [b for b, l in enumerate(logits) if l is None]
         if missing:
             with self.ctx.stage("fp32"):
                 n = min(self.pool.size, len(missing))
-                calls = {w: [(b, "fp32_logits", (self.batches[b],)) for b in missing[w::n]] for w in range(n)}
-                for b, value in self.pool.run(calls, stage="evaluate", describe=lambda b: f"FP32 on batch {b}").items():
-                    logits[b] = value
-                    if store:
-                        store.put(keys[b], value)
+                calls = {w: [Call(f"FP32 on batch {b}", Worker.fp32_logits, (self.batches[b],)) for b in missing[w::n]]
+                         for w in range(n)}
+                computed = self.pool.run(calls, names=_NAMES)
+                for b in missing:
+                    logits[b] = computed[f"FP32 on batch {b}"]
+                    memo.keep_logits(identities[b], logits[b])
         else:
             self.ctx.console.print(f"reused stored FP32 outputs: {len(self.batches)} of {len(self.batches)} batches")
         return logits
@@ -202,7 +205,7 @@ class _Search:
             self.stopped = "the budget was met by a range method"
             return
         best = self.best().trial
-        candidates = self._layers(best)
+        candidates = flow.quantized_layers(self.job.fp32, best.quant(self.job.spec.quantization), self.job.example)
         ranking = [Trial(best.method, best.weight, (name,)) for name in candidates]
         if self._left() < len(ranking) + 1:
             self.stopped = f"the trials ran out ({self.limit}) before the layers could be ranked"
@@ -245,18 +248,6 @@ class _Search:
             return min(within, key=lambda s: (len(s.trial.fp32), -s.row["top1"], s.row["trial"]))
         return min(full, key=lambda s: (-s.row["top1"], len(s.trial.fp32), s.row["trial"]))
 
-    def _layers(self, trial: Trial) -> list[str]:
-        """The modules with weights that `trial` quantizes, by name (fused ones under their first module's)."""
-        prepared = flow.prepare(self.job.fp32, trial.quant(self.job.spec.quantization), self.job.example)
-        converted = dict(flow.convert(prepared).named_modules())
-        out = []
-        for name, module in self.job.fp32.named_modules():
-            if isinstance(module, _LAYER_TYPES) and name not in trial.fp32:
-                int8 = converted.get(name)
-                if int8 is not None and ".quantized" in type(int8).__module__:
-                    out.append(name)
-        return out
-
     def _wave(self, wave: list[Trial], phase: str, batches: list[list[int]]) -> list[_Scored]:
         """Evaluate `wave` on `batches` (the first of the selection set's): each worker builds its
         trials' INT8 models from the merged statistics (prepare_fx, load, convert_fx) and scores
@@ -267,15 +258,16 @@ class _Search:
         n = min(self.pool.size, len(wave))
         shared = (self.pool.share(self.calibrated.stats), self.pool.share(batches),
                   self.pool.share(self.fp32_logits[:len(batches)]))
-        calls = {w: [(t, "trial", (trial.quant(self.job.spec.quantization), *shared))
+        calls = {w: [Call(f"trial {trial}", Worker.trial, (trial.quant(self.job.spec.quantization), *shared))
                      for t, trial in enumerate(wave) if t % n == w] for w in range(n)}
         started = time.perf_counter()
         with self.ctx.stage("trials"):
-            results = self.pool.run(calls, stage="tune", describe=lambda t: f"trial {wave[t]}")
+            results = self.pool.run(calls, names=_NAMES)
         per_trial = (time.perf_counter() - started) * n / len(wave)  # workers side by side: a share of the wave
-        return [self._record(trial, phase, *results[t], per_trial) for t, trial in enumerate(wave)]
+        return [self._record(trial, phase, results[f"trial {trial}"], per_trial) for trial in wave]
 
-    def _record(self, trial: Trial, phase: str, merged, digest: str, size: int, wall: float) -> _Scored:
+    def _record(self, trial: Trial, phase: str, scored: TrialScores, wall: float) -> _Scored:
+        merged, digest, size = scored.scores, scored.qparams_digest, scored.int8_bytes
         c, n = merged.counts, merged.counts["n"]
         signal, noise = sum(merged.rows["signal"]), sum(merged.rows["noise"])
         sqnr = 10 * math.log10(signal / noise) if noise > 0 else math.inf

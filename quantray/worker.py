@@ -1,52 +1,91 @@
 """One worker of a job's pool: the same process calibrates a shard, evaluates test batches, logs
-per-layer errors and measures speed, building what it needs once per job.
+per-layer errors, scores tune's trials and measures speed, building what it needs once per job.
 
-    worker = Worker(fp32, example, quant, threads, calibration=data_spec, test=data_spec, signature=sig)
-    worker.log(b, indices) ...                        # calibration: CalibrationWorker's protocol
-    worker.load_int8(key, script, state)              # once per INT8 model
-    worker.evaluate(indices, stored_logits, layers)   # one test batch: scores, FP32 logits, seconds,
-                                                      #   and with `layers` its per-layer signal and noise
-    worker.speed(x, batch, warmup, iters, precision)  # latency (and throughput) of the models
+    worker = Worker(WorkerSetup(fp32, example, quant, threads, calibration=data_spec, test=data_spec))
+    Call(key, CalibrationWorker.log, (b, indices)).on(worker.calibration)   # calibration's protocol
+    worker.load_int8(key, script, state)               # once per INT8 model
+    worker.evaluate(indices, stored_logits, layers)    # one test batch -> BatchScores
+    worker.trial(quant, stats, batches, logits)        # one tune trial -> TrialScores
+    worker.speed(x, batch, warmup, iters, precision)   # latency (and throughput) of the models
 
-Plain Python and torch: `runner.WorkerPool` runs it in a Ray actor; tests call it directly.
+Plain Python and torch: `runner.WorkerPool` runs it in a Ray actor (calls as `calls.Call`s), tests
+call it directly.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import platform
 import time
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from . import data as data_mod
 from . import flow, merge
 from .calibration import CalibrationWorker
-from .evaluation import ShardResult, measure_speed, merge_results, processor, score_batch, state_dict_bytes
+from .evaluation import ShardResult, cpu_kind, measure_speed, merge_results, processor, score_batch, state_dict_bytes
 from .layers import LayerLogger, LayerResult
+from .modes import MergedStats
+from .spec import DataSpec, QuantSpec
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "WorkerSetup", "BatchScores", "TrialScores", "calibration_of", "measure_alone"]
 
 _DECODED_BYTES = 1 << 30  # per worker: 1 GiB holds about 1,700 decoded 224x224 RGB images
 
 
-class Worker(CalibrationWorker):
-    """`calibration`/`test`: the data specs of the splits this worker will see (None: not needed).
-    `setup_s` is what building it took (prepare_fx and the datasets), for the manifest."""
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every worker of a job's pool is built from (shipped to the workers once, by reference)."""
 
-    def __init__(self, model, example_inputs: torch.Tensor, quant, threads: int, *, calibration=None, test=None,
-                 signature: list | None = None, index: int = 0, memory_bytes: int = 0):
+    model: nn.Module
+    example: torch.Tensor
+    quant: QuantSpec
+    threads: int                                  # intra-op threads: the same for every worker count
+    calibration: DataSpec | None = None           # the split it calibrates on (None: it only evaluates)
+    test: DataSpec | None = None                  # the split it evaluates on
+    signature: list | None = field(default=None, repr=False)  # the driver's observers, which its own must equal
+    memory_bytes: int = 0                         # what it may keep of pass 1's values for pass 2
+
+
+@dataclass
+class BatchScores:
+    """One test batch through FP32 and INT8."""
+
+    scores: ShardResult
+    fp32_logits: torch.Tensor | None  # computed here (None: the stored ones were given)
+    seconds: dict[str, float]         # each plain forward's time, by model, where one ran
+    layers: LayerResult | None        # its per-layer signal and noise, when asked for
+
+
+@dataclass
+class TrialScores:
+    """One tune trial's INT8 model, scored against the FP32 logits."""
+
+    scores: ShardResult
+    qparams_digest: str
+    int8_bytes: int  # the INT8 state_dict's size
+
+
+class Worker:
+    """See the module docstring. `calibration` is its calibration part (None when it only
+    evaluates); `build_s` is what building it took (prepare_fx and the datasets), for the manifest."""
+
+    def __init__(self, setup: WorkerSetup):
         started = time.perf_counter()
         flow.quiet_torch_warnings()
-        torch.set_num_threads(threads)
-        self._fp32, self._example, self._quant, self._threads = model.eval(), example_inputs, quant, threads
-        if calibration is not None:
-            super().__init__(model, example_inputs, quant, calibration, threads, signature, shard=index,
-                             memory_bytes=memory_bytes)
-        self._test = data_mod.build_dataset(test, where="[test]") if test is not None else None
+        torch.set_num_threads(setup.threads)
+        self._fp32, self._example, self._quant, self._threads = setup.model.eval(), setup.example, setup.quant, setup.threads
+        self.calibration = None
+        if setup.calibration is not None:
+            self.calibration = CalibrationWorker(setup.model, setup.example, setup.quant, setup.calibration,
+                                                 setup.threads, setup.signature, setup.memory_bytes)
+        self._test = data_mod.build_dataset(setup.test, where="[test]") if setup.test is not None else None
         self._int8_key, self._script, self._state, self._eager, self._logger = None, None, None, None, None
         self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
-        self.setup_s = round(time.perf_counter() - started, 4)
+        self.build_s = round(time.perf_counter() - started, 4)
 
     def load_int8(self, key: str, script: bytes, state: bytes) -> None:
         """The INT8 model to evaluate (TorchScript) and to diagnose and time (eager, rebuilt from its
@@ -64,12 +103,11 @@ class Worker(CalibrationWorker):
         return self._eager
 
     def evaluate(self, indices: list[int], stored: torch.Tensor | None, layers: bool = False,
-                 upcoming: list[int] | None = None) -> tuple[ShardResult, torch.Tensor | None, dict, LayerResult | None]:
+                 upcoming: list[int] | None = None) -> BatchScores:
         """One test batch through FP32 (or its logits stored by an earlier run, `stored`) and the
-        INT8 TorchScript model: the batch's scores, the FP32 logits if computed here, the seconds
-        each plain forward took (throughput, where no other figure is asked for) and, with
-        `layers`, its per-layer result (the logged FP32 forward then gives the FP32 logits).
-        `upcoming`: this worker's next batch, whose data a sharded source starts reading now."""
+        INT8 TorchScript model; with `layers`, its per-layer result too (the logged FP32 forward then
+        gives the FP32 logits). `upcoming`: this worker's next batch, whose data a sharded source
+        starts reading now."""
         x, y = data_mod.load_batch(self._test, indices, upcoming)
         seconds, logits, layer = {}, stored, None
         with torch.inference_mode():
@@ -85,12 +123,13 @@ class Worker(CalibrationWorker):
             t = time.perf_counter()
             int8 = self._script(x)
             seconds["int8_torchscript"] = time.perf_counter() - t
-        return score_batch(indices, y, logits, int8), (logits if stored is None else None), seconds, layer
+        return BatchScores(score_batch(indices, y, logits, int8), logits if stored is None else None, seconds, layer)
 
-    def trial(self, quant, stats, batches: list[list[int]], logits: list[torch.Tensor]) -> tuple[ShardResult, str, int]:
+    def trial(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]],
+              logits: list[torch.Tensor]) -> TrialScores:
         """One `quantray tune` trial: `quant`'s INT8 model built here from the merged statistics
         (prepare_fx, load them, convert_fx: no forward pass), scored on `batches` against their FP32
-        `logits`. Returns the scores, the qparams digest and the INT8 state_dict's size."""
+        `logits`."""
         prepared = flow.prepare(self._fp32, quant, self._example)
         stats.load(prepared)  # MissingStatistics names a value the calibration did not observe
         int8 = flow.convert(prepared)
@@ -99,7 +138,7 @@ class Worker(CalibrationWorker):
             for batch, fp32 in zip(batches, logits):
                 x, y = self._decoded_batch(batch)
                 results.append(score_batch(batch, y, fp32, int8(x)))
-        return merge_results(results), merge.state_digest(prepared), len(state_dict_bytes(int8))
+        return TrialScores(merge_results(results), merge.state_digest(prepared), len(state_dict_bytes(int8)))
 
     def fp32_logits(self, indices: list[int]) -> torch.Tensor:
         """The FP32 model's logits on one test batch (which a tune's trials then find decoded)."""
@@ -119,7 +158,7 @@ class Worker(CalibrationWorker):
     def data_read(self) -> dict:
         """What this worker has read of Parquet shards, per split: bytes (footers and manifests
         included) and row groups; {} where its data is not sharded."""
-        datasets = {"calibration": getattr(self, "_dataset", None), "test": self._test}
+        datasets = {"calibration": self.calibration.dataset if self.calibration else None, "test": self._test}
         return {split: {"bytes": ds.bytes_read, "row_groups": ds.groups_read}
                 for split, ds in datasets.items() if hasattr(ds, "groups_read")}
 
@@ -131,9 +170,11 @@ class Worker(CalibrationWorker):
 
     def host_facts(self) -> list:
         """What a stored FP32 speed figure is valid for: this host, its processor and CPU count."""
-        import os
-
         return [platform.node(), processor(), os.cpu_count(), self._threads]
+
+    def cpu(self) -> dict:
+        """The kind of CPU this worker computes on (`evaluation.cpu_kind`)."""
+        return cpu_kind()
 
     def speed(self, x: torch.Tensor, batch: torch.Tensor | None, warmup: int, iters: int, precision: float,
               skip: tuple = ()) -> dict:
@@ -144,3 +185,15 @@ class Worker(CalibrationWorker):
         speed["conditions"].update(host=platform.node(), processor=processor(), threads=self._threads,
                                    torch_threads=torch.get_num_threads(), engine=torch.backends.quantized.engine)
         return speed
+
+
+def calibration_of(worker: Worker) -> CalibrationWorker:
+    """The part of a worker that calibration's calls (`CalibrationWorker` functions) are made on."""
+    return worker.calibration
+
+
+def measure_alone(setup: WorkerSetup, script: bytes, state: bytes, args: tuple, skip: tuple, cpus: int) -> dict:
+    """Speed measured by a worker built for it alone (a task holding all `cpus` of its node)."""
+    worker = Worker(setup)
+    worker.load_int8("", script, state)
+    return {**worker.speed(*args, skip), "cpus": cpus}

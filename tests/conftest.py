@@ -25,7 +25,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from quantray import data, flow, sites  # noqa: E402
-from quantray.calibration import SerialExecutor, calibrate  # noqa: E402
+from quantray.calibration import SerialExecutor  # noqa: E402
+from quantray.protocol import calibrate  # noqa: E402
 from quantray.demo import DigitsCNN  # noqa: E402
 from quantray.modes import MODES, Plan  # noqa: E402
 from quantray.spec import DataSpec, QuantSpec  # noqa: E402

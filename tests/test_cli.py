@@ -177,6 +177,6 @@ def test_a_worker_killed_while_evaluating_is_replaced_and_the_results_are_unchan
     code, _, err = _main(capsys, "run", job, "--out", tmp_path / "r", "--workers", "2")
     assert code == 0 and (tmp_path / "once").exists()  # a worker really was killed
     said = " ".join(" ".join(err).split())  # rich wraps long lines
-    assert "worker 1 (evaluate) died (ActorDiedError); redoing its calls on a new worker, attempt 2 of 3" in said
+    assert "evaluation worker 1 died (ActorDiedError); redoing its calls on a new worker, attempt 2 of 3" in said
     before = pq.read_table(Path(demo_runs["2 workers"].location) / "predictions.parquet")
     assert pq.read_table(tmp_path / "r" / "predictions.parquet").equals(before)

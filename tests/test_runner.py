@@ -9,11 +9,13 @@ from conftest import quiet, serial_calibration
 from rich.console import Console
 
 from quantray import data, flow, merge, runner, sites
-from quantray.calibration import calibrate
 from quantray.errors import CalibrationError, QuantrayError
 from quantray.modes import MODES, Plan
+from quantray.pipeline import calibration_executor
+from quantray.protocol import calibrate
 from quantray.spec import DataSpec, QuantSpec
 from quantray.testing import dies, fails
+from quantray.worker import WorkerSetup
 
 
 def ray_calibration(model, example, quant, data_spec, batches, shards, *, order=None, max_attempts=3, console=None,
@@ -21,12 +23,13 @@ def ray_calibration(model, example, quant, data_spec, batches, shards, *, order=
     prepared = flow.prepare(model, quant, example)
     observed = sites.observed_values(prepared)
     with runner.Cluster() as cluster:
-        kwargs = {"calibration": data_spec, "signature": signature or sites.signature(observed)}
-        with runner.WorkerPool(cluster, (model, example, quant, 1), kwargs, len(shards), max_attempts=max_attempts,
-                               console=console, order=order) as executor:
-            result = calibrate(MODES[quant.mode], executor, Plan(batches, shards, observed))
+        setup = WorkerSetup(model, example, quant, 1, calibration=data_spec,
+                            signature=signature or sites.signature(observed))
+        with runner.WorkerPool(cluster, setup, len(shards), max_attempts=max_attempts, console=console,
+                               order=order) as pool:
+            result = calibrate(MODES[quant.mode], calibration_executor(pool), Plan(batches, shards, observed))
     result.stats.load(prepared)
-    return prepared, result
+    return prepared, result, pool
 
 
 def test_actors_run_the_protocol_to_the_serial_result_in_every_mode(ray_cluster, tiny_model, digits_plan):
@@ -38,25 +41,25 @@ def test_actors_run_the_protocol_to_the_serial_result_in_every_mode(ray_cluster,
     prepared = flow.prepare(tiny_model, "x86", example)
     observed = sites.observed_values(prepared)
     with runner.Cluster() as cluster:
-        kwargs = {"calibration": spec, "signature": sites.signature(observed), "memory_bytes": 8 * 2 ** 30}
-        with runner.WorkerPool(cluster, (tiny_model, example, QuantSpec(), 1), kwargs, len(shards),
-                               order=[2, 0, 1]) as executor:
-            results = {mode: calibrate(MODES[mode], executor, Plan(batches, shards, observed))
+        setup = WorkerSetup(tiny_model, example, QuantSpec(), 1, calibration=spec, signature=sites.signature(observed),
+                            memory_bytes=8 * 2 ** 30)
+        with runner.WorkerPool(cluster, setup, len(shards), order=[2, 0, 1]) as pool:
+            results = {mode: calibrate(MODES[mode], calibration_executor(pool), Plan(batches, shards, observed))
                        for mode in ("exact", "replay", "fast")}
     for mode, result in results.items():
         ours = flow.prepare(tiny_model, "x86", example)
         result.stats.load(ours)
         reference, _ = serial_calibration(tiny_model, example, QuantSpec(mode=mode), spec, batches, shards)
         assert merge.state_digest(ours) == merge.state_digest(reference), mode
-        assert result.info["mode"] == mode and result.info["bytes_from_workers"] > 0
+        assert result.info["mode"] == mode
         if mode != "fast":
             assert result.info["pass2_batches"] == {"memory": len(batches), "disk": 0, "forward": 0}, mode
-    assert results["fast"].info["attempts"] == {0: 1, 1: 1, 2: 1}
+    assert pool.attempts == {0: 1, 1: 1, 2: 1} and pool.bytes_received > 0
 
 
 def test_worker_setup_error_keeps_its_type_and_message(ray_cluster, tiny_model, digits_plan):
     spec, _, batches, example = digits_plan
-    with pytest.raises(CalibrationError, match=r"^shard \d: this worker's prepare_fx gave other observers"):
+    with pytest.raises(CalibrationError, match=r"^calibration shard \d: this worker's prepare_fx gave other observers"):
         ray_calibration(tiny_model, example, QuantSpec(), spec, batches[:2], [[0], [1]],
                         signature=[("activation_post_process_0", "MinMaxObserver", ())])
 
@@ -74,11 +77,12 @@ def test_killed_worker_is_replaced_and_the_result_is_bit_identical(ray_cluster, 
     shards = data.assign_shards(len(batches), 2)
     quant = QuantSpec()
     log = io.StringIO()
-    disturbed, result = ray_calibration(tiny_model, example, quant, _killer(batches[shards[1][0]][0], tmp_path / "once"),
+    disturbed, result, pool = ray_calibration(tiny_model, example, quant, _killer(batches[shards[1][0]][0], tmp_path / "once"),
                                         batches, shards, console=Console(file=log, width=300))
     assert (tmp_path / "once").exists()  # a worker really was killed
-    assert "calibration worker for shard 1 died (ActorDiedError); redoing the shard on a new worker, attempt 2 of 3" in log.getvalue()
-    assert result.info["attempts"] == {0: 1, 1: 2}
+    assert ("the worker of calibration shard 1 died (ActorDiedError); redoing its calls on a new worker, attempt 2 of 3"
+            in log.getvalue())
+    assert pool.attempts == {0: 1, 1: 2}
     reference, _ = serial_calibration(tiny_model, example, quant, spec, batches, shards)
     assert merge.state_digest(disturbed) == merge.state_digest(reference)
 
@@ -86,22 +90,21 @@ def test_killed_worker_is_replaced_and_the_result_is_bit_identical(ray_cluster, 
 def test_worker_that_keeps_dying_fails_the_run_naming_the_shard(ray_cluster, tiny_model, digits_plan):
     spec, _, batches, example = digits_plan
     shards = data.assign_shards(len(batches), 2)
-    with pytest.raises(CalibrationError, match=r"^calibration shard 1 failed on all 2 attempts \(\[run\] max_attempts\); "
-                                               r"last cause: ActorDiedError"):
+    with pytest.raises(CalibrationError, match=r"^the worker of calibration shard 1 failed on all 2 attempts "
+                                               r"\(\[run\] max_attempts\); last cause: ActorDiedError"):
         ray_calibration(tiny_model, example, QuantSpec(), _killer(batches[shards[1][0]][0]), batches, shards,
                         max_attempts=2, console=quiet())
 
 
 def test_tasks_return_in_order_and_a_killed_task_is_retried(ray_cluster, tmp_path):
     marker = str(tmp_path / "died-once")
-    assert runner.map_tasks(dies, [(1, marker), (2, marker), (3, marker)], stage="evaluate",
-                            describe=["a", "b", "c"]) == [2, 4, 6]
+    assert runner.map_tasks(dies, [(1, marker), (2, marker), (3, marker)], describe=["a", "b", "c"]) == [2, 4, 6]
     assert os.path.exists(marker)
 
 
 def test_an_exception_in_user_code_inside_a_task_is_one_line_naming_stage_and_batches(ray_cluster):
     with pytest.raises(QuantrayError) as info:
-        runner.map_tasks(fails, [(1,), (2,)], stage="evaluate", describe=["test batches 0, 2 of 4", "test batches 1, 3 of 4"])
+        runner.map_tasks(fails, [(1,), (2,)], describe=["evaluate: test batches 0, 2 of 4", "evaluate: test batches 1, 3 of 4"])
     message = str(info.value)
     assert "\n" not in message and info.value.exit_code == 1
     assert message in ("evaluate: test batches 0, 2 of 4: ValueError: no good: 1",
@@ -110,7 +113,7 @@ def test_an_exception_in_user_code_inside_a_task_is_one_line_naming_stage_and_ba
 
 def test_a_task_whose_process_keeps_dying_is_one_line_after_its_retries(ray_cluster):
     with pytest.raises(QuantrayError) as info:
-        runner.map_tasks(dies, [(1,)], stage="evaluate", describe=["test batches 0, 1 of 2"], max_retries=1)
+        runner.map_tasks(dies, [(1,)], describe=["evaluate: test batches 0, 1 of 2"], max_retries=1)
     assert str(info.value) == ("evaluate: test batches 0, 1 of 2: its worker process died 2 times (WorkerCrashedError); "
                                "see the Ray logs for why (out of memory is the usual cause)")
     assert info.value.exit_code == 1

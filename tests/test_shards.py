@@ -19,7 +19,7 @@ from quantray.errors import SpecError
 from quantray.pack import pack
 from quantray.shards import ShardedImages
 from quantray.spec import DataSpec, load_spec
-from quantray.stats import batch_identities
+from quantray.data import batch_identities
 
 
 def _image_folder(root: Path, classes=("daisy", "rose", "tulip"), per_class=12, size=(96, 80)) -> Path:

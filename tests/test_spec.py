@@ -1,11 +1,14 @@
-"""Strict job loading: every mistake is one line naming the file, the key and what is valid."""
+"""Strict job loading: every mistake is one line naming the file, the key and what is valid; a spec
+built in Python checks itself the same way."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from quantray import pipeline
 from quantray.errors import SpecError
-from quantray.spec import load_spec
+from quantray.spec import DataSpec, GateSpec, JobSpec, ModelSpec, QuantSpec, RunSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = """
@@ -24,9 +27,11 @@ def _job(tmp_path, text, name="job.toml"):
 
 
 def _error(tmp_path, text) -> str:
+    """The one line a job file's mistake gives: from loading it, or from the checks that need torch
+    (an architecture, a dataset class, a torch.nn class), which every command runs before any work."""
     path = _job(tmp_path, text)
     with pytest.raises(SpecError) as info:
-        load_spec(path)
+        pipeline.check(load_spec(path))
     message = str(info.value)
     assert "\n" not in message and message.startswith(str(path))
     return message
@@ -114,9 +119,40 @@ module_names = { conv1 = "fp32" }
     assert q.module_types == {"Linear": {"weight": "per_channel"}} and q.module_names == {"conv1": "fp32"}
     assert "[quantization] mode = 'exakt': unknown mode (did you mean 'exact'?)" in _error(
         tmp_path, MINIMAL + '[quantization]\nmode = "exakt"\n')
-    assert "[quantization] module_types.Conv2D : not a torch.nn module class (did you mean 'Conv2d'?)" in _error(
+    assert "[quantization] module_types.Conv2D: not a torch.nn module class (did you mean 'Conv2d'?)" in _error(
         tmp_path, MINIMAL + '[quantization]\nmodule_types = { Conv2D = "fp32" }\n')
     assert "[quantization] module_names.fc.weights unknown key (did you mean 'weight'?)" in _error(
         tmp_path, MINIMAL + '[quantization]\nmodule_names = { fc = { weights = "per_tensor" } }\n')
     assert "[quantization] module_names.fc = 'int4': expected \"fp32\" or a table" in _error(
         tmp_path, MINIMAL + '[quantization]\nmodule_names = { fc = "int4" }\n')
+
+
+def test_a_spec_built_in_python_checks_itself_with_the_same_line():
+    """No file: the line names the section (or the spec) and the key, as a job file's does."""
+    cases = [(lambda: RunSpec(threads=0), "[run] threads = 0: must be at least 1"),
+             (lambda: DataSpec(samples="64"), "DataSpec samples = '64': wrong type (str); expected a int"),
+             (lambda: DataSpec(source="imagefolder", root="/no/such/folder"),
+              "DataSpec root = '/no/such/folder': folder not found"),
+             (lambda: DataSpec(source="digits", root="."), "DataSpec root is not used by source = 'digits'"),
+             (lambda: QuantSpec(mode="exakt"), "[quantization] mode = 'exakt': unknown mode (did you mean 'exact'?)"),
+             (lambda: QuantSpec(activation="minmax", activation_range="mse"),
+              "[quantization] activation_range = 'mse' contradicts activation = 'minmax'"),
+             (lambda: ModelSpec(), "[model] arch / factory: give exactly one"),
+             (lambda: ModelSpec(factory="x:y", checkpoint="s3://bucket/model.pth"),
+              "[model] checkpoint = 's3://bucket/model.pth': a file on the driver's disk, not a URI"),
+             (lambda: GateSpec(max_top1_drop=2), "[gate] max_top1_drop = 2.0: a fraction of accuracy between 0 and 1"),
+             (lambda: JobSpec("bad name", Path("job.toml"), ModelSpec(factory="x:y"), DataSpec(), DataSpec()),
+              "name = 'bad name': must be a string of letters")]
+    for build, expected in cases:
+        with pytest.raises(SpecError) as info:
+            build()
+        assert str(info.value).startswith(expected) and "\n" not in str(info.value), (str(info.value), expected)
+
+
+def test_replacing_a_value_checks_it_and_a_job_fills_digits_splits_by_section():
+    spec = load_spec(ROOT / "jobs" / "digits.toml")
+    with pytest.raises(SpecError, match=r"^DataSpec batch_size = 0: must be at least 1"):
+        dataclasses.replace(spec.test, batch_size=0)
+    job = JobSpec("j", Path("j.toml"), ModelSpec(factory="quantray.demo:digits_cnn"), DataSpec(), DataSpec(samples=9))
+    assert (job.calibration.split, job.test.split) == ("train", "test")
+    assert RunSpec(latency_precision=0).latency_precision == 0.0 and isinstance(RunSpec(memory_gb=1).memory_gb, float)

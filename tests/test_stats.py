@@ -14,7 +14,8 @@ from rich.console import Console
 import quantray
 from quantray.errors import SpecError
 from quantray.spec import load_spec
-from quantray.stats import StatsStore, batch_identities
+from quantray.data import batch_identities
+from quantray.stats import StatsStore
 
 
 def _run(job: Path, out: Path, **kwargs):

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DEMO_JOB
 
-from quantray import stages
+from quantray import pipeline
 from quantray.cli import main
 from quantray.spec import load_spec
 from quantray.tune import TRIALS_SCHEMA, Trial, best_toml, tune
@@ -53,7 +53,7 @@ def test_layers_kept_in_fp32_need_no_new_calibration(ray_cluster, tmp_path):
     """Keeping a layer in FP32 changes which values are observed only to a subset: the job's merged
     statistics build every such trial."""
     spec = load_spec(_job(tmp_path, DEMO))
-    job = stages.load(spec)
+    job = pipeline.load(spec)
     from conftest import serial_calibration
     from quantray.data import make_batches
 

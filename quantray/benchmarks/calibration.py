@@ -66,10 +66,13 @@ def _seed_loop(model, dataset, batches, threads) -> float:
 
 def _quantray(cluster, model, spec, dataset, batches, workers, mode, memory_gb):
     from quantray import flow, runner, sites
-    from quantray.calibration import calibrate
+    from quantray.calls import Call
     from quantray.data import assign_shards, load_batch
     from quantray.modes import MODES, Plan
+    from quantray.pipeline import calibration_executor
+    from quantray.protocol import calibrate
     from quantray.spec import QuantSpec
+    from quantray.worker import Worker, WorkerSetup
 
     quant = QuantSpec(mode=mode)
     start = time.perf_counter()
@@ -77,16 +80,18 @@ def _quantray(cluster, model, spec, dataset, batches, workers, mode, memory_gb):
     prepared = flow.prepare(model, quant, example)
     observed = sites.observed_values(prepared)
     shards = assign_shards(len(batches), workers)
-    kwargs = {"calibration": spec, "signature": sites.signature(observed), "memory_bytes": int(memory_gb * 2 ** 30)}
-    with runner.WorkerPool(cluster, (model, example, quant, 1), kwargs, len(shards)) as pool:
+    setup = WorkerSetup(model, example, quant, 1, calibration=spec, signature=sites.signature(observed),
+                        memory_bytes=int(memory_gb * 2 ** 30))
+    names = runner.Names(lambda w: f"worker {w}", lambda w, key: f"calibration shard {w}")
+    with runner.WorkerPool(cluster, setup, len(shards)) as pool:
         pool.start()
-        pool.run({w: [] for w in range(len(shards))})  # the workers up: a job's fixed cost, timed apart
+        pool.run({w: [] for w in range(len(shards))}, names=names)  # the workers up: a job's fixed cost, timed apart
         ready = time.perf_counter() - start
-        result = calibrate(MODES[mode], pool, Plan(batches, shards, observed))
+        result = calibrate(MODES[mode], calibration_executor(pool), Plan(batches, shards, observed))
         result.stats.load(prepared)
         flow.convert(prepared)
         seconds = time.perf_counter() - start
-        rss = pool.run({w: [(w, "peak_rss_mb", ())] for w in range(len(shards))})
+        rss = pool.run({w: [Call(w, Worker.peak_rss_mb)] for w in range(len(shards))}, names=names)
     result.info.update(ready_s=ready, peak_rss_mb=max(rss.values()))
     return seconds, result.info
 

@@ -10,7 +10,7 @@ batches, with the same models.
 
 The seed: `test_accuracy(model_fp32)` then `test_accuracy(model_int8)`, each a DataLoader loop
 (batch `--batch`, no loader workers, torch's default thread count), as the article runs them.
-quantray: the evaluation stage of `quantray run` (`stages.evaluate`, its "evaluate" timing) on
+quantray: the evaluation stage of `quantray run` (`pipeline.evaluate`, its "evaluate" timing) on
 a local Ray cluster of `--workers` CPUs: the job's pool of one-thread workers (their start-up
 counted: a job starts them once), each image decoded once, INT8 run as the TorchScript artifact.
 Timed twice, with the per-layer diagnostics a run adds by default (64 samples), storing the FP32 outputs,
@@ -77,7 +77,7 @@ def main() -> None:
 
     from rich.console import Console
 
-    from quantray import runner, stages
+    from quantray import pipeline, runner
     from quantray.data import build_dataset, load_batch
     from quantray.evaluation import state_dict_bytes
     from quantray.flow import quiet_torch_warnings
@@ -128,12 +128,12 @@ def main() -> None:
                 ("quantray, FP32 outputs stored", 0, True))
         with runner.Cluster() as cluster:
             for label, layer_samples, use_cache in runs:
-                ctx = stages.Context(console=Console(stderr=True), cluster=cluster)
+                ctx = pipeline.Context(console=Console(stderr=True), cluster=cluster)
                 one = dataclasses.replace(job, run=dataclasses.replace(job.run, layer_samples=layer_samples))
-                loaded = stages.Job(one, fp32, state_dict_bytes(fp32), dataset, list(range(n)), calib[:1])
+                loaded = pipeline.Job(one, fp32, state_dict_bytes(fp32), dataset, list(range(n)), calib[:1])
                 t = time.perf_counter()
-                with stages.start_workers(ctx, loaded) as pool:  # their start-up is counted
-                    outcome = stages.evaluate(ctx, loaded, stages.Quantized(state, script.getvalue()), pool, use_cache)
+                with pipeline.start_workers(ctx, loaded) as pool:  # their start-up is counted
+                    outcome = pipeline.evaluate(ctx, loaded, pipeline.Quantized(state, script.getvalue()), pool, use_cache)
                     wall, merged = time.perf_counter() - t - ctx.timings["speed"], outcome.merged
                 fp32_acc = merged.counts["fp32_top1"] / n
                 int8_acc = merged.counts["int8_top1"] / n

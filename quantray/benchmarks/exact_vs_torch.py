@@ -25,9 +25,11 @@ def _compare(model, quant, spec, dataset, batches: list[list[int]], label: str):
     """torch's own calibration and the exact merge over the same batches, in order; prints the
     per-observer relative scale differences; returns both INT8 models."""
     from quantray import flow, merge, sites
-    from quantray.calibration import SerialExecutor, calibrate
+    from quantray.calibration import SerialExecutor
     from quantray.data import load_batch
     from quantray.modes import MODES, Plan
+    from quantray.protocol import calibrate
+
     example = load_batch(dataset, batches[0][:1])[0]
     seed = flow.prepare(model, quant, example)
     with torch.inference_mode():
@@ -56,7 +58,7 @@ def main() -> None:
 
     import torchvision
 
-    from quantray import stages
+    from quantray import pipeline
     from quantray.data import build_dataset, load_batch, make_batches
     from quantray.flow import quiet_torch_warnings
     from quantray.spec import DataSpec, QuantSpec, load_spec
@@ -64,7 +66,7 @@ def main() -> None:
     quiet_torch_warnings()
     torch.set_num_threads(1)
     spec = load_spec(args.job)
-    job = stages.load(spec)
+    job = pipeline.load(spec)
     batches = make_batches(job.calib_idx, spec.calibration.batch_size)
     torch_int8, exact_int8 = _compare(job.fp32, spec.quantization, spec.calibration, job.calib_ds, batches,
                                       f"{spec.name} ({len(job.calib_idx)} samples)")

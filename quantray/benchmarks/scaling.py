@@ -53,7 +53,7 @@ def _evaluation(cluster, workers: list[int], images: int) -> None:
 
     from rich.console import Console
 
-    from quantray import stages
+    from quantray import pipeline
     from quantray.benchmarks.evaluation import _models, _seed_test_accuracy
     from quantray.data import build_dataset, load_batch
     from quantray.evaluation import state_dict_bytes
@@ -81,12 +81,12 @@ def _evaluation(cluster, workers: list[int], images: int) -> None:
                                   latency_iters=1, throughput_batch=1))
         one = None
         for w in workers:
-            ctx = stages.Context(console=Console(stderr=True, quiet=True), cluster=cluster)
-            loaded = stages.Job(dataclasses.replace(job, run=dataclasses.replace(job.run, workers=w)), fp32,
+            ctx = pipeline.Context(console=Console(stderr=True, quiet=True), cluster=cluster)
+            loaded = pipeline.Job(dataclasses.replace(job, run=dataclasses.replace(job.run, workers=w)), fp32,
                                 state_dict_bytes(fp32), dataset, list(range(n)), calib[:1])
             t = time.perf_counter()
-            with stages.start_workers(ctx, loaded) as pool:  # their start-up counted
-                stages.evaluate(ctx, loaded, stages.Quantized(state_dict_bytes(int8), script.getvalue()), pool, False)
+            with pipeline.start_workers(ctx, loaded) as pool:  # their start-up counted
+                pipeline.evaluate(ctx, loaded, pipeline.Quantized(state_dict_bytes(int8), script.getvalue()), pool, False)
                 wall = time.perf_counter() - t - ctx.timings["speed"]
             one = one or (wall if w == 1 else None)
             print(_row("evaluation ", w, wall, base, one), flush=True)

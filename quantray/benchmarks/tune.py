@@ -42,7 +42,7 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from quantray import flow, stages
+    from quantray import flow, pipeline
     from quantray.data import load_batch, make_batches
     from quantray.spec import load_spec
     from quantray.tune import Trial
@@ -76,7 +76,7 @@ def main() -> None:
             torch.set_num_threads(1)
             t = time.perf_counter()
             spec = load_spec(job)
-            loaded = stages.load(spec)
+            loaded = pipeline.load(spec)
             calib = [load_batch(loaded.calib_ds, b)[0] for b in make_batches(loaded.calib_idx, spec.calibration.batch_size)]
             test_batches = make_batches(loaded.test_idx, spec.test.batch_size)
             build, calibrate = [], []
@@ -101,7 +101,8 @@ def main() -> None:
             print(f"the anchors' way, one process: {anchors_s:.1f} s; quantray tune is {anchors_s / tune_s:.2f}x faster "
                   f"({anchors_s / search_s:.2f}x up to its choice, without the best trial's run)")
 
-            from quantray.calibration import SerialExecutor, calibrate as run_protocol
+            from quantray.calibration import SerialExecutor
+            from quantray.protocol import calibrate as run_protocol
             from quantray.modes import MODES, Plan
             from quantray.sites import observed_values, signature
 
@@ -116,7 +117,7 @@ def main() -> None:
                 c = time.perf_counter()
                 other = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
                 stats.load(other)
-                stages.quantize(stages.Calibrated(other, {}, None, {}))
+                pipeline.quantize(pipeline.Calibrated(other, {}, None, {}, stats))
                 build.append(time.perf_counter() - c)
             b, c = sorted(build)[len(build) // 2], sorted(calibrate)[len(calibrate) // 2]
             print(f"per trial (median of {len(build)}): INT8 built from merged statistics {b * 1e3:.0f} ms "

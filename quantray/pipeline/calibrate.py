@@ -1,0 +1,106 @@
+"""The calibrate and convert stages: the job's merge mode over its pool, reusing stored
+statistics, then the INT8 model as files.
+
+    calibrated = calibrate(ctx, job, prepared, pool)   # merged statistics loaded into `prepared`
+    quantized = quantize(calibrated)                    # INT8 state_dict, TorchScript, qparams rows
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import flow, merge
+from ..calls import Call
+from ..data import assign_shards, batch_identities, make_batches
+from ..errors import CalibrationError
+from ..evaluation import state_dict_bytes
+from ..modes import MODES, MergedStats, Plan
+from ..protocol import calibrate as run_protocol
+from ..runner import Names, WorkerPool
+from ..sites import observed_values
+from ..worker import calibration_of
+from .load import Job, open_stats, warn_unwritable
+from .workers import cpu_kinds
+
+__all__ = ["Calibrated", "calibrate", "calibration_executor", "Quantized", "quantize", "CALIBRATION_NAMES"]
+
+# A calibrating worker's share is its shard: lines name the shard (its calls name their batches).
+CALIBRATION_NAMES = Names(worker=lambda w: f"the worker of calibration shard {w}",
+                          call=lambda w, key: f"calibration shard {w}", error=CalibrationError)
+
+
+class _Calibrators:
+    """The pool's workers as calibration's executor: each call is made on a worker's calibration part."""
+
+    def __init__(self, pool: WorkerPool):
+        self.pool, self.share = pool, pool.share
+
+    def run(self, calls: dict[int, list[Call]], on_result=None) -> dict:
+        return self.pool.run(calls, on_result, names=CALIBRATION_NAMES, on=calibration_of)
+
+
+def calibration_executor(pool: WorkerPool) -> _Calibrators:
+    """The pool, seen by `protocol.calibrate` as an executor of `CalibrationWorker` calls."""
+    return _Calibrators(pool)
+
+
+@dataclass
+class Calibrated:
+    """The driver's prepared model with the merged statistics loaded, and how they were gathered."""
+
+    prepared: nn.Module
+    counts: dict[str, int]  # values each histogram observer counted (exact mode)
+    plan: Plan
+    info: dict
+    stats: MergedStats      # they load into any config over the same FP32 model (tune's trials)
+
+
+def calibrate(ctx, job: Job, prepared: nn.Module, pool: WorkerPool, *, use_cache: bool = True) -> Calibrated:
+    """Calibrate on the pool (one shard per worker) with the job's merge mode, reusing stored statistics."""
+    spec = job.spec
+    batches = make_batches(job.calib_idx, spec.calibration.batch_size)
+    shards = assign_shards(len(batches), pool.wanted)
+    if len(shards) < pool.wanted:
+        ctx.console.print(f"[yellow]{len(batches)} calibration batches: using {len(shards)} workers, not {pool.wanted}[/]")
+    plan = Plan(batches, shards, observed_values(prepared), batch_identities(job.calib_ds, spec.calibration, batches))
+    store = open_stats(job, use_cache)
+    started, received = ctx.clock(), pool.bytes_received
+    result = run_protocol(MODES[spec.quantization.mode], calibration_executor(pool), plan, store=store,
+                          progress=ctx.progress, clock=ctx.clock)
+    result.info.update(bytes_from_workers=pool.bytes_received - received, attempts=dict(pool.attempts),
+                       actors_ready_s=round(max(0.0, pool.ready_at - started), 4) if pool.ready_at else 0.0)
+    reused = {k: v for k, v in result.info["cached"].items() if v[0]}
+    if reused:
+        ctx.console.print("reused stored statistics: " + ", ".join(f"{k} {hit} of {total}" for k, (hit, total) in
+                                                                    reused.items()) + f" (from {store.location})")
+    warn_unwritable(ctx.console, store)
+    kinds = cpu_kinds(pool)
+    if len(kinds) > 1:  # FP32 kernels differ by CPU: the activations observed differ in the last bits
+        ctx.console.print(f"[yellow]the workers ran on {len(kinds)} kinds of CPU ("
+                          + "; ".join(f"{k['model']}, {k['torch_capability']}" for k in kinds)
+                          + "): FP32 results differ by CPU in the last bits, so this calibration is not "
+                            "bit-identical to one with another worker count or layout[/]")
+    counts = result.stats.load(prepared)
+    return Calibrated(prepared, counts, plan, result.info, result.stats)
+
+
+@dataclass
+class Quantized:
+    """The INT8 model as files (state_dict, TorchScript), its qparams rows and their digest."""
+
+    state: bytes
+    script: bytes
+    rows: list[dict] = field(default_factory=list)
+    digest: str = ""
+
+
+def quantize(calibrated: Calibrated) -> Quantized:
+    int8 = flow.convert(calibrated.prepared)
+    script = io.BytesIO()
+    torch.jit.save(torch.jit.script(int8), script)
+    return Quantized(state_dict_bytes(int8), script.getvalue(), merge.qparam_rows(calibrated.prepared, calibrated.counts),
+                     merge.state_digest(calibrated.prepared))

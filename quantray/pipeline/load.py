@@ -1,0 +1,123 @@
+"""The load stage: a job made concrete (FP32 model, datasets, drawn samples, example input), the
+checks a spec needs torch for, prepare_fx, and the job's stored statistics.
+
+    check(spec)                     # before any work: what the spec could not check without torch
+    job = load(spec)                # every user error here is a SpecError (exit 2)
+    prepared = prepare(job)         # prepare_fx: a model it cannot take is the user's to fix
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from torch import nn
+
+from .. import flow
+from ..data import build_dataset, check_data, draw_indices, load_batch
+from ..digest import sha256_bytes
+from ..errors import QuantrayError, SpecError
+from ..evaluation import state_dict_bytes
+from ..models import build_model, check_model
+from ..spec import JobSpec
+from ..stats import StatsStore, default_location
+from ..store import Store
+
+__all__ = ["Job", "check", "load", "load_for_evaluation", "prepare", "check_stats_location", "open_stats",
+           "warn_unwritable"]
+
+
+@dataclass
+class Job:
+    """A job made concrete: its spec, the FP32 model (and its saved bytes), both datasets, the
+    drawn samples and the example input. `calibration` parts are None when only evaluating."""
+
+    spec: JobSpec
+    fp32: nn.Module
+    fp32_bytes: bytes
+    test_ds: object
+    test_idx: list[int]
+    example: torch.Tensor
+    calib_ds: object = None
+    calib_idx: list[int] | None = None
+    stats: StatsStore | None = field(default=None, repr=False)  # opened once, by the first stage that needs it
+
+    @property
+    def where(self) -> str:
+        return str(self.spec.path)
+
+
+def check(spec: JobSpec) -> None:
+    """What a spec cannot check without torch (a torchvision architecture or dataset class, a
+    torch.nn class in module_types), as one SpecError naming the job file: before any work."""
+    check_model(spec.model, f"{spec.path}: [model]")
+    for section in ("calibration", "test"):
+        check_data(getattr(spec, section), f"{spec.path}: [{section}]")
+    try:
+        flow.check_quant(spec.quantization)
+    except SpecError as e:
+        raise SpecError(f"{spec.path}: {e}") from None
+
+
+def load(spec: JobSpec) -> Job:
+    """Build the FP32 model and both datasets and draw the samples: every user error here is a SpecError."""
+    fp32 = build_model(spec.model, spec.path)
+    calib_ds = build_dataset(spec.calibration, f"{spec.path}: [calibration]")
+    test_ds = build_dataset(spec.test, f"{spec.path}: [test]")
+    calib_idx = draw_indices(calib_ds, spec.calibration, f"{spec.path}: [calibration]",
+                             "the calibration split is empty: nothing to calibrate on")
+    test_idx = draw_indices(test_ds, spec.test, f"{spec.path}: [test]", "the test split is empty: nothing to evaluate on")
+    example = load_batch(calib_ds, calib_idx[:1])[0]
+    return Job(spec, fp32, state_dict_bytes(fp32), test_ds, test_idx, example, calib_ds, calib_idx)
+
+
+def load_for_evaluation(spec: JobSpec, manifest: dict, where: str) -> Job:
+    """The FP32 model a run quantized (checked against its manifest) and the test data to evaluate on."""
+    fp32 = build_model(spec.model, spec.path)
+    fp32_bytes = state_dict_bytes(fp32)
+    if sha256_bytes(fp32_bytes) != manifest["fp32_state_sha256"]:
+        raise SpecError(f"{spec.path}: [model] the FP32 model is not the one this run quantized (its state_dict's "
+                        "sha256 differs from the run's manifest); restore its checkpoint or run the job again")
+    test_ds = build_dataset(spec.test, where)
+    test_idx = draw_indices(test_ds, spec.test, where, "the test split is empty: nothing to evaluate on")
+    return Job(spec, fp32, fp32_bytes, test_ds, test_idx, torch.zeros(manifest["input_shape"]))
+
+
+def prepare(job: Job) -> nn.Module:
+    """prepare_fx with the job's qconfig; a model prepare_fx cannot take is the user's to fix (exit 2)."""
+    try:
+        return flow.prepare(job.fp32, job.spec.quantization, job.example)
+    except SpecError as e:
+        raise SpecError(f"{job.where}: {e}") from None
+    except QuantrayError:
+        raise
+    except Exception as e:  # most often: the model is not symbolically traceable
+        raise SpecError(f"{job.where}: [model] prepare_fx failed: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def check_stats_location(spec: JobSpec, use_cache: bool) -> None:
+    """A cache_dir that cannot be opened is the job file's error, found before any work is done."""
+    if use_cache and spec.run.cache:
+        try:
+            Store(spec.run.cache_dir or default_location(), "[run] cache_dir")
+        except SpecError as e:
+            raise SpecError(f"{spec.path}: {e}") from None
+
+
+def open_stats(job: Job, use_cache: bool) -> StatsStore | None:
+    """The job's stored statistics (None when it keeps none), opened once: its key base digests the
+    FP32 weights."""
+    run = job.spec.run
+    if not (use_cache and run.cache):
+        return None
+    if job.stats is None:
+        job.stats = StatsStore(run.cache_dir or default_location(), job.fp32, run.threads)
+    return job.stats
+
+
+def warn_unwritable(console: Console, store: StatsStore | None) -> None:
+    if store is not None and store.unwritable:
+        console.print(f"[yellow]could not store statistics in {store.location} ({store.unwritable}); "
+                      "the run goes on without storing them[/]")

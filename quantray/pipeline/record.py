@@ -1,0 +1,87 @@
+"""The record stage: a run's files into its staged directory, and its manifest.
+
+    write_qparams(staged, quantized); metrics = write_results(staged, evaluation, sizes...)
+    summary = manifest(ctx, job, evaluation, qparams_digest=..., calibrated=..., pool=pool)
+    write_html(staged, metrics, evaluation.layers, summary)
+"""
+
+from __future__ import annotations
+
+from .. import __version__
+from ..artifacts import LAYERS_SCHEMA, PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, software_versions
+from ..digest import sha256_bytes
+from ..evaluation import accuracy_metrics
+from ..html import render
+from ..runner import WorkerPool
+from ..store import StagedDir
+from .calibrate import Calibrated, Quantized
+from .evaluate import Evaluation
+from .load import Job
+from .workers import cpu_kinds
+
+__all__ = ["write_results", "write_qparams", "write_html", "manifest"]
+
+
+def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, int8_size: int, script_size: int) -> dict:
+    """predictions.parquet, layers.parquet and metrics.json into the staged run; returns the metrics."""
+    columns = PREDICTIONS_SCHEMA.names
+    merged, speed = outcome.merged, outcome.speed
+    run.write_parquet("predictions.parquet",
+                      [dict(zip(columns, row)) for row in zip(*(merged.rows[c] for c in columns))], PREDICTIONS_SCHEMA)
+    run.write_parquet("layers.parquet", outcome.layers, LAYERS_SCHEMA)
+    metrics = accuracy_metrics(merged)
+    metrics["fp32"].update(latency_ms=speed["fp32"]["mean_ms"], size_mb=fp32_size / 1e6)
+    metrics["int8"].update(latency_ms=speed["int8"]["mean_ms"], size_mb=int8_size / 1e6,
+                           torchscript_latency_ms=speed["int8_torchscript"]["mean_ms"],
+                           torchscript_size_mb=script_size / 1e6)
+    metrics["speed"] = speed
+    sqnr = [r for r in outcome.layers if r["sqnr_db"] is not None and r["quantized"]]
+    metrics["layers"] = {"count": sum(r["quantized"] for r in outcome.layers), "samples": outcome.plan["layer_samples"],
+                         "worst": sorted(sqnr, key=lambda r: r["sqnr_db"])[:5]}
+    run.write_json("metrics.json", metrics)
+    return metrics
+
+
+def write_qparams(run: StagedDir, quantized: Quantized) -> None:
+    run.write_bytes("model_int8.pth", quantized.state)
+    run.write_bytes("model_int8.pt", quantized.script)
+    run.write_parquet("qparams.parquet", quantized.rows, QPARAMS_SCHEMA)
+
+
+def write_html(run: StagedDir, metrics: dict, layers: list[dict], manifest: dict) -> None:
+    run.write_bytes("report.html", render(metrics, layers, manifest).encode())
+
+
+def manifest(ctx, job: Job, evaluation: Evaluation, *, qparams_digest: str, input_shape: list[int],
+             calibrated: Calibrated | None = None, evaluates: dict | None = None,
+             pool: WorkerPool | None = None) -> dict:
+    """manifest.json for a run (`calibrated`) or an evaluation of one (`evaluates`)."""
+    spec = job.spec
+    out = {"quantray": __version__, "created": ctx.now().isoformat(),
+           "job": {"name": spec.name, "path": str(spec.path), "base_dir": str(spec.path.resolve().parent)},
+           "spec": spec.to_dict(), "versions": software_versions(), "backend": spec.quantization.backend,
+           "input_shape": input_shape, "threads": spec.run.threads,
+           "speed_conditions": evaluation.speed["conditions"], "evaluation": evaluation.plan,
+           "qparams_digest": qparams_digest, "fp32_state_sha256": sha256_bytes(job.fp32_bytes)}
+    if spec.model.checkpoint is None:  # the model's weights are what it was built with, under this seed
+        out["model_init_seed"] = spec.model.seed
+    if calibrated is not None:
+        plan = calibrated.plan
+        out.update(workers=len(plan.shards),
+                   calibration={"samples": len(job.calib_idx), "batches": plan.batches, "shards": plan.shards},
+                   data_digest=sha256_bytes("\n".join(plan.identities + evaluation.identities).encode()),
+                   calibration_stats=calibrated.info)
+    if evaluates is not None:
+        out.update(evaluates=evaluates, workers=len(evaluation.plan["workers"]),
+                   data_digest=sha256_bytes("\n".join(evaluation.identities).encode()))
+    if evaluation.data_read is not None:
+        out["data_read"] = evaluation.data_read
+    if pool is not None:  # the fixed cost of the job's workers, the memory each may keep, what they ran on
+        out["pool"] = {"workers": pool.size, "cpus_each": pool.num_cpus, "memory": pool.memory,
+                       "ready_s": round(pool.ready_at - pool.started_at, 4) if pool.ready_at else None,
+                       "startup_s": {str(w): v for w, v in sorted(pool.startup_s.items())},
+                       "nodes": {str(w): v for w, v in sorted(pool.nodes.items())},
+                       "cpu": {str(w): v for w, v in sorted(pool.cpus.items())},
+                       "cpu_kinds": len(cpu_kinds(pool))}
+    out.update(timings_s=ctx.timings, wall_s=ctx.wall_s())
+    return out

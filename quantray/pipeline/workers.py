@@ -1,0 +1,53 @@
+"""The job's pool of workers: how many, what each is built from, the memory each may keep, and
+whether they compute alike (one kind of CPU).
+
+    pool = start_workers(ctx, job, prepared)   # calibration and evaluation (prepared: a calibrating pool)
+    pool = start_workers(ctx, job)             # evaluation only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from torch import nn
+
+from ..runner import WorkerPool
+from ..sites import observed_values, signature
+from ..worker import WorkerSetup
+
+__all__ = ["start_workers", "cpu_kinds"]
+
+
+def start_workers(ctx, job, prepared: nn.Module | None = None, *, workers: int | None = None,
+                  shard_order=None) -> WorkerPool:
+    """The job's pool, started now: the workers build the FP32 model's prepared copy (when
+    `prepared` is given: calibration) and the datasets while the driver goes on. Its size is
+    `workers`, else the job's, else the CPUs Ray sees, and no more than there are batches to share."""
+    spec = job.spec
+    wanted = workers or spec.run.workers or ctx.cluster.cpus
+    n_test = -(-len(job.test_idx) // spec.test.batch_size)
+    n_calib = -(-len(job.calib_idx) // spec.calibration.batch_size) if prepared is not None else 0
+    size = max(1, min(wanted, max(n_test, n_calib)))
+    setup = WorkerSetup(job.fp32, job.example, spec.quantization, spec.run.threads, test=spec.test)
+    memory = None
+    if prepared is not None:
+        if spec.run.memory_gb is not None:
+            memory = {"memory_gb": spec.run.memory_gb, "from": "[run] memory_gb"}
+        else:
+            memory = {"memory_gb": round(ctx.cluster.memory_per_worker(size) / 2 ** 30, 3),
+                      "from": "3/4 of the smallest node's Ray memory, over the workers it runs"}
+        setup = dataclasses.replace(setup, calibration=spec.calibration, signature=signature(observed_values(prepared)),
+                                    memory_bytes=int(memory["memory_gb"] * 2 ** 30))
+    pool = WorkerPool(ctx.cluster, setup, size, wanted=wanted, memory=memory, max_attempts=spec.run.max_attempts,
+                      console=ctx.console, order=shard_order)
+    pool.start()
+    return pool
+
+
+def cpu_kinds(pool: WorkerPool) -> list[dict]:
+    """The kinds of CPU the pool's workers ran on, each once, in worker order."""
+    seen = {}
+    for w in sorted(pool.cpus):
+        seen.setdefault(json.dumps(pool.cpus[w], sort_keys=True), pool.cpus[w])
+    return list(seen.values())
