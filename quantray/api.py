@@ -22,13 +22,13 @@ import torch
 from rich.console import Console
 
 from . import pipeline
-from .artifacts import RunFiles
+from .core.flow import rebuild_int8
 from .errors import QuantrayError, SpecError
-from .flow import rebuild_int8
-from .models import build_model
-from .report import print_summary
+from .inputs.models import build_model
+from .report.console import print_summary
 from .spec import JobSpec, ModelSpec, QuantSpec, load_spec, load_test_section, parse_spec
-from .store import is_uri, join
+from .storage.artifacts import RunFiles
+from .storage.store import is_uri, join
 
 __all__ = ["run", "evaluate", "load_quantized", "RunResult"]
 

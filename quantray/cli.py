@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from rich.console import Console
 
-    from .flow import quiet_torch_warnings
+    from .core.flow import quiet_torch_warnings
 
     quiet_torch_warnings()
     out = Console()
@@ -47,8 +47,8 @@ def _dispatch(args, out) -> int:
     from .spec import load_spec
 
     if args.command == "report":
-        from .artifacts import RunFiles
-        from .report import print_summary
+        from .report.console import print_summary
+        from .storage.artifacts import RunFiles
 
         files = RunFiles(args.run_dir)
         print_summary(out, files.json("metrics.json"), files.manifest, args.run_dir)
@@ -59,19 +59,19 @@ def _dispatch(args, out) -> int:
         return 0
     spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
     if args.command == "pack":
-        from .pack import pack, print_pack
+        from .commands.pack import pack, print_pack
 
         print_pack(out, pack(spec, args.out, rows_per_shard=args.rows_per_shard, job_out=args.job_out))
         return 0
     if args.command == "tune":
-        from .tune import tune
+        from .commands.tune import tune
 
         result = tune(spec, max_drop=args.max_drop / 100, validation=args.validation, trials=args.trials,
                       workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache,
                       rank_samples=args.rank_samples, console=out)
         return 0 if result.met else GATED_OUT
     if args.command == "refresh":
-        from .refresh import refresh
+        from .commands.refresh import refresh
 
         row = refresh(spec, args.registry, workers=args.workers, address=args.address)
         return 0 if row["promoted"] else GATED_OUT

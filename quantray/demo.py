@@ -91,7 +91,7 @@ def digits_mobilenet() -> nn.Module:
 def train(name: str = "digits_cnn", epochs: int = 30, seed: int = 0) -> tuple[dict, float]:
     """Train one architecture on the digits train split (Adam, batches of 64, one thread); return
     the state_dict and test top-1."""
-    from .data import digits
+    from .inputs.data import digits
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
@@ -119,10 +119,10 @@ def main() -> None:
     parser.add_argument("--train", metavar="OUT", help="train the model here and save its state_dict to OUT")
     parser.add_argument("--model", choices=list(CHECKPOINTS), default="digits_cnn")
     args = parser.parse_args()
-    from .data import digits
+    from .inputs.data import digits
 
     if args.train:
-        from .store import Store
+        from .storage.store import Store
 
         state, accuracy = train(args.model)
         buffer = io.BytesIO()

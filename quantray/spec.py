@@ -224,7 +224,7 @@ class QuantSpec:
     ({activation = ..., activation_range = ..., percentile = ..., weight = ...}).
 
     `activation` is the observer kind, `activation_range` how a histogram's range is chosen
-    (`quantray.ranges`); they must agree: minmax is both a kind and a range, the other ranges need
+    (`quantray.core.ranges`); they must agree: minmax is both a kind and a range, the other ranges need
     the histogram, moving_average takes no range. Either alone decides the other. (Whether a
     module_types key names a torch.nn class is checked by `flow.qconfig_mapping`.)"""
 

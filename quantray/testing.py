@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-
 from pathlib import Path
 
 __all__ = ["write_flowers102", "article_job", "loopback_s3", "free_port", "digits_killer", "digits_failing",
@@ -156,14 +155,14 @@ class _FailingDataset:
 
 def digits_failing(split: str = "test", fail_at: int = 0):
     """The digits split, with sample `fail_at` failing to load: for error-reporting tests."""
-    from .data import digits
+    from .inputs.data import digits
 
     return _FailingDataset(digits(split), fail_at)
 
 
 def digits_killer(split: str = "train", kill_at: int = 0, marker: str | None = None):
     """The digits split, with a process that dies loading sample `kill_at`: for fault-tolerance tests."""
-    from .data import digits
+    from .inputs.data import digits
 
     return _KillingDataset(digits(split), kill_at, marker)
 
@@ -221,7 +220,7 @@ def digits_relabelled(split: str = "test"):
     mislabelled, which any model scores near zero on (tests of the accuracy gate)."""
     from torch.utils.data import TensorDataset
 
-    from .data import digits
+    from .inputs.data import digits
 
     x, y = digits(split).tensors
     return TensorDataset(x, (y + 1) % 10)

@@ -24,11 +24,12 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from quantray import data, flow, sites  # noqa: E402
-from quantray.calibration import SerialExecutor  # noqa: E402
-from quantray.protocol import calibrate  # noqa: E402
+from quantray.core import flow, sites  # noqa: E402
+from quantray.core.calibration import SerialExecutor  # noqa: E402
+from quantray.core.modes import MODES, Plan  # noqa: E402
+from quantray.core.protocol import calibrate  # noqa: E402
 from quantray.demo import DigitsCNN  # noqa: E402
-from quantray.modes import MODES, Plan  # noqa: E402
+from quantray.inputs import data  # noqa: E402
 from quantray.spec import DataSpec, QuantSpec  # noqa: E402
 
 flow.quiet_torch_warnings()

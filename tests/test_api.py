@@ -16,12 +16,13 @@ from torch.ao.quantization import QConfigMapping, get_default_qconfig
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import quantray
-from quantray import data, flow, merge
-from quantray.artifacts import QPARAMS_SCHEMA
+from quantray.core import flow, merge
+from quantray.core.evaluation import state_dict_bytes
 from quantray.demo import digits_cnn
 from quantray.errors import DataError, SpecError
-from quantray.evaluation import state_dict_bytes
+from quantray.inputs import data
 from quantray.spec import load_spec
+from quantray.storage.artifacts import QPARAMS_SCHEMA
 
 DEMO = DEMO_JOB.read_text()
 

@@ -6,16 +6,22 @@ import copy
 import pytest
 import torch
 from conftest import serial_calibration
-from torch.ao.quantization import MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver, QConfig, QConfigMapping
-from torch.ao.quantization import default_per_channel_weight_observer
+from torch.ao.quantization import (
+    MovingAveragePerChannelMinMaxObserver,
+    PerChannelMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    default_per_channel_weight_observer,
+)
 from torch.ao.quantization.observer import HistogramObserver, ObserverBase
 from torch.ao.quantization.quantize_fx import prepare_fx
 
-from quantray import data, flow, merge, sites
+from quantray.core import flow, merge, sites
+from quantray.core.probes import Recorder, _Probe, attach_probes
 from quantray.errors import CalibrationError, DataError
-from quantray.probes import Recorder, _Probe, attach_probes
+from quantray.inputs import data
 from quantray.spec import QuantSpec
-from quantray.stats import StatsStore
+from quantray.storage.stats import StatsStore
 
 
 def _digest(model, example, quant, spec, batches, shards, order=None):
@@ -329,7 +335,7 @@ def test_a_constant_the_graph_reads_is_part_of_the_key_of_every_value_after_it(d
 def test_pass_2_from_kept_values_memory_or_disk_equals_a_second_forward(tiny_model, digits_plan, mode, monkeypatch):
     """Pass 2 counts what pass 1 kept (in memory up to the budget, then on disk) or runs a second
     forward: the statistics are bit-identical either way, and the sources are counted."""
-    from quantray import calibration
+    from quantray.core import calibration
 
     spec, _, batches, example = digits_plan
     shards = data.assign_shards(len(batches), 2)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from quantray import data
 from quantray.errors import DataError
+from quantray.inputs import data
 from quantray.spec import DataSpec
 
 

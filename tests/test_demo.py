@@ -6,7 +6,8 @@ from importlib import resources
 import pytest
 import torch
 
-from quantray import data, demo
+from quantray import demo
+from quantray.inputs import data
 
 
 @pytest.mark.parametrize("name, correct", [("digits_cnn", 355), ("digits_mobilenet", 346)])

@@ -5,7 +5,8 @@ import time
 import torch
 from conftest import serial_calibration
 
-from quantray import data, evaluation, flow
+from quantray.core import evaluation, flow
+from quantray.inputs import data
 
 
 def test_sharded_evaluation_merges_to_the_single_pass_result(tiny_model, digits_plan):

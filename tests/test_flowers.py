@@ -13,9 +13,9 @@ from torch.ao.quantization import QConfigMapping, get_default_qconfig
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import quantray
-from quantray import data
 from quantray.cli import main
 from quantray.errors import SpecError
+from quantray.inputs import data
 from quantray.spec import DataSpec, load_spec
 from quantray.testing import article_job
 

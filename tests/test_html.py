@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from quantray.html import COLORS, render
+from quantray.report.html import COLORS, render
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs chromium and sets this, so there a missing browser fails the test instead of skipping it.

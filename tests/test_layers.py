@@ -5,7 +5,8 @@ import math
 import torch
 from conftest import serial_calibration
 
-from quantray import data, flow, layers
+from quantray.core import flow, layers
+from quantray.inputs import data
 from quantray.spec import QuantSpec
 
 

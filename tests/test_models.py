@@ -4,9 +4,9 @@ import pytest
 import torch
 import torchvision
 
-from quantray.data import build_dataset
 from quantray.errors import SpecError
-from quantray.models import build_model
+from quantray.inputs.data import build_dataset
+from quantray.inputs.models import build_model
 from quantray.spec import DataSpec, ModelSpec
 
 

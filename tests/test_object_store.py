@@ -26,8 +26,8 @@ from rich.console import Console
 
 import quantray
 from quantray.cli import main
-from quantray.pack import pack
-from quantray.refresh import STALE_UPLOAD, promoted_run, refresh
+from quantray.commands.pack import pack
+from quantray.commands.refresh import STALE_UPLOAD, promoted_run, refresh
 from quantray.spec import load_spec
 from quantray.testing import article_job
 

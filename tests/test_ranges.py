@@ -7,7 +7,7 @@ import scipy.stats
 import torch
 from conftest import serial_calibration
 
-from quantray import flow, merge, ranges, sites
+from quantray.core import flow, merge, ranges, sites
 from quantray.spec import QuantSpec
 
 BINS = 2048

@@ -17,10 +17,10 @@ import pytest
 from conftest import DEMO_JOB, quiet
 from rich.console import Console
 
+from quantray.commands.refresh import _tidy, _write_gate, drift, gate, promoted_run, rebuild_history, refresh
 from quantray.errors import QuantrayError
-from quantray.refresh import _tidy, _write_gate, drift, gate, promoted_run, rebuild_history, refresh
 from quantray.spec import load_spec
-from quantray.store import StagedDir, Store, json_bytes
+from quantray.storage.store import StagedDir, Store, json_bytes
 
 # A night three days before the real clock's now: a refresh run as a subprocess stamps its run with
 # the real clock, so no night of these tests may be a fixed date that the real clock overtakes.
@@ -119,7 +119,7 @@ def test_tidy_records_what_killed_refreshes_left_and_never_touches_a_live_stagin
     (committed / "manifest.json").write_text("{}")
     reg.write(json_bytes({"run_id": committed.name}), "PROMOTED")  # promoted, then killed before its marker
     dead = subprocess.run([sys.executable, "-c", (
-        "import os, signal; from quantray.store import StagedDir\n"
+        "import os, signal; from quantray.storage.store import StagedDir\n"
         f"s = StagedDir({str(root / 'runs' / 'killed')!r}); (s.staging / 'half.bin').write_bytes(b'x')\n"
         "os.kill(os.getpid(), signal.SIGKILL)")])
     assert dead.returncode == -signal.SIGKILL

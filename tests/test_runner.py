@@ -8,14 +8,16 @@ import pytest
 from conftest import quiet, serial_calibration
 from rich.console import Console
 
-from quantray import data, flow, merge, runner, sites
+from quantray.cluster import runner
+from quantray.cluster.worker import WorkerSetup
+from quantray.core import flow, merge, sites
+from quantray.core.modes import MODES, Plan
+from quantray.core.protocol import calibrate
 from quantray.errors import CalibrationError, QuantrayError
-from quantray.modes import MODES, Plan
+from quantray.inputs import data
 from quantray.pipeline import calibration_executor
-from quantray.protocol import calibrate
 from quantray.spec import DataSpec, QuantSpec
 from quantray.testing import dies, fails
-from quantray.worker import WorkerSetup
 
 
 def ray_calibration(model, example, quant, data_spec, batches, shards, *, order=None, max_attempts=3, console=None,

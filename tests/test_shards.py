@@ -14,12 +14,12 @@ import torch
 from conftest import DEMO_JOB, quiet
 from PIL import Image
 
-from quantray import data
+from quantray.commands.pack import pack
 from quantray.errors import SpecError
-from quantray.pack import pack
-from quantray.shards import ShardedImages
+from quantray.inputs import data
+from quantray.inputs.data import batch_identities
+from quantray.inputs.shards import ShardedImages
 from quantray.spec import DataSpec, load_spec
-from quantray.data import batch_identities
 
 
 def _image_folder(root: Path, classes=("daisy", "rose", "tulip"), per_class=12, size=(96, 80)) -> Path:
@@ -109,7 +109,7 @@ def test_a_killed_pack_leaves_no_half_shard_and_the_next_one_finishes_it(tmp_pat
     job = _job(tmp_path, 'source = "digits"\nsamples = 10',
                f'source = "factory"\nfactory = "quantray.testing:digits_killer"\n'
                f'kwargs = {{ split = "test", kill_at = 250, marker = "{marker}" }}')
-    code = (f"from quantray.pack import pack; pack({str(job)!r}, {str(tmp_path / 'shards')!r}, rows_per_shard=100)")
+    code = (f"from quantray.commands.pack import pack; pack({str(job)!r}, {str(tmp_path / 'shards')!r}, rows_per_shard=100)")
     dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert dead.returncode == -signal.SIGKILL, dead.stderr[-2000:]
     test_dir = tmp_path / "shards" / "test"

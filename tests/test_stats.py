@@ -13,9 +13,9 @@ from rich.console import Console
 
 import quantray
 from quantray.errors import SpecError
+from quantray.inputs.data import batch_identities
 from quantray.spec import load_spec
-from quantray.data import batch_identities
-from quantray.stats import StatsStore
+from quantray.storage.stats import StatsStore
 
 
 def _run(job: Path, out: Path, **kwargs):
@@ -127,7 +127,7 @@ layer_samples = 0
 
 
 def test_batch_identities_follow_the_files(tmp_path):
-    from quantray.data import build_dataset
+    from quantray.inputs.data import build_dataset
     from quantray.spec import DataSpec
 
     (tmp_path / "x").mkdir()

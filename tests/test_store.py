@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from quantray.errors import SpecError
-from quantray.store import StagedDir, Store, sweep_staging
+from quantray.storage.store import StagedDir, Store, sweep_staging
 
 
 @pytest.mark.parametrize("uri", [False, True])
@@ -77,7 +77,7 @@ def test_a_failed_run_leaves_nothing_and_a_taken_out_is_refused(tmp_path):
 
 def _holder(path, then: str) -> subprocess.Popen:
     """A process that opens a staging folder for `path`, then sleeps ("hold") or kills itself ("die")."""
-    code = ("import os, signal, sys, time; from quantray.store import StagedDir\n"
+    code = ("import os, signal, sys, time; from quantray.storage.store import StagedDir\n"
             f"s = StagedDir({str(path)!r}); (s.staging / 'half.bin').write_bytes(b'x'); print('ready', flush=True)\n"
             + ("time.sleep(120)" if then == "hold" else "os.kill(os.getpid(), signal.SIGKILL)"))
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

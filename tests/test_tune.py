@@ -10,8 +10,8 @@ from conftest import DEMO_JOB
 
 from quantray import pipeline
 from quantray.cli import main
+from quantray.commands.tune import TRIALS_SCHEMA, Trial, best_toml, tune
 from quantray.spec import load_spec
-from quantray.tune import TRIALS_SCHEMA, Trial, best_toml, tune
 
 DEMO = DEMO_JOB.read_text()
 
@@ -55,12 +55,13 @@ def test_layers_kept_in_fp32_need_no_new_calibration(ray_cluster, tmp_path):
     spec = load_spec(_job(tmp_path, DEMO))
     job = pipeline.load(spec)
     from conftest import serial_calibration
-    from quantray.data import make_batches
+
+    from quantray.inputs.data import make_batches
 
     batches = make_batches(job.calib_idx, spec.calibration.batch_size)
     prepared, result = serial_calibration(job.fp32, job.example, spec.quantization, spec.calibration, batches,
                                           [list(range(len(batches)))])
-    from quantray import flow
+    from quantray.core import flow
 
     for name in ("conv1", "conv2", "conv3", "fc"):
         trial = Trial("l2", "per_channel", (name,))

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .. import flow, merge
-from ..calls import Call
-from ..data import assign_shards, batch_identities, make_batches
+from ..cluster.runner import Names, WorkerPool
+from ..cluster.worker import calibration_of
+from ..core import flow, merge
+from ..core.calls import Call
+from ..core.evaluation import state_dict_bytes
+from ..core.modes import MODES, MergedStats, Plan
+from ..core.protocol import calibrate as run_protocol
+from ..core.sites import observed_values
 from ..errors import CalibrationError
-from ..evaluation import state_dict_bytes
-from ..modes import MODES, MergedStats, Plan
-from ..protocol import calibrate as run_protocol
-from ..runner import Names, WorkerPool
-from ..sites import observed_values
-from ..worker import calibration_of
+from ..inputs.data import assign_shards, batch_identities, make_batches
 from .load import Job, open_stats, warn_unwritable
 from .workers import cpu_kinds
 

@@ -20,10 +20,10 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 
-from .. import runner
-from ..report import make_progress
+from ..cluster import runner
+from ..report.console import make_progress
 from ..spec import JobSpec
-from ..store import StagedDir
+from ..storage.store import StagedDir
 from .load import check_stats_location
 from .workers import start_workers
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..calls import Call
-from ..data import batch_identities, make_batches
+from ..cluster.runner import Names, WorkerPool
+from ..cluster.worker import Worker
+from ..core.calls import Call
+from ..core.evaluation import ShardResult, merge_results
+from ..core.layers import layer_rows, merge_layers
 from ..digest import sha256_bytes
-from ..evaluation import ShardResult, merge_results
-from ..layers import layer_rows, merge_layers
-from ..runner import Names, WorkerPool
-from ..worker import Worker
+from ..inputs.data import batch_identities, make_batches
 from . import speed
 from .calibrate import Quantized
 from .fp32 import Fp32Memo

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..stats import StatsStore
+from ..storage.stats import StatsStore
 
 __all__ = ["Fp32Memo"]
 

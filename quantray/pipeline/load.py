@@ -14,15 +14,15 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .. import flow
-from ..data import build_dataset, check_data, draw_indices, load_batch
+from ..core import flow
+from ..core.evaluation import state_dict_bytes
 from ..digest import sha256_bytes
 from ..errors import QuantrayError, SpecError
-from ..evaluation import state_dict_bytes
-from ..models import build_model, check_model
+from ..inputs.data import build_dataset, check_data, draw_indices, load_batch
+from ..inputs.models import build_model, check_model
 from ..spec import JobSpec
-from ..stats import StatsStore, default_location
-from ..store import Store
+from ..storage.stats import StatsStore, default_location
+from ..storage.store import Store
 
 __all__ = ["Job", "check", "load", "load_for_evaluation", "prepare", "check_stats_location", "open_stats",
            "warn_unwritable"]

@@ -8,12 +8,12 @@
 from __future__ import annotations
 
 from .. import __version__
-from ..artifacts import LAYERS_SCHEMA, PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, software_versions
+from ..cluster.runner import WorkerPool
+from ..core.evaluation import accuracy_metrics
 from ..digest import sha256_bytes
-from ..evaluation import accuracy_metrics
-from ..html import render
-from ..runner import WorkerPool
-from ..store import StagedDir
+from ..report.html import render
+from ..storage.artifacts import LAYERS_SCHEMA, PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, software_versions
+from ..storage.store import StagedDir
 from .calibrate import Calibrated, Quantized
 from .evaluate import Evaluation
 from .load import Job

@@ -9,10 +9,10 @@ is measured there at [run] throughput_batch, or taken from the evaluation's own 
 
 from __future__ import annotations
 
-from ..calls import Call
-from ..data import load_batch
-from ..runner import Names, WorkerPool, on_whole_node
-from ..worker import BatchScores, Worker, WorkerSetup, measure_alone
+from ..cluster.runner import Names, WorkerPool, on_whole_node
+from ..cluster.worker import BatchScores, Worker, WorkerSetup, measure_alone
+from ..core.calls import Call
+from ..inputs.data import load_batch
 from .calibrate import Quantized
 from .fp32 import Fp32Memo
 from .load import Job

@@ -12,9 +12,9 @@ import json
 
 from torch import nn
 
-from ..runner import WorkerPool
-from ..sites import observed_values, signature
-from ..worker import WorkerSetup
+from ..cluster.runner import WorkerPool
+from ..cluster.worker import WorkerSetup
+from ..core.sites import observed_values, signature
 
 __all__ = ["start_workers", "cpu_kinds"]
 

@@ -1,0 +1,207 @@
+"""One worker of a job's pool: the same process calibrates a shard, evaluates test batches, logs
+per-layer errors, scores tune's trials and measures speed, building what it needs once per job.
+
+    worker = Worker(WorkerSetup(fp32, example, quant, threads, calibration=data_spec, test=data_spec))
+    Call(key, CalibrationWorker.log, (b, indices)).on(worker.calibration)   # calibration's protocol
+    worker.load_int8(key, script, state)               # once per INT8 model
+    worker.evaluate(indices, stored_logits, layers)    # one test batch -> BatchScores
+    worker.trial(quant, stats, batches, logits)        # one tune trial -> TrialScores
+    worker.speed(x, batch, warmup, iters, precision)   # latency (and throughput) of the models
+
+Plain Python and torch: `runner.WorkerPool` runs it in a Ray actor (calls as `calls.Call`s), tests
+call it directly.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..core import flow, merge
+from ..core.calibration import CalibrationWorker
+from ..core.evaluation import (
+    ShardResult,
+    cpu_kind,
+    measure_speed,
+    merge_results,
+    processor,
+    score_batch,
+    state_dict_bytes,
+)
+from ..core.layers import LayerLogger, LayerResult
+from ..core.modes import MergedStats
+from ..inputs import data as data_mod
+from ..spec import DataSpec, QuantSpec
+
+__all__ = ["Worker", "WorkerSetup", "BatchScores", "TrialScores", "calibration_of", "measure_alone"]
+
+_DECODED_BYTES = 1 << 30  # per worker: 1 GiB holds about 1,700 decoded 224x224 RGB images
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What every worker of a job's pool is built from (shipped to the workers once, by reference)."""
+
+    model: nn.Module
+    example: torch.Tensor
+    quant: QuantSpec
+    threads: int                                  # intra-op threads: the same for every worker count
+    calibration: DataSpec | None = None           # the split it calibrates on (None: it only evaluates)
+    test: DataSpec | None = None                  # the split it evaluates on
+    signature: list | None = field(default=None, repr=False)  # the driver's observers, which its own must equal
+    memory_bytes: int = 0                         # what it may keep of pass 1's values for pass 2
+
+
+@dataclass
+class BatchScores:
+    """One test batch through FP32 and INT8."""
+
+    scores: ShardResult
+    fp32_logits: torch.Tensor | None  # computed here (None: the stored ones were given)
+    seconds: dict[str, float]         # each plain forward's time, by model, where one ran
+    layers: LayerResult | None        # its per-layer signal and noise, when asked for
+
+
+@dataclass
+class TrialScores:
+    """One tune trial's INT8 model, scored against the FP32 logits."""
+
+    scores: ShardResult
+    qparams_digest: str
+    int8_bytes: int  # the INT8 state_dict's size
+
+
+class Worker:
+    """See the module docstring. `calibration` is its calibration part (None when it only
+    evaluates); `build_s` is what building it took (prepare_fx and the datasets), for the manifest."""
+
+    def __init__(self, setup: WorkerSetup):
+        started = time.perf_counter()
+        flow.quiet_torch_warnings()
+        torch.set_num_threads(setup.threads)
+        self._fp32, self._example, self._quant, self._threads = setup.model.eval(), setup.example, setup.quant, setup.threads
+        self.calibration = None
+        if setup.calibration is not None:
+            self.calibration = CalibrationWorker(setup.model, setup.example, setup.quant, setup.calibration,
+                                                 setup.threads, setup.signature, setup.memory_bytes)
+        self._test = data_mod.build_dataset(setup.test, where="[test]") if setup.test is not None else None
+        self._int8_key, self._script, self._state, self._eager, self._logger = None, None, None, None, None
+        self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
+        self.build_s = round(time.perf_counter() - started, 4)
+
+    def load_int8(self, key: str, script: bytes, state: bytes) -> None:
+        """The INT8 model to evaluate (TorchScript) and to diagnose and time (eager, rebuilt from its
+        state_dict when first needed: a converted GraphModule does not pickle)."""
+        if key == self._int8_key:
+            return
+        flow.set_engine(self._quant.backend)
+        self._script = torch.jit.load(io.BytesIO(script))
+        self._int8_key, self._state, self._eager, self._logger = key, state, None, None
+
+    def _int8_eager(self):
+        if self._eager is None:
+            self._eager = flow.rebuild_int8(self._fp32, self._quant, self._example,
+                                            torch.load(io.BytesIO(self._state), weights_only=True))
+        return self._eager
+
+    def evaluate(self, indices: list[int], stored: torch.Tensor | None, layers: bool = False,
+                 upcoming: list[int] | None = None) -> BatchScores:
+        """One test batch through FP32 (or its logits stored by an earlier run, `stored`) and the
+        INT8 TorchScript model; with `layers`, its per-layer result too (the logged FP32 forward then
+        gives the FP32 logits). `upcoming`: this worker's next batch, whose data a sharded source
+        starts reading now."""
+        x, y = data_mod.load_batch(self._test, indices, upcoming)
+        seconds, logits, layer = {}, stored, None
+        with torch.inference_mode():
+            if layers:
+                if self._logger is None:
+                    self._logger = LayerLogger(self._fp32, self._int8_eager())
+                fp32, layer = self._logger.log(x, indices)
+                logits = fp32 if logits is None else logits
+            elif logits is None:
+                t = time.perf_counter()
+                logits = self._fp32(x)
+                seconds["fp32"] = time.perf_counter() - t
+            t = time.perf_counter()
+            int8 = self._script(x)
+            seconds["int8_torchscript"] = time.perf_counter() - t
+        return BatchScores(score_batch(indices, y, logits, int8), logits if stored is None else None, seconds, layer)
+
+    def trial(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]],
+              logits: list[torch.Tensor]) -> TrialScores:
+        """One `quantray tune` trial: `quant`'s INT8 model built here from the merged statistics
+        (prepare_fx, load them, convert_fx: no forward pass), scored on `batches` against their FP32
+        `logits`."""
+        prepared = flow.prepare(self._fp32, quant, self._example)
+        stats.load(prepared)  # MissingStatistics names a value the calibration did not observe
+        int8 = flow.convert(prepared)
+        results = []
+        with torch.inference_mode():
+            for batch, fp32 in zip(batches, logits):
+                x, y = self._decoded_batch(batch)
+                results.append(score_batch(batch, y, fp32, int8(x)))
+        return TrialScores(merge_results(results), merge.state_digest(prepared), len(state_dict_bytes(int8)))
+
+    def fp32_logits(self, indices: list[int]) -> torch.Tensor:
+        """The FP32 model's logits on one test batch (which a tune's trials then find decoded)."""
+        with torch.inference_mode():
+            return self._fp32(self._decoded_batch(indices)[0])
+
+    def _decoded_batch(self, indices: list[int]):
+        """A test batch, decoded once and kept while the kept batches stay under _DECODED_BYTES."""
+        found = self._decoded.get(tuple(indices))
+        if found is None:
+            found = data_mod.load_batch(self._test, indices)
+            if self._decoded_bytes + found[0].nbytes <= _DECODED_BYTES:
+                self._decoded[tuple(indices)] = found
+                self._decoded_bytes += found[0].nbytes
+        return found
+
+    def data_read(self) -> dict:
+        """What this worker has read of Parquet shards, per split: bytes (footers and manifests
+        included) and row groups; {} where its data is not sharded."""
+        datasets = {"calibration": self.calibration.dataset if self.calibration else None, "test": self._test}
+        return {split: {"bytes": ds.bytes_read, "row_groups": ds.groups_read}
+                for split, ds in datasets.items() if hasattr(ds, "groups_read")}
+
+    def peak_rss_mb(self) -> float:
+        """This process's peak resident memory so far, in MiB."""
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def host_facts(self) -> list:
+        """What a stored FP32 speed figure is valid for: this host, its processor and CPU count."""
+        return [platform.node(), processor(), os.cpu_count(), self._threads]
+
+    def cpu(self) -> dict:
+        """The kind of CPU this worker computes on (`evaluation.cpu_kind`)."""
+        return cpu_kind()
+
+    def speed(self, x: torch.Tensor, batch: torch.Tensor | None, warmup: int, iters: int, precision: float,
+              skip: tuple = ()) -> dict:
+        """Latency at batch 1 (and throughput on `batch`) of FP32, INT8 eager and the INT8
+        TorchScript model, in turn, leaving out the models in `skip` (figures known already)."""
+        models = {"fp32": self._fp32, "int8": self._int8_eager(), "int8_torchscript": self._script}
+        speed = measure_speed({k: m for k, m in models.items() if k not in skip}, x, batch, warmup, iters, precision)
+        speed["conditions"].update(host=platform.node(), processor=processor(), threads=self._threads,
+                                   torch_threads=torch.get_num_threads(), engine=torch.backends.quantized.engine)
+        return speed
+
+
+def calibration_of(worker: Worker) -> CalibrationWorker:
+    """The part of a worker that calibration's calls (`CalibrationWorker` functions) are made on."""
+    return worker.calibration
+
+
+def measure_alone(setup: WorkerSetup, script: bytes, state: bytes, args: tuple, skip: tuple, cpus: int) -> dict:
+    """Speed measured by a worker built for it alone (a task holding all `cpus` of its node)."""
+    worker = Worker(setup)
+    worker.load_int8("", script, state)
+    return {**worker.speed(*args, skip), "cpus": cpus}

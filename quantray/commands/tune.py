@@ -1,0 +1,320 @@
+"""`quantray tune`: win back the accuracy INT8 lost, from one calibration, with trials in parallel.
+
+    result = tune("jobs/digits_mobile.toml", max_drop=0.003, validation="val.toml", trials=64, workers=2)
+    result.met, result.best, result.location       # trials.parquet, best.toml, best-run/, report.html
+
+One calibration (stored statistics reused) and FP32 evaluated once (its logits kept for every trial).
+A trial is (activation range method, modules kept in FP32, weight scheme); a worker of the job's pool
+builds its INT8 model from the merged statistics (prepare_fx, load them, convert_fx: no forward pass)
+and scores it against the kept FP32 logits, trials dealt out round-robin. The search:
+
+1. every range method with each weight scheme (only the job's, where it names one: its target's
+   constraint), on the whole selection set;
+2. if the best still loses more than `max_drop`: each quantized layer's sensitivity, by keeping it
+   alone in FP32 (over the best trial so far) on a ranking subset: the logit SQNR that buys;
+3. the k most sensitive layers in FP32, k = 1, 2, ... in waves of one trial per worker: the smallest
+   k within the budget (the fewest FP32 layers along the ranking).
+
+It stops when the budget is met or the trials run out, and says which. Choices are made on the
+`--validation` file's [test] table; the best trial is then run as a job (`best.toml`) on the job's own
+test split, so its reported accuracy is held out. Without a validation table the test split chooses,
+and the summary says that its accuracy is then optimistic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .. import api, pipeline
+from ..cluster.runner import Names
+from ..cluster.worker import TrialScores, Worker
+from ..core import flow
+from ..core.calls import Call
+from ..core.evaluation import wilson
+from ..core.ranges import METHODS
+from ..errors import SpecError
+from ..inputs.data import batch_identities, make_batches
+from ..report.html import render_tune
+from ..spec import WEIGHTS, JobSpec, QuantSpec, load_spec, load_test_section, to_toml
+from ..storage.store import join
+
+__all__ = ["tune", "Trial", "TuneResult", "TRIALS_SCHEMA", "best_toml"]
+
+TRIALS_SCHEMA = pa.schema([
+    ("trial", pa.int64()), ("phase", pa.string()), ("range_method", pa.string()), ("fp32_modules", pa.list_(pa.string())),
+    ("weight", pa.string()), ("samples", pa.int64()), ("top1", pa.float64()), ("top1_ci95_low", pa.float64()),
+    ("top1_ci95_high", pa.float64()), ("fp32_top1", pa.float64()), ("drop", pa.float64()), ("agreement", pa.float64()),
+    ("logit_sqnr_db", pa.float64()), ("int8_size_bytes", pa.int64()), ("latency_ms", pa.float64()),
+    ("wall_s", pa.float64()), ("qparams_digest", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One configuration: the job's quantization table with this range method and weight scheme,
+    and these modules kept in FP32."""
+
+    method: str
+    weight: str
+    fp32: tuple[str, ...] = ()
+
+    def quant(self, base: QuantSpec) -> QuantSpec:
+        return dataclasses.replace(base, activation=None, activation_range=self.method, weight=self.weight,
+                                   module_names={**base.module_names, **{m: "fp32" for m in self.fp32}})
+
+
+@dataclass
+class _Scored:
+    trial: Trial
+    phase: str
+    row: dict
+    sqnr: float | None = None
+    merged: object = None  # the ShardResult its figures come from
+
+
+@dataclass
+class TuneResult:
+    location: str | Path
+    met: bool
+    best: dict                       # the chosen trial's row (selection set)
+    trials: list[dict]
+    best_run: api.RunResult | None
+    stopped: str                     # why the search stopped
+    optimistic: bool                 # chosen on the test split itself
+    sensitivity: list[dict] = field(default_factory=list)
+
+
+def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path | None = None, trials: int = 64,
+         workers: int | None = None, out: str | Path | None = None, address: str | None = None,
+         use_cache: bool = True, rank_samples: int = 256, console: Console | None = None,
+         context: pipeline.Context | None = None) -> TuneResult:
+    """Search for the configuration with the fewest FP32 layers whose top-1 drop (a fraction: 0.003 is
+    0.3 pt) on the selection set is within `max_drop`; write the tune directory (module docstring)."""
+    spec = original = job if isinstance(job, JobSpec) else load_spec(job)
+    if not 0 <= max_drop < 1:
+        raise SpecError(f"--max-drop {max_drop * 100:g}: points of top-1 between 0 and 100")
+    if trials < 1:
+        raise SpecError(f"--trials {trials}: at least 1")
+    selection = load_test_section(validation) if validation is not None else spec.test
+    ctx = context or pipeline.Context(console=console or Console(stderr=True))
+    with (pipeline.session(ctx, out or Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,
+          contextlib.ExitStack() as cleanup):
+        staged, private = session.staged, None
+        if not (use_cache and spec.run.cache):  # nothing stored earlier is read; what this tune computes
+            # (statistics, FP32 outputs) is kept in a folder of its own, which its best run then reuses
+            private = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="quantray-tune-stats-"))
+            spec = dataclasses.replace(spec, run=dataclasses.replace(spec.run, cache=True, cache_dir=private))
+        with ctx.stage("load"):
+            loaded = pipeline.load(dataclasses.replace(spec, test=selection))
+        with ctx.stage("prepare"):
+            prepared = pipeline.prepare(loaded)
+        with session.cluster(address):
+            with session.workers(loaded, prepared, workers=workers) as pool:
+                with ctx.stage("calibrate"):
+                    calibrated = pipeline.calibrate(ctx, loaded, prepared, pool)
+                search = _Search(ctx, loaded, calibrated, pool, max_drop, trials, rank_samples)
+                search.run()
+            best = search.best()
+            staged.write_bytes("best.toml", best_toml(original, best.trial).encode())
+            # The chosen trial as a job, on the job's own test split: its run directory, and the proof that
+            # best.toml rebuilds exactly the trial's model (the same qparams digest).
+            best_spec = load_spec(staged.path("best.toml"))
+            if private:
+                best_spec = dataclasses.replace(best_spec, run=dataclasses.replace(best_spec.run, cache=True,
+                                                                                   cache_dir=private))
+            ctx.console.print("running the best trial as a job (best.toml) on the job's \\[test] ...")
+            best_run = api.run(best_spec, out=staged.path("best-run"), console=ctx.console)
+        if best_run.manifest["qparams_digest"] != best.row["qparams_digest"]:
+            raise SpecError(f"best.toml gave qparams digest {best_run.manifest['qparams_digest'][:16]} where the trial had "
+                            f"{best.row['qparams_digest'][:16]}: please report this")
+        rows = [s.row for s in search.scored]
+        for r in rows:
+            if r["trial"] == best.row["trial"]:
+                r["latency_ms"] = best_run.metrics["int8"]["torchscript_latency_ms"]
+        staged.write_parquet("trials.parquet", rows, TRIALS_SCHEMA)
+        met = best.row["drop"] <= max_drop
+        summary = {"job": str(original.path), "max_drop": max_drop, "met": met, "stopped": search.stopped,
+                   "selection": str(validation) if validation is not None else "[test] of the job (optimistic)",
+                   "trials": len(rows), "trial_limit": trials, "best_trial": best.row["trial"],
+                   "sensitivity": search.sensitivity, "timings_s": ctx.timings, "wall_s": round(ctx.wall_s(), 3),
+                   "best_run": {"test_top1": best_run.metrics["int8"]["top1"], "fp32_top1": best_run.metrics["fp32"]["top1"],
+                                "qparams_digest": best_run.manifest["qparams_digest"]}}
+        staged.write_json("tune.json", summary)
+        staged.write_bytes("report.html", render_tune(summary, rows, best_run.metrics).encode())
+        location = session.commit({"kind": "tune", **summary})
+    result = TuneResult(location, met, best.row, rows, best_run, search.stopped, validation is None, search.sensitivity)
+    print_tune(ctx.console, result)
+    return result
+
+
+# Tune's workers evaluate: lines name the trial (or the FP32 batch) a call was for.
+_NAMES = Names(worker=lambda w: f"tune worker {w}",
+               call=lambda w, key: f"tune: {key}" if key is not None else f"tune: worker {w}")
+
+
+class _Search:
+    """The three phases over one pool; `scored` keeps every trial in the order it was evaluated."""
+
+    def __init__(self, ctx, job: pipeline.Job, calibrated: pipeline.Calibrated, pool, max_drop, limit, rank_samples):
+        self.ctx, self.job, self.calibrated, self.pool = ctx, job, calibrated, pool
+        self.max_drop, self.limit, self.stopped = max_drop, limit, ""
+        self.batches = make_batches(job.test_idx, job.spec.test.batch_size)
+        self.rank_batches = pipeline.first_batches(self.batches, rank_samples)
+        self.scored: list[_Scored] = []
+        self.sensitivity: list[dict] = []
+        self.fp32_logits = self._fp32_logits()
+
+    def _fp32_logits(self) -> list[torch.Tensor]:
+        """FP32 logits of every selection batch: the memo's reused, the others computed once on the pool."""
+        identities = batch_identities(self.job.test_ds, self.job.spec.test, self.batches)
+        memo = pipeline.Fp32Memo(pipeline.open_stats(self.job, use_cache=True))
+        logits = memo.logits(identities)
+        missing = [b for b, l in enumerate(logits) if l is None]
+        if missing:
+            with self.ctx.stage("fp32"):
+                n = min(self.pool.size, len(missing))
+                calls = {w: [Call(f"FP32 on batch {b}", Worker.fp32_logits, (self.batches[b],)) for b in missing[w::n]]
+                         for w in range(n)}
+                computed = self.pool.run(calls, names=_NAMES)
+                for b in missing:
+                    logits[b] = computed[f"FP32 on batch {b}"]
+                    memo.keep_logits(identities[b], logits[b])
+        else:
+            self.ctx.console.print(f"reused stored FP32 outputs: {len(self.batches)} of {len(self.batches)} batches")
+        return logits
+
+    def run(self) -> None:
+        base = self.job.spec.quantization
+        # A weight scheme the job names is its target's constraint (a runtime with per-tensor weights
+        # only): kept. Left out, both are tried, the backend's default first.
+        default = "per_tensor" if base.backend == "qnnpack" else "per_channel"
+        weights = (base.weight,) if base.weight else (default, *[w for w in WEIGHTS if w != default])
+        first = [Trial(m, w) for w in weights for m in METHODS]
+        self._wave(first, "range", self.batches)
+        if self._met():
+            self.stopped = "the budget was met by a range method"
+            return
+        best = self.best().trial
+        candidates = flow.quantized_layers(self.job.fp32, best.quant(self.job.spec.quantization), self.job.example)
+        ranking = [Trial(best.method, best.weight, (name,)) for name in candidates]
+        if self._left() < len(ranking) + 1:
+            self.stopped = f"the trials ran out ({self.limit}) before the layers could be ranked"
+            return
+        base_rank = self._wave([best], "rank", self.rank_batches)[0]
+        ranked = self._wave(ranking, "rank", self.rank_batches)
+        gains = {s.trial.fp32[0]: s.sqnr - base_rank.sqnr for s in ranked}  # +inf: the logits became exact
+        for s in ranked:
+            gain = gains[s.trial.fp32[0]]
+            self.sensitivity.append({"module": s.trial.fp32[0], "sqnr_gain_db": gain if math.isfinite(gain) else None,
+                                     "exact_logits": gain == math.inf, "top1": s.row["top1"]})
+        self.sensitivity.sort(key=lambda r: (-gains[r["module"]], r["module"]))
+        order = [r["module"] for r in self.sensitivity]
+        k = 1
+        while k <= len(order):
+            wave = [Trial(best.method, best.weight, tuple(order[:j])) for j in range(k, min(len(order), k + self.pool.size - 1) + 1)]
+            if not self._left():
+                self.stopped = f"the trials ran out ({self.limit}) with {k - 1} layers in FP32"
+                return
+            scored = self._wave(wave, "fp32", self.batches)
+            passing = [s for s in scored if s.row["drop"] <= self.max_drop]
+            if passing:
+                self.stopped = f"the budget was met with {len(passing[0].trial.fp32)} layer(s) in FP32"
+                return
+            k += len(wave)
+        self.stopped = "every ranked layer is in FP32 and the budget is still not met"
+
+    def _left(self) -> int:
+        return self.limit - len(self.scored)
+
+    def _met(self) -> bool:
+        return any(s.row["drop"] <= self.max_drop and s.phase != "rank" for s in self.scored)
+
+    def best(self) -> _Scored:
+        """Within the budget: the fewest FP32 layers, then the best top-1; else the best top-1.
+        Only trials on the whole selection set count; ties go to the earlier trial."""
+        full = [s for s in self.scored if s.phase != "rank"]
+        within = [s for s in full if s.row["drop"] <= self.max_drop]
+        if within:
+            return min(within, key=lambda s: (len(s.trial.fp32), -s.row["top1"], s.row["trial"]))
+        return min(full, key=lambda s: (-s.row["top1"], len(s.trial.fp32), s.row["trial"]))
+
+    def _wave(self, wave: list[Trial], phase: str, batches: list[list[int]]) -> list[_Scored]:
+        """Evaluate `wave` on `batches` (the first of the selection set's): each worker builds its
+        trials' INT8 models from the merged statistics (prepare_fx, load, convert_fx) and scores
+        them against the FP32 logits, trials dealt out round-robin; the driver only plans."""
+        wave = wave[:self._left()]
+        if not wave:
+            return []
+        n = min(self.pool.size, len(wave))
+        shared = (self.pool.share(self.calibrated.stats), self.pool.share(batches),
+                  self.pool.share(self.fp32_logits[:len(batches)]))
+        calls = {w: [Call(f"trial {trial}", Worker.trial, (trial.quant(self.job.spec.quantization), *shared))
+                     for t, trial in enumerate(wave) if t % n == w] for w in range(n)}
+        started = time.perf_counter()
+        with self.ctx.stage("trials"):
+            results = self.pool.run(calls, names=_NAMES)
+        per_trial = (time.perf_counter() - started) * n / len(wave)  # workers side by side: a share of the wave
+        return [self._record(trial, phase, results[f"trial {trial}"], per_trial) for trial in wave]
+
+    def _record(self, trial: Trial, phase: str, scored: TrialScores, wall: float) -> _Scored:
+        merged, digest, size = scored.scores, scored.qparams_digest, scored.int8_bytes
+        c, n = merged.counts, merged.counts["n"]
+        signal, noise = sum(merged.rows["signal"]), sum(merged.rows["noise"])
+        sqnr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
+        low, high = wilson(c["int8_top1"], n)
+        row = {"trial": len(self.scored), "phase": phase, "range_method": trial.method, "fp32_modules": list(trial.fp32),
+               "weight": trial.weight, "samples": n, "top1": c["int8_top1"] / n, "top1_ci95_low": low,
+               "top1_ci95_high": high, "fp32_top1": c["fp32_top1"] / n, "drop": (c["fp32_top1"] - c["int8_top1"]) / n,
+               "agreement": c["agree"] / n, "logit_sqnr_db": sqnr if noise > 0 else None, "int8_size_bytes": size,
+               "latency_ms": None, "wall_s": round(wall, 4), "qparams_digest": digest}
+        self.ctx.console.print(f"trial {row['trial']:>3} \\[{phase}] {trial.method:<10} {trial.weight:<11} "
+                               f"FP32 layers {len(trial.fp32):>2}: top-1 {row['top1']:.4f} "
+                               f"(drop {row['drop'] * 100:+.2f} pt) on {n} samples")
+        scored = _Scored(trial, phase, row, sqnr, merged)
+        self.scored.append(scored)
+        return scored
+
+
+def best_toml(spec: JobSpec, trial: Trial) -> str:
+    """The job file that `quantray run` turns into exactly `trial`'s model: the job's own values that
+    differ from the defaults (paths absolute, as loaded), with the trial's [quantization] choices."""
+    return to_toml(dataclasses.replace(spec, name=spec.name + "-tuned", quantization=trial.quant(spec.quantization)),
+                   header=f"Written by `quantray tune` from {spec.path}: range method {trial.method}, weights "
+                          f"{trial.weight}, {len(trial.fp32)} module(s) kept in FP32.")
+
+
+def print_tune(console: Console, result: TuneResult) -> None:
+    """The summary table: the default, the best range method, and the chosen trial."""
+    rows = result.trials
+    table = Table(title=f"quantray tune: {result.location}")
+    for column in ("trial", "phase", "range", "weights", "FP32 layers", "top-1", "drop (pt)", "agreement"):
+        table.add_column(column, justify="right" if column not in ("phase", "range", "weights") else "left")
+    shown = [r for r in rows if r["phase"] != "rank"]
+    for r in shown:
+        mark = " *" if r["trial"] == result.best["trial"] else ""
+        table.add_row(f"{r['trial']}{mark}", r["phase"], r["range_method"], r["weight"], str(len(r["fp32_modules"])),
+                      f"{r['top1']:.4f} [{r['top1_ci95_low']:.3f}, {r['top1_ci95_high']:.3f}]",
+                      f"{r['drop'] * 100:+.2f}", f"{r['agreement']:.4f}")
+    console.print(table)
+    best, run = result.best, result.best_run
+    console.print(f"{'budget met' if result.met else 'budget NOT met'}: {result.stopped}; {len(rows)} trials")
+    console.print(f"best: trial {best['trial']} ({best['range_method']}, {best['weight']}, "
+                  f"{len(best['fp32_modules'])} FP32 layer(s): {', '.join(best['fp32_modules']) or 'none'})")
+    if run is not None:
+        m = run.metrics
+        console.print(f"on the job's \\[test]: FP32 {m['fp32']['top1']:.4f}, tuned INT8 {m['int8']['top1']:.4f} "
+                      f"(drop {(m['fp32']['top1'] - m['int8']['top1']) * 100:+.2f} pt); its run: {join(result.location, 'best-run')}")
+    if result.optimistic:
+        console.print("[yellow]choices were made on the test split itself (no --validation): the accuracy "
+                      "reported for it is optimistic[/]")

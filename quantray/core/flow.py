@@ -1,0 +1,176 @@
+"""The quantization flow: how a model is prepared, converted and rebuilt (torch's FX graph mode).
+
+    prepared = prepare(fp32, quant, example)   # prepare_fx with the spec's QConfigMapping, on a copy
+    int8 = convert(prepared)                   # convert_fx, on a copy
+    int8 = rebuild_int8(fp32, quant, example, state_dict)   # the seed's way back from model_int8.pth
+
+Everything that knows about FX quantization lives here, so a second flow (torchao's PT2E:
+torch.export, prepare_pt2e, convert_pt2e) has one place to go. Calibration and merging work on
+observer buffers, which both flows share.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import warnings
+
+import torch
+import torch.nn
+from torch import nn
+from torch.ao.quantization import (
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    default_per_channel_weight_observer,
+    default_weight_observer,
+    get_default_qconfig,
+    get_default_qconfig_mapping,
+)
+from torch.ao.quantization.observer import HistogramObserver
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+from ..errors import QuantrayError, SpecError
+from ..spec import QuantSpec, suggest
+from .ranges import RangeObserver
+
+__all__ = ["prepare", "convert", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
+           "quiet_torch_warnings", "without_stack_traces"]
+
+# Warnings torch 2.14 prints on every FX-quantization or TorchScript call, in every process; the
+# README says once that FX quantization is deprecated upstream (torchao PT2E is the successor).
+_KNOWN_WARNINGS = (".*quant_min and quant_max.*", ".*torch.jit.* is deprecated.*", ".*quantize_per_tensor.*",
+                   ".*TypedStorage is deprecated.*", ".*TorchScript type system.*", ".*torchao.*",
+                   ".*must run observer before calling calculate_qparams.*",
+                   # mapping = "global" gives fixed-qparams ops (hardsigmoid, ...) the global qconfig, which
+                   # torch ignores for them, saying so once per op and per prepare
+                   ".*QConfig must specify a FixedQParamsObserver.*")
+_ACTIVATIONS = {"histogram": HistogramObserver, "minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver}
+_WEIGHTS = {"per_channel": default_per_channel_weight_observer, "per_tensor": default_weight_observer}
+
+
+def quiet_torch_warnings() -> None:
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="torch")
+    for message in _KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def set_engine(backend: str) -> None:
+    """The quantized kernels must match the qconfig's backend wherever an INT8 model runs."""
+    if backend not in torch.backends.quantized.supported_engines:
+        raise QuantrayError(f"quantized engine {backend!r} is not available in this torch build "
+                            f"(available: {', '.join(torch.backends.quantized.supported_engines)})")
+    torch.backends.quantized.engine = backend
+
+
+def _quant(quant: QuantSpec | str) -> QuantSpec:
+    return QuantSpec(backend=quant) if isinstance(quant, str) else quant
+
+
+def qconfig_mapping(quant: QuantSpec | str) -> QConfigMapping:
+    """The seed's mapping (`set_global(get_default_qconfig(backend))`) or torch's default mapping,
+    with the spec's activation/weight choices and per-type / per-name overrides on top."""
+    quant = _quant(quant)
+    base = get_default_qconfig(quant.backend)
+    mapping = get_default_qconfig_mapping(quant.backend) if quant.mapping == "default" else QConfigMapping()
+    mapping.set_global(_qconfig(base, quant.backend, {"activation": quant.activation, "weight": quant.weight,
+                                                      "activation_range": quant.activation_range,
+                                                      "percentile": quant.percentile}))
+    for type_name, choice in quant.module_types.items():
+        mapping.set_object_type(_module_class(type_name), _qconfig(base, quant.backend, choice, quant.percentile))
+    for module_name, choice in quant.module_names.items():
+        mapping.set_module_name(module_name, _qconfig(base, quant.backend, choice, quant.percentile))
+    return mapping
+
+
+def check_quant(quant: QuantSpec) -> None:
+    """What a QuantSpec cannot check without torch: that each `module_types` key is a torch.nn class."""
+    for type_name in quant.module_types:
+        _module_class(type_name)
+
+
+def _module_class(name: str) -> type:
+    cls = getattr(torch.nn, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        classes = [n for n in dir(torch.nn) if isinstance(getattr(torch.nn, n), type)]
+        raise SpecError(f"[quantization] module_types.{name}: not a torch.nn module class{suggest(name, classes)}; "
+                        "e.g. Conv2d, Linear")
+    return cls
+
+
+def _qconfig(base: QConfig, backend: str, choice, percentile: float = 99.99) -> QConfig | None:
+    if choice == "fp32":
+        return None  # the module stays in floating point
+    activation, weight = base.activation, base.weight
+    kind, method = choice.get("activation"), choice.get("activation_range")
+    # The backend's default reduce_range: x86 keeps 7 bits of headroom, qnnpack uses all 8.
+    reduce_range = backend == "x86"
+    if method in ("percentile", "mse", "entropy"):
+        activation = RangeObserver.with_args(method=method, percentile=float(choice.get("percentile", percentile)),
+                                             reduce_range=reduce_range)
+    elif kind or method:  # spec checks that they agree; l2 is the histogram's own search
+        activation = _ACTIVATIONS[kind or ("minmax" if method == "minmax" else "histogram")].with_args(
+            reduce_range=reduce_range)
+    if choice.get("weight"):
+        weight = _WEIGHTS[choice["weight"]]
+    return QConfig(activation=activation, weight=weight)
+
+
+def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> nn.Module:
+    """`prepare_fx` on a copy of `model` (the FP32 model stays untouched)."""
+    quant = _quant(quant)
+    set_engine(quant.backend)
+    modules = dict(model.named_modules())
+    for name in quant.module_names:
+        if name not in modules:
+            close = difflib.get_close_matches(name, list(modules), n=3)
+            raise SpecError(f"[quantization] module_names.{name}: the model has no module {name!r}"
+                            + (f"; close: {', '.join(close)}" if close else ""))
+    with warnings.catch_warnings(), without_stack_traces():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch points to torchao's PT2E flow
+        return prepare_fx(copy.deepcopy(model).eval(), qconfig_mapping(quant), (example_inputs,))
+
+
+@contextlib.contextmanager
+def without_stack_traces():
+    """FX's tracer records a Python stack trace per node, debugging metadata only; symbolizing the
+    first one imports torch._dynamo, about 2 s in every new process (driver, actor, task)."""
+    import torch.fx.config
+
+    if not hasattr(torch.fx.config, "do_not_emit_stack_traces"):  # torch < 2.12 has no such switch
+        yield
+        return
+    before = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = before
+
+
+def convert(prepared: nn.Module) -> nn.Module:
+    """`convert_fx` on a copy: convert mutates the prepared model it is given."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_fx(copy.deepcopy(prepared)).eval()
+
+
+def rebuild_int8(fp32: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor, state_dict: dict) -> nn.Module:
+    """The seed's way back to an INT8 GraphModule: prepare_fx, convert_fx without calibrating, then
+    load the INT8 state_dict (a converted GraphModule does not unpickle, so workers rebuild it)."""
+    int8 = convert(prepare(fp32, quant, example_inputs))
+    int8.load_state_dict(state_dict)
+    return int8
+
+
+_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def quantized_layers(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> list[str]:
+    """The modules with weights that `quant` quantizes, by name in the model's order (a fused module
+    under its first module's name): the layers a search may keep in FP32."""
+    converted = dict(convert(prepare(model, quant, example_inputs)).named_modules())
+    return [name for name, module in model.named_modules()
+            if isinstance(module, _LAYER_TYPES) and ".quantized" in type(converted.get(name)).__module__]

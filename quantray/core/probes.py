@@ -1,0 +1,168 @@
+"""Worker side of calibration: probes stand in for observers and record statistics per FP32 value.
+
+    recorder = attach_probes(prepared)        # every observer call site now calls a probe
+    recorder.start_log(fast=False)            # pass 1: the exact (min, max) of every value
+    prepared(x)
+    recorder.batch_log()                      # {value key: {reduction: (min, max) or None if empty}}
+
+Pass 2, by mode: `start_counts(requests)` counts each value into float64 bins over fixed ranges
+across a shard (exact); `start_replay(requests)` takes torch's own update histogram of each value
+over its planned running range (replay). With `fast`, histogram probes also feed torch's own
+observer during pass 1 (fast mode). After `keep()`, pass 1 also keeps each histogram-observed
+tensor, so that pass 2 can `observe` it again without a forward. Values a graph computes twice
+under two observers are recorded once. Pure torch: no Ray, no driver-side merging (`merge`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import CalibrationError, DataError
+from . import sites
+
+__all__ = ["Recorder", "attach_probes", "HISTC_CHUNK", "count_key"]
+
+HISTC_CHUNK = 1 << 24  # float32 histc counts stop being exact above 2**24 elements (DESIGN.md)
+
+
+def count_key(value: str, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> tuple:
+    """How a histogram of `value` over [lo, hi] in `bins` bins is named, on workers and driver alike."""
+    return value, float(lo), float(hi), int(bins)
+
+
+class Recorder:
+    """One worker's statistics, per value, for the pass in flight."""
+
+    def __init__(self):
+        self.phase, self.fast = "log", False
+        self.log: dict[str, dict] = {}
+        self.requests: dict[str, list[tuple]] = {}  # value -> [(lo, hi, bins)] (count and replay phases)
+        self.counts: dict[tuple, list] = {}         # count key -> [float64 bins, values counted]
+        self.updates: dict[tuple, torch.Tensor] = {}
+        self.kept: dict | None = None
+        self._done: set = set()
+
+    def start_log(self, fast: bool = False) -> None:
+        self.phase, self.fast, self.log, self._done = "log", fast, {}, set()
+
+    def batch_log(self) -> dict:
+        return self.log
+
+    def start_counts(self, requests: dict) -> None:
+        self.phase, self.requests, self.counts = "count", requests, {}
+        for value, wanted in requests.items():
+            for lo, hi, bins in wanted:
+                self.counts[count_key(value, lo, hi, bins)] = [torch.zeros(bins, dtype=torch.float64), 0]
+
+    def start_batch(self) -> None:
+        self._done = set()
+
+    def collect_counts(self) -> dict:
+        """Each requested histogram; checks no value fell outside its range (histc drops them)."""
+        out = {}
+        for key, (hist, n) in self.counts.items():
+            counted = int(hist.sum().item())
+            if counted != n:
+                raise CalibrationError(f"{key[0]}: {n - counted} of {n} values fell outside the pass-1 range "
+                                       f"[{key[1]}, {key[2]}]: the forward pass is not deterministic here")
+            out[key] = (hist.clone(), n)
+        return out
+
+    def start_replay(self, requests: dict) -> None:
+        self.phase, self.requests, self.updates, self._done = "replay", requests, {}, set()
+
+    def batch_updates(self) -> dict:
+        missing = [key for key in self.requests if not any(k[0] == key for k in self.updates)]
+        if missing:
+            raise CalibrationError(f"{missing[0]} was planned for pass 2 but not computed: "
+                                   "the forward pass is not deterministic here")
+        return self.updates
+
+    def see(self, probe: "_Probe", x: torch.Tensor) -> None:
+        if self.phase == "log":
+            self._log(probe, x)
+            if self.kept is not None and probe.kind == sites.HISTOGRAM and probe.value.key not in self.kept:
+                self.kept[probe.value.key] = (probe.value, x.clone())  # clone: a later in-place op may change x
+        else:
+            self.observe(probe.value, x)
+
+    def keep(self) -> None:
+        """From now on, pass 1 also keeps each histogram-observed value (float32, unchanged) in
+        `kept` ({value key: (value, tensor)}), for pass 2 to count without a second forward."""
+        self.kept = {}
+
+    def observe(self, value: sites.Value, x: torch.Tensor) -> None:
+        """Pass 2's handling of one observed value (from a forward, or kept from pass 1)."""
+        if (value.key, self.phase) in self._done:
+            return
+        elif self.phase == "count":
+            self._count(value, x)
+        elif self.phase == "replay":
+            for lo, hi, bins in self.requests.get(value.key, ()):
+                # Exactly HistogramObserver.forward's call, on the whole tensor, over the running range.
+                self.updates[count_key(value.key, lo, hi, bins)] = torch.histc(x, bins, min=lo, max=hi)
+        self._done.add((value.key, self.phase))
+
+    def _log(self, probe: "_Probe", x: torch.Tensor) -> None:
+        entry = self.log.setdefault(probe.value.key, {})
+        if probe.kind == sites.HISTOGRAM and self.fast:
+            probe.observer(x)
+        if probe.reduction in entry:
+            return
+        if x.numel() == 0:  # torch's observers skip empty tensors too
+            entry[probe.reduction] = None
+            return
+        if probe.reduction == sites.TENSOR:
+            lo, hi = torch.aminmax(x)
+        else:  # per channel, exactly as this observer class reduces its input
+            probe.observer.reset_min_max_vals()
+            probe.observer(x)
+            lo, hi = probe.observer.min_val.clone(), probe.observer.max_val.clone()
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise DataError(f"NaN or Inf in the output of {probe.value.label}")
+        entry[probe.reduction] = (lo, hi)
+
+    def _count(self, value: sites.Value, x: torch.Tensor) -> None:
+        wanted = self.requests.get(value.key, ())
+        if not wanted or x.numel() == 0:
+            return
+        flat = x.reshape(-1)
+        for lo, hi, bins in wanted:
+            slot = self.counts[count_key(value.key, lo, hi, bins)]
+            for start in range(0, flat.numel(), HISTC_CHUNK):
+                chunk = flat[start:start + HISTC_CHUNK]
+                # The call HistogramObserver.reset_histogram makes; integer counts, exact in float64.
+                slot[0] += torch.histc(chunk, bins, min=lo, max=hi).double()
+                slot[1] += chunk.numel()
+
+
+class _Probe(nn.Module):
+    """Stands in for one observer call site; the observer (shared by its sites) is this worker's
+    copy: it reduces per-channel inputs with torch's code and, in fast mode, runs as torch's own."""
+
+    def __init__(self, recorder: Recorder, value: sites.Value, observer, kind: str):
+        super().__init__()
+        self.recorder, self.value, self.kind = recorder, value, kind
+        self.observer, self.reduction = observer, sites.reduction_of(observer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind != sites.STATELESS:
+            self.recorder.see(self, x.detach())
+        return x
+
+
+def attach_probes(model: torch.fx.GraphModule) -> Recorder:
+    """Point every observer call of `model`'s graph, in place, at a probe of its own (the observer
+    it replaces stays with the probe); return the recorder the probes report to."""
+    recorder = Recorder()
+    for node, value in sites.observer_calls(model):
+        observer = model.get_submodule(node.target)
+        if isinstance(observer, _Probe):
+            raise CalibrationError(f"observer {node.target} is called at two places in the graph; "
+                                   "quantray needs one call site per observer attribute")
+        # kind_of also refuses observer classes quantray cannot merge exactly, by name
+        probe = _Probe(recorder, value, observer, sites.kind_of(node.target, observer))
+        parent, _, leaf = node.target.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, probe)
+    return recorder

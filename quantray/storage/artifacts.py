@@ -1,0 +1,88 @@
+"""The run directory's contract: its files' schemas and reading a run back (as bytes: the INT8
+model is rebuilt by `api.load_quantized`).
+
+Layout (a contract other tools rely on):
+    manifest.json        spec, versions, workers, shard map, stage timings, sha256 of every file
+    job.toml             the job file as given
+    model_int8.pth       INT8 state_dict, loadable with the seed's prepare/convert/load_state_dict
+    model_int8.pt        TorchScript of the INT8 model (torch.jit.load, no quantray needed)
+    qparams.parquet      one row per activation observer
+    metrics.json         fp32/int8 top1, top5 (95% CIs), latency_ms, size_mb; agreement, logit SQNR,
+                         per-class accuracy, INT8 confusion matrix, speed and its conditions, worst layers
+    predictions.parquet  one row per test sample: label, top-1, top-5 and margin of both models
+    layers.parquet       one row per quantized layer: SQNR of its INT8 output against FP32
+    report.html          one self-contained page with the tables and plots (no network needed)
+
+A run directory is a local path or a URI (`store.Store`); it is written by `store.StagedDir`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+from .. import __version__
+from ..digest import sha256_bytes
+from ..errors import SpecError
+from .store import Store
+
+__all__ = ["RunFiles", "software_versions",
+           "QPARAMS_SCHEMA", "PREDICTIONS_SCHEMA", "LAYERS_SCHEMA"]
+
+QPARAMS_SCHEMA = pa.schema([
+    ("name", pa.string()), ("aliases", pa.list_(pa.string())), ("observer", pa.string()), ("dtype", pa.string()),
+    ("min", pa.float64()), ("max", pa.float64()), ("range_method", pa.string()),
+    ("scale", pa.float64()), ("zero_point", pa.int64()),
+    ("count", pa.int64()),
+])
+PREDICTIONS_SCHEMA = pa.schema([
+    ("index", pa.int64()), ("label", pa.int64()), ("fp32_pred", pa.int64()), ("int8_pred", pa.int64()),
+    ("fp32_top5", pa.list_(pa.int64())), ("int8_top5", pa.list_(pa.int64())),
+    ("fp32_margin", pa.float64()), ("int8_margin", pa.float64()),
+])
+LAYERS_SCHEMA = pa.schema([
+    ("position", pa.int64()), ("layer", pa.string()), ("module", pa.string()), ("fp32_type", pa.string()),
+    ("int8_type", pa.string()), ("quantized", pa.bool_()), ("samples", pa.int64()), ("signal", pa.float64()), ("noise", pa.float64()),
+    ("sqnr_db", pa.float64()),
+])
+
+
+class RunFiles:
+    """A finished run directory (a local path or a URI), read through its manifest."""
+
+    def __init__(self, location: str | Path, what: str = "RUN_DIR"):
+        self.store = Store(location, what)
+        self.location = self.store.location
+        payload = self.store.read("manifest.json")
+        if payload is None:
+            raise SpecError(f"{location}: not a quantray run directory (no manifest.json)")
+        self.manifest = json.loads(payload)
+
+    def read(self, name: str, verify: bool = True) -> bytes:
+        """A file of the run; with `verify`, its sha256 must be the one manifest.json recorded."""
+        payload = self.store.read(name)
+        if verify and (payload is None or sha256_bytes(payload) != self.manifest["files"].get(name)):
+            raise SpecError(f"{self.store.where(name)}: missing or changed since the run (sha256 differs from "
+                            "manifest.json); the run cannot be used as it was")
+        if payload is None:
+            raise SpecError(f"{self.store.where(name)}: missing")
+        return payload
+
+    def json(self, name: str) -> dict:
+        return json.loads(self.read(name, verify=False))
+
+
+def software_versions() -> dict:
+    """What produced a run, for its manifest."""
+    import importlib.metadata
+    import platform
+
+    import torchvision
+
+    # Ray's version from its package metadata: reading a run needs no Ray import.
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "ray": importlib.metadata.version("ray"), "pyarrow": pa.__version__,
+            "quantray": __version__, "machine": platform.machine()}
