@@ -69,8 +69,9 @@ def test_a_checkpoint_that_is_not_a_state_dict_says_what_to_save(capsys, tmp_pat
     message = _one_line_error(capsys, 2, "run", job, "--out", tmp_path / "r")
     assert message == (f"{job}: [model] checkpoint = '{tmp_path / 'saved.pth'}': holds a pickled "
                        "torchvision.models.resnet.ResNet object, not just weights (saved with torch.save(model) or "
-                       "with other objects); save the weights with torch.save(model.state_dict(), path) and point "
-                       "checkpoint at that file")
+                       "with other objects), which weights-only loading refuses for safety: unpickling it can run "
+                       "code; save the weights with torch.save(model.state_dict(), path) and point checkpoint at "
+                       "that file")
     assert "\x1b[" not in message
 
 

@@ -1,5 +1,7 @@
 """Building the FP32 model: torchvision by name with a checkpoint, factories, clear mismatches."""
 
+import re
+
 import pytest
 import torch
 import torchvision
@@ -29,6 +31,28 @@ def test_checkpoint_holding_code_is_refused_by_weights_only(tmp_path):
     torch.save(torchvision.models.resnet18(num_classes=7), tmp_path / "pickled_module.pth")  # a whole module
     with pytest.raises(SpecError, match=r"holds a pickled torchvision.models.resnet.ResNet object, not just weights"):
         build_model(ModelSpec(arch="resnet18", num_classes=7, checkpoint=tmp_path / "pickled_module.pth"), "job.toml")
+
+
+@pytest.mark.parametrize("how, says", [
+    ("pickle.dump", r"holds a pickle that weights-only loading refuses for safety \(written by pickle.dump rather than "
+                    r"torch.save, or holding Python objects or code besides tensors: unpickling it can run code\)"),
+    ("torch.jit.save", r"is a TorchScript archive \(torch.jit.save\), not a state_dict"),
+])
+def test_a_checkpoint_weights_only_loading_refuses_says_what_it_holds_and_what_to_save(tmp_path, how, says):
+    """A plain pickle (even of a state_dict) or a TorchScript file: what it is, why it is refused, what to save."""
+    import pickle
+
+    model, path = torchvision.models.resnet18(num_classes=7), tmp_path / "saved.pth"
+    if how == "pickle.dump":
+        path.write_bytes(pickle.dumps(model.state_dict(), protocol=4))
+    else:
+        torch.jit.save(torch.jit.script(model), path)
+    with pytest.raises(SpecError) as info:
+        build_model(ModelSpec(arch="resnet18", num_classes=7, checkpoint=path), "job.toml")
+    message = str(info.value)
+    assert re.search(f"saved.pth': {says}; save the weights with torch.save\\(model.state_dict\\(\\), path\\) and point "
+                     "checkpoint at that file$", message), message
+    assert "\n" not in message and "Weights only load failed" not in message
 
 
 def test_a_truncated_checkpoint_is_named_as_unreadable(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -97,13 +98,8 @@ def _load_checkpoint(model: nn.Module, path: Path, job_path) -> None:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle of code, a truncated file, not a torch file at all
-        found = re.search(r"GLOBAL ([\w.]+)", _plain(str(e)))
-        if found:  # weights_only refuses to run pickled code: say what is in the file and what to save
-            raise SpecError(f"{where}: holds a pickled {found.group(1)} object, not just weights (saved with "
-                            "torch.save(model) or with other objects); save the weights with "
-                            "torch.save(model.state_dict(), path) and point checkpoint at that file") from None
-        raise SpecError(f"{where}: not a readable torch file ({type(e).__name__}: {_line(e).split('. ')[0][:160]}); "
-                        "save the weights with torch.save(model.state_dict(), path)") from None
+        raise SpecError(f"{where}: {_unreadable(e)}; save the weights with torch.save(model.state_dict(), path) "
+                        "and point checkpoint at that file") from None
     # Training scripts often wrap the weights: {"state_dict": ...} or {"model_state_dict": ...}.
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -121,6 +117,21 @@ def _load_checkpoint(model: nn.Module, path: Path, job_path) -> None:
         raise SpecError(f"{job_path}: [model] checkpoint = {str(path)!r} does not fit the model: "
                         f"missing {_few(result.missing_keys)}, unexpected {_few(result.unexpected_keys)} "
                         "(check arch and num_classes)")
+
+
+def _unreadable(error: Exception) -> str:
+    """What a checkpoint that weights-only loading refused holds, as far as its error tells."""
+    text = _plain(str(error))
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:  # the first object weights-only loading would not unpickle
+        return (f"holds a pickled {found.group(1)} object, not just weights (saved with torch.save(model) or with "
+                "other objects), which weights-only loading refuses for safety: unpickling it can run code")
+    if isinstance(error, pickle.UnpicklingError):  # e.g. "Unsupported operand": not written by torch.save
+        return ("holds a pickle that weights-only loading refuses for safety (written by pickle.dump rather than "
+                "torch.save, or holding Python objects or code besides tensors: unpickling it can run code)")
+    if "TorchScript archive" in text:
+        return "is a TorchScript archive (torch.jit.save), not a state_dict"
+    return f"not a readable torch file ({type(error).__name__}: {_line(error).split('. ')[0][:160]})"
 
 
 def _plain(text: str) -> str:
