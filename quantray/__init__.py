@@ -6,8 +6,7 @@
     again = quantray.evaluate(result.location, samples=300)
 """
 
-__version__ = "0.1.0"
-
-from .api import RunResult, evaluate, load_quantized, run  # noqa: E402
+from .api import RunResult, evaluate, load_quantized, run
+from .version import __version__
 
 __all__ = ["run", "evaluate", "RunResult", "load_quantized", "__version__"]

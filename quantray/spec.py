@@ -28,13 +28,13 @@ __all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec
            "parse_spec", "load_test_section", "to_toml", "suggest"]
 
 SOURCES = ("digits", "torchvision", "imagefolder", "factory", "parquet")
-TRANSFORMS = ("imagenet_eval", "to_tensor", "none")
+TRANSFORMS = ("imagenet_eval", "to_tensor", "none")          # inputs.transforms.PRESETS (a test pins them)
 BACKENDS = ("x86", "qnnpack")
-MODES = ("exact", "replay", "fast")                         # core.modes.MODES (a test pins them)
+MODES = ("exact", "replay", "fast")                          # core.modes.MODES (a test pins them)
 MAPPINGS = ("global", "default")
-ACTIVATIONS = ("histogram", "minmax", "moving_average")
-RANGES = ("l2", "minmax", "percentile", "mse", "entropy")  # core.ranges.METHODS (a test pins them)
-WEIGHTS = ("per_channel", "per_tensor")
+ACTIVATIONS = ("histogram", "minmax", "moving_average")      # core.flow.ACTIVATION_OBSERVERS (pinned too)
+RANGES = ("l2", "minmax", "percentile", "mse", "entropy")    # core.ranges.METHODS (a test pins them)
+WEIGHTS = ("per_channel", "per_tensor")                      # core.flow.WEIGHT_OBSERVERS (pinned too)
 DIGITS_SPLITS = ("train", "test", "all")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")

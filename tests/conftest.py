@@ -1,10 +1,13 @@
-"""Shared fixtures: one Ray cluster for the session, the demo job's runs, a tiny model, the digits
-data, and the serial calibration the Ray tests compare against."""
+"""Fixtures: one Ray cluster for the session, the demo job's runs, a tiny model, the digits data, a
+loopback S3 endpoint. Helpers the tests import live in helpers.py.
 
-import io
+Tests that start Ray or any other process (a CLI subprocess, a Ray head, moto's server, Chromium)
+carry the `ray` marker, so that `pytest -m "not ray"` is the fast loop: an unmarked test that asks
+for the Ray fixture fails at collection, and one that starts a process fails when it does."""
+
 import os
+import subprocess
 import tempfile
-from pathlib import Path
 
 # Before ray or quantray are imported: a loopback test cluster without token auth (DESIGN.md), and
 # quantray's own folder (stored statistics) in a temporary place rather than the user's home.
@@ -23,18 +26,14 @@ for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import DEMO_JOB, quiet, stored_demo_job  # noqa: E402
 
-from quantray.core import flow, sites  # noqa: E402
-from quantray.core.calibration import SerialExecutor  # noqa: E402
-from quantray.core.modes import MODES, Plan  # noqa: E402
-from quantray.core.protocol import calibrate  # noqa: E402
+from quantray.core import flow  # noqa: E402
 from quantray.demo import DigitsCNN  # noqa: E402
 from quantray.inputs import data  # noqa: E402
-from quantray.spec import DataSpec, QuantSpec  # noqa: E402
+from quantray.spec import DataSpec  # noqa: E402
 
 flow.quiet_torch_warnings()
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_JOB = ROOT / "jobs" / "digits.toml"
 
 
 @pytest.fixture(scope="session")
@@ -69,26 +68,6 @@ def digits_plan():
     return spec, dataset, batches, example
 
 
-def serial_calibration(model, example, quant, data_spec, batches, shards, *, order=None, store=None, memory_bytes=0):
-    """The protocol in this process: (the driver's prepared model with the statistics loaded, the
-    calibration result). `quant` is a QuantSpec or a backend name."""
-    quant = QuantSpec(backend=quant) if isinstance(quant, str) else quant
-    prepared = flow.prepare(model, quant, example)
-    observed = sites.observed_values(prepared)
-    plan = Plan(batches, shards, observed, [f"batch-{b}" for b in range(len(batches))] if store else None)
-    with SerialExecutor(model, example, quant, data_spec, 1, sites.signature(observed), order=order,
-                        memory_bytes=memory_bytes) as executor:
-        result = calibrate(MODES[quant.mode], executor, plan, store=store)
-    result.stats.load(prepared)
-    return prepared, result
-
-
-def quiet():
-    from rich.console import Console
-
-    return Console(file=io.StringIO(), width=300)
-
-
 DEMO_LAYOUTS = {"1 worker": (1, None), "2 workers": (2, [1, 0])}  # 2 workers: shard 1 handed out first
 
 
@@ -103,14 +82,6 @@ def demo_runs(ray_cluster, tmp_path_factory):
     return {name: quantray.run(stored if w == 2 else DEMO_JOB, workers=w, console=quiet(), shard_order=order,
                                out=base / name.replace(" ", "_").replace(",", ""), use_cache=w == 2)
             for name, (w, order) in DEMO_LAYOUTS.items()}
-
-
-def stored_demo_job(base: Path) -> Path:
-    """The demo job with its stored statistics in `base`/stats."""
-    job = base / "digits.toml"
-    if not job.exists():
-        job.write_text(DEMO_JOB.read_text().replace("threads = 1 ", f'cache_dir = "{base / "stats"}"\nthreads = 1 '))
-    return job
 
 
 @pytest.fixture(autouse=True)
@@ -140,44 +111,20 @@ def s3(s3_server, request):
     return f"s3://{name}"
 
 
-RAY_PORTS = ("port", "node-manager-port", "object-manager-port", "metrics-export-port", "runtime-env-agent-port",
-             "dashboard-agent-listen-port", "dashboard-agent-grpc-port")
+def pytest_collection_modifyitems(items):
+    """A test that uses the Ray cluster must say so: the `ray` marker is what the fast loop skips."""
+    for item in items:
+        if "ray_cluster" in item.fixturenames and item.get_closest_marker("ray") is None:
+            raise pytest.UsageError(f"{item.nodeid} uses the Ray cluster: mark it @pytest.mark.ray")
 
 
-def start_ray_node(temp: Path, *, head: str | None = None, cpus: int = 1, dashboard: bool = False):
-    """`ray start --block` on loopback, as its own process (stop it with `stop_process`, never `ray
-    stop`): the head when `head` is None, else a node joining the head at that GCS address. Returns
-    (process, ports, env). Every port is chosen free; workers take a range of 200 that holds none of
-    them (Ray refuses an overlap)."""
-    import subprocess
-    import sys
+@pytest.fixture(autouse=True)
+def no_process_unless_marked(request, monkeypatch):
+    """An unmarked test may not start a process (Ray starts its own with subprocess too)."""
+    if request.node.get_closest_marker("ray") is not None:
+        return
 
-    bin_dir = Path(sys.executable).parent
-    ports = {name: free_port() for name in RAY_PORTS if head is None or name != "port"}
-    if dashboard:
-        ports.update({"dashboard-port": free_port(), "ray-client-server-port": free_port()})
-    low = next(p for p in iter(free_port, None) if not any(p <= q <= p + 200 for q in ports.values()))
-    ports.update({"min-worker-port": low, "max-worker-port": low + 200})
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    role = (["--head", f"--temp-dir={temp}", f"--include-dashboard={str(dashboard).lower()}"]
-            + (["--dashboard-host=127.0.0.1"] if dashboard else []) if head is None else [f"--address={head}"])
-    log = open(temp / f"node-{ports['node-manager-port']}.log", "w")
-    process = subprocess.Popen([str(bin_dir / "ray"), "start", "--block", *role, f"--num-cpus={cpus}",
-                                "--node-ip-address=127.0.0.1", *[f"--{k}={v}" for k, v in ports.items()]],
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
-    log.close()
-    return process, ports, env
+    def refuse(self, *args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.ray")
 
-
-def stop_process(process) -> None:
-    """SIGTERM to this one process (a node this test started), then SIGKILL if it will not stop."""
-    import signal
-    import subprocess
-
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import DEMO_JOB, quiet, serial_calibration
+from helpers import DEMO_JOB, quiet, serial_calibration
 from torch.ao.quantization import QConfigMapping, get_default_qconfig
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -37,6 +37,7 @@ def _job(tmp_path: Path, text: str, name: str = "job.toml") -> Path:
     return job
 
 
+@pytest.mark.ray
 def test_qparams_are_bit_identical_for_1_and_2_workers_with_shards_handed_out_in_reverse(demo_runs):
     dirs = {k: Path(r.location) for k, r in demo_runs.items()}
     assert [r.manifest["workers"] for r in demo_runs.values()] == [1, 2]
@@ -50,6 +51,7 @@ def test_qparams_are_bit_identical_for_1_and_2_workers_with_shards_handed_out_in
     assert table.num_rows >= 5 and all(c > 0 for c in table.column("count").to_pylist())
 
 
+@pytest.mark.ray
 def test_demo_accuracy_and_predictions_agree_with_the_metrics(demo_runs):
     result = demo_runs["2 workers"]
     metrics = result.metrics
@@ -68,6 +70,7 @@ def test_demo_accuracy_and_predictions_agree_with_the_metrics(demo_runs):
     assert top5 / 359 == metrics["int8"]["top5"]
 
 
+@pytest.mark.ray
 def test_seed_recipe_torchscript_and_the_result_s_model_match_the_in_memory_int8_model(demo_runs):
     result = demo_runs["2 workers"]
     run = Path(result.location)
@@ -90,6 +93,7 @@ def test_seed_recipe_torchscript_and_the_result_s_model_match_the_in_memory_int8
         assert torch.equal(model(x), expected)
 
 
+@pytest.mark.ray
 def test_manifest_records_files_shards_versions_and_stage_timings(demo_runs):
     result = demo_runs["2 workers"]
     run, manifest = Path(result.location), result.manifest
@@ -106,6 +110,7 @@ def test_manifest_records_files_shards_versions_and_stage_timings(demo_runs):
     assert manifest["model_init_seed"] == 0  # no checkpoint in the job: the factory ran under this seed
 
 
+@pytest.mark.ray
 def test_layers_parquet_names_every_quantized_layer_and_metrics_the_worst(demo_runs):
     result = demo_runs["2 workers"]
     rows = pq.read_table(Path(result.location) / "layers.parquet").to_pylist()
@@ -118,6 +123,7 @@ def test_layers_parquet_names_every_quantized_layer_and_metrics_the_worst(demo_r
     assert len({_sha(Path(r.location) / "layers.parquet") for r in demo_runs.values()}) == 1
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("layout, where", [("1 worker", "one Ray task holding all 2 CPUs of its node"),
                                            ("2 workers", "worker 0 of the job's pool, whose workers hold all CPUs")])
 def test_speed_is_measured_alone_on_a_node_to_the_stated_precision(demo_runs, layout, where):
@@ -137,6 +143,7 @@ def test_speed_is_measured_alone_on_a_node_to_the_stated_precision(demo_runs, la
     assert all(result.metrics["speed"][m]["throughput_per_s"] > 0 for m in ("fp32", "int8_torchscript"))
 
 
+@pytest.mark.ray
 def test_evaluating_a_run_again_reproduces_its_predictions_and_metrics(demo_runs, tmp_path):
     run = demo_runs["2 workers"]
     again = quantray.evaluate(run.location, out=tmp_path / "again", console=quiet())
@@ -151,6 +158,7 @@ def test_evaluating_a_run_again_reproduces_its_predictions_and_metrics(demo_runs
     assert set(again.manifest["files"]) == {"metrics.json", "predictions.parquet", "layers.parquet", "report.html"}
 
 
+@pytest.mark.ray
 def test_one_calibration_builds_another_config_s_int8_model_byte_for_byte(ray_cluster, tmp_path):
     """Calibrate the demo once; build the INT8 model of a config that keeps conv2 in FP32 and uses
     per-tensor Linear weights from those statistics; a full run of that config (to a file:// URI,
@@ -181,6 +189,7 @@ def test_one_calibration_builds_another_config_s_int8_model_byte_for_byte(ray_cl
     assert type(flow.convert(prepared).get_submodule("conv2")).__name__ == "ConvReLU2d"  # kept in FP32
 
 
+@pytest.mark.ray
 def test_nan_fails_the_run_naming_the_layer_and_leaves_no_run_directory(ray_cluster, tmp_path):
     state = digits_cnn().state_dict()
     state["conv1.weight"] = torch.full_like(state["conv1.weight"], 3e38)  # activations overflow to inf

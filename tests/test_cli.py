@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
-from conftest import DEMO_JOB, ROOT
+from helpers import DEMO_JOB, ROOT
 
 from quantray.cli import main
 
@@ -92,6 +92,7 @@ def test_an_unusable_out_is_refused_before_the_model_is_built(capsys, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.ray
 def test_report_prints_the_table_again_from_the_files(capsys, demo_runs, tmp_path):
     run = demo_runs["2 workers"].location
     code, out, _ = _main(capsys, "report", run)
@@ -102,6 +103,7 @@ def test_report_prints_the_table_again_from_the_files(capsys, demo_runs, tmp_pat
     assert _one_line_error(capsys, 2, "report", tmp_path) == f"{tmp_path}: not a quantray run directory (no manifest.json)"
 
 
+@pytest.mark.ray
 def test_evaluate_on_another_test_set_without_calibrating(capsys, demo_runs, tmp_path):
     run = Path(demo_runs["2 workers"].location)
     other = _job(tmp_path, '[test]\nsource = "digits"\nsplit = "train"\nbatch_size = 50\n', "other.toml")
@@ -118,6 +120,7 @@ def test_evaluate_on_another_test_set_without_calibrating(capsys, demo_runs, tmp
     assert _main(capsys, "report", out)[0] == 0
 
 
+@pytest.mark.ray
 def test_evaluate_refuses_what_it_cannot_trust_with_one_line(capsys, demo_runs, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(demo_runs["2 workers"].location, copy)
@@ -141,6 +144,7 @@ def test_evaluate_refuses_what_it_cannot_trust_with_one_line(capsys, demo_runs, 
     refused(copy, expected="model_int8.pth: missing or changed since the run")
 
 
+@pytest.mark.ray
 def test_a_failure_at_run_time_exits_1_with_one_line(capsys, ray_cluster, tmp_path):
     job = _job(tmp_path, DEMO.replace('[test]\nsource = "digits"\nsplit = "test"',
                                       '[test]\nsource = "factory"\nfactory = "quantray.testing:digits_failing"\n'
@@ -153,6 +157,7 @@ def test_a_failure_at_run_time_exits_1_with_one_line(capsys, ray_cluster, tmp_pa
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.ray
 def test_the_demo_runs_as_a_user_types_it_with_no_warnings(tmp_path):
     """The installed command, a fresh HOME, no RAY_AUTH_MODE: Ray keeps token authentication for the
     local cluster it starts (the token lands in HOME), and says nothing about it."""
@@ -169,6 +174,7 @@ def test_the_demo_runs_as_a_user_types_it_with_no_warnings(tmp_path):
     assert metrics["fp32"]["top1"] >= 0.95 and metrics["int8"]["top1"] >= metrics["fp32"]["top1"] - 0.01
 
 
+@pytest.mark.ray
 def test_a_worker_killed_while_evaluating_is_replaced_and_the_results_are_unchanged(capsys, ray_cluster, demo_runs,
                                                                                  tmp_path):
     """The pool redoes a dead worker's evaluation calls on a new worker: the same predictions."""

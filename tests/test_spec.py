@@ -5,12 +5,12 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from quantray import pipeline
 from quantray.errors import SpecError
 from quantray.spec import DataSpec, GateSpec, JobSpec, ModelSpec, QuantSpec, RunSpec, load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 MINIMAL = """
 [model]
 factory = "quantray.demo:digits_cnn"
@@ -156,3 +156,17 @@ def test_replacing_a_value_checks_it_and_a_job_fills_digits_splits_by_section():
     job = JobSpec("j", Path("j.toml"), ModelSpec(factory="quantray.demo:digits_cnn"), DataSpec(), DataSpec(samples=9))
     assert (job.calibration.split, job.test.split) == ("train", "test")
     assert RunSpec(latency_precision=0).latency_precision == 0.0 and isinstance(RunSpec(memory_gb=1).memory_gb, float)
+
+
+def test_the_spec_s_choices_are_the_ones_the_code_implements():
+    """The spec lists its choices without importing torch; the lists must be the code's own."""
+    import torch
+
+    from quantray import spec
+    from quantray.core import flow, modes, ranges
+    from quantray.inputs import transforms
+
+    assert spec.MODES == tuple(modes.MODES) and spec.RANGES == ranges.METHODS
+    assert spec.ACTIVATIONS == tuple(flow.ACTIVATION_OBSERVERS) and spec.WEIGHTS == tuple(flow.WEIGHT_OBSERVERS)
+    assert spec.TRANSFORMS == transforms.PRESETS
+    assert set(spec.BACKENDS) <= set(torch.backends.quantized.supported_engines)

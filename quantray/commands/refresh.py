@@ -34,7 +34,8 @@ from ..errors import QuantrayError
 from ..spec import JobSpec
 from ..storage.store import Store, failpoint, json_bytes, sweep_staging
 
-__all__ = ["refresh", "promoted_run", "gate", "drift", "rebuild_history", "HISTORY_SCHEMA", "DRIFT_SCHEMA"]
+__all__ = ["refresh", "promoted_run", "gate", "drift", "tidy", "write_gate", "rebuild_history", "HISTORY_SCHEMA",
+           "DRIFT_SCHEMA"]
 
 HISTORY_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("time", pa.timestamp("s", tz="UTC")), ("data_digest", pa.string()),
@@ -70,7 +71,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     console = console or Console(stderr=True)
     reg = Store(registry, "--registry")
     reg.check_writable()
-    _tidy(reg, console, now)
+    tidy(reg, console, now)
     started = now().replace(microsecond=0)
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{hashlib.sha256(spec.path.read_bytes()).hexdigest()[:8]}-{secrets.token_hex(3)}"
     pointer = reg.read("PROMOTED")
@@ -93,7 +94,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
                      before_commit=add_drift)
     except Exception as e:  # the night is recorded whatever stopped the run
         row.update(gate="error", reason=str(e) if isinstance(e, QuantrayError) else f"{type(e).__name__}: {e}")
-        _write_gate(reg, row)
+        write_gate(reg, row)
         rebuild_history(reg)
         raise
     result.print(console)
@@ -103,11 +104,11 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
                int8_top5=metrics["int8"]["top5"], agreement=metrics["agreement"])
     reasons = gate(spec, metrics, previous_metrics)
     row.update(gate="failed" if reasons else "passed", reason="; ".join(reasons))
-    _write_gate(reg, row)
+    write_gate(reg, row)
     if not reasons:
         reg.write(json_bytes({"run_id": run_id, "qparams_digest": row["qparams_digest"],
                               "promoted_at": now().isoformat()}), "PROMOTED")
-        reg.write(b"", "promotions", run_id)  # a kill before this line: the next refresh's _tidy writes it
+        reg.write(b"", "promotions", run_id)  # a kill before this line: the next refresh's tidy writes it
         row["promoted"] = True
     rebuild_history(reg)
     verdict = "promoted" if row["promoted"] else f"not promoted: {row['reason']}"
@@ -173,7 +174,7 @@ def rebuild_history(reg: Store, most: int = 50) -> list[dict]:
                         "too many refreshes are writing this registry at once")
 
 
-def _tidy(reg: Store, console: Console, now: Callable[[], datetime.datetime] = _utc_now) -> None:
+def tidy(reg: Store, console: Console, now: Callable[[], datetime.datetime] = _utc_now) -> None:
     """What killed refreshes left behind: staging folders no live process holds, a committed run
     with no gate (recorded as an error), a promotion without its marker. Then the history."""
     for removed in sweep_staging(reg.local / "runs" if reg.local else tempfile.gettempdir()):
@@ -183,7 +184,7 @@ def _tidy(reg: Store, console: Console, now: Callable[[], datetime.datetime] = _
         if run_id.startswith(".") or run_id in gated:
             continue
         if reg.exists("runs", run_id, "manifest.json"):
-            _write_gate(reg, {"run_id": run_id, "time": _time_of(run_id), **dict.fromkeys(_FIGURES), "gate": "error",
+            write_gate(reg, {"run_id": run_id, "time": _time_of(run_id), **dict.fromkeys(_FIGURES), "gate": "error",
                               "reason": "the refresh stopped after writing this run and before gating it"})
         elif reg.local is None and now() - _time_of(run_id) > STALE_UPLOAD:
             # On an object store a run is uploaded file by file, manifest.json last: one without it
@@ -206,7 +207,7 @@ def _time_of(run_id: str) -> datetime.datetime:
         return _utc_now().replace(microsecond=0)
 
 
-def _write_gate(reg: Store, row: dict) -> None:
+def write_gate(reg: Store, row: dict) -> None:
     verdict = {k: (v.isoformat() if isinstance(v, datetime.datetime) else v) for k, v in row.items() if k != "promoted"}
     reg.write(json_bytes(verdict), "gates", f"{row['run_id']}.json")
 

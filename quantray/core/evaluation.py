@@ -19,7 +19,7 @@ from torch import nn
 from ..inputs import data as data_mod
 
 __all__ = ["ShardResult", "evaluate_shard", "score_batch", "merge_results", "accuracy_metrics",
-           "wilson", "measure_latency", "measure_throughput", "measure_speed", "processor", "cpu_kind",
+           "wilson", "measure_latency", "measure_throughput", "measure_speed", "quantile", "t95", "processor", "cpu_kind",
            "state_dict_bytes"]
 
 COUNT_KEYS = ("n", "fp32_top1", "fp32_top5", "int8_top1", "int8_top5", "agree")
@@ -168,7 +168,7 @@ def measure_latency(model, example: torch.Tensor, warmup: int, iters: int, preci
     mean = total / n
     half = _half_width(total, squares, n)
     times.sort()
-    return {"mean_ms": mean * 1e3, "p50_ms": _quantile(times, 0.5) * 1e3, "p90_ms": _quantile(times, 0.9) * 1e3,
+    return {"mean_ms": mean * 1e3, "p50_ms": quantile(times, 0.5) * 1e3, "p90_ms": quantile(times, 0.9) * 1e3,
             "ci95_ms": half * 1e3 if math.isfinite(half) else None, "iters": n}
 
 
@@ -177,10 +177,10 @@ def _half_width(total: float, squares: float, n: int) -> float:
     if n < 2:
         return math.inf
     variance = max(0.0, (squares - total * total / n) / (n - 1))
-    return _t95(n - 1) * math.sqrt(variance / n)
+    return t95(n - 1) * math.sqrt(variance / n)
 
 
-def _t95(df: int) -> float:
+def t95(df: int) -> float:
     """Student's t quantile for a two-sided 95% interval (Cornish-Fisher expansion: within 0.2% of
     the table from 5 degrees of freedom on, within 3.1% at 2)."""
     z = Z95

@@ -37,6 +37,7 @@ from ..spec import QuantSpec, suggest
 from .ranges import RangeObserver
 
 __all__ = ["prepare", "convert", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
+           "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS",
            "quiet_torch_warnings", "without_stack_traces"]
 
 # Warnings torch 2.14 prints on every FX-quantization or TorchScript call, in every process; the
@@ -47,8 +48,9 @@ _KNOWN_WARNINGS = (".*quant_min and quant_max.*", ".*torch.jit.* is deprecated.*
                    # mapping = "global" gives fixed-qparams ops (hardsigmoid, ...) the global qconfig, which
                    # torch ignores for them, saying so once per op and per prepare
                    ".*QConfig must specify a FixedQParamsObserver.*")
-_ACTIVATIONS = {"histogram": HistogramObserver, "minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver}
-_WEIGHTS = {"per_channel": default_per_channel_weight_observer, "per_tensor": default_weight_observer}
+# The observer kinds and weight schemes a spec names (spec.ACTIVATIONS, spec.WEIGHTS: a test pins them).
+ACTIVATION_OBSERVERS = {"histogram": HistogramObserver, "minmax": MinMaxObserver, "moving_average": MovingAverageMinMaxObserver}
+WEIGHT_OBSERVERS = {"per_channel": default_per_channel_weight_observer, "per_tensor": default_weight_observer}
 
 
 def quiet_torch_warnings() -> None:
@@ -111,10 +113,10 @@ def _qconfig(base: QConfig, backend: str, choice, percentile: float = 99.99) -> 
         activation = RangeObserver.with_args(method=method, percentile=float(choice.get("percentile", percentile)),
                                              reduce_range=reduce_range)
     elif kind or method:  # spec checks that they agree; l2 is the histogram's own search
-        activation = _ACTIVATIONS[kind or ("minmax" if method == "minmax" else "histogram")].with_args(
+        activation = ACTIVATION_OBSERVERS[kind or ("minmax" if method == "minmax" else "histogram")].with_args(
             reduce_range=reduce_range)
     if choice.get("weight"):
-        weight = _WEIGHTS[choice["weight"]]
+        weight = WEIGHT_OBSERVERS[choice["weight"]]
     return QConfig(activation=activation, weight=weight)
 
 

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .. import __version__
+from ..version import __version__
 from ..cluster.runner import WorkerPool
 from ..core.evaluation import accuracy_metrics
 from ..digest import sha256_bytes

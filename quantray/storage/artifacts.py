@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..digest import sha256_bytes
 from ..errors import SpecError
 from .store import Store

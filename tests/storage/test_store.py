@@ -85,6 +85,7 @@ def _holder(path, then: str) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.ray
 def test_sweep_removes_what_dead_processes_left_and_never_what_a_live_one_holds(tmp_path):
     dead = _holder(tmp_path / "dead", "die")
     assert dead.wait() == -signal.SIGKILL

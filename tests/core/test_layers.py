@@ -3,7 +3,7 @@
 import math
 
 import torch
-from conftest import serial_calibration
+from helpers import serial_calibration
 
 from quantray.core import flow, layers
 from quantray.inputs import data

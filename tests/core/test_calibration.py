@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import serial_calibration
+from helpers import serial_calibration
 from torch.ao.quantization import (
     MovingAveragePerChannelMinMaxObserver,
     PerChannelMinMaxObserver,
@@ -17,7 +17,7 @@ from torch.ao.quantization.observer import HistogramObserver, ObserverBase
 from torch.ao.quantization.quantize_fx import prepare_fx
 
 from quantray.core import flow, merge, sites
-from quantray.core.probes import Recorder, _Probe, attach_probes
+from quantray.core.probes import Recorder, attach_probes
 from quantray.errors import CalibrationError, DataError
 from quantray.inputs import data
 from quantray.spec import QuantSpec
@@ -286,10 +286,10 @@ def test_nan_names_the_layer_and_the_first_batch_in_sample_order_whatever_the_la
 
 def test_histogram_count_check_catches_values_outside_the_range():
     recorder = Recorder()
-    probe = _Probe(recorder, sites.Value("act@0", "layer act (Identity)"), HistogramObserver(bins=16), sites.HISTOGRAM)
     recorder.start_counts({"act@0": [(torch.tensor(0.0), torch.tensor(1.0), 16)]})
     recorder.start_batch()
-    probe(torch.tensor([0.5, 2.0]))  # 2.0 lies outside: histc drops it silently
+    recorder.observe(sites.Value("act@0", "layer act (Identity)"), torch.tensor([0.5, 2.0]))  # 2.0 lies outside:
+    # histc drops it silently
     with pytest.raises(CalibrationError, match="1 of 2 values fell outside"):
         recorder.collect_counts()
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import DEMO_JOB
+from helpers import DEMO_JOB
 
 from quantray import pipeline
 from quantray.cli import main
@@ -28,6 +28,7 @@ def _trials(location) -> list[dict]:
     return table.to_pylist()
 
 
+@pytest.mark.ray
 def test_a_budget_met_by_a_range_method_stops_there_and_best_toml_rebuilds_it(ray_cluster, tmp_path):
     result = tune(_job(tmp_path, DEMO), max_drop=0.003, out=tmp_path / "tune", workers=2)
     rows = _trials(result.location)
@@ -49,12 +50,13 @@ def test_a_budget_met_by_a_range_method_stops_there_and_best_toml_rebuilds_it(ra
     assert "Top-1 against the number of FP32 layers" in (Path(result.location) / "report.html").read_text()
 
 
+@pytest.mark.ray
 def test_layers_kept_in_fp32_need_no_new_calibration(ray_cluster, tmp_path):
     """Keeping a layer in FP32 changes which values are observed only to a subset: the job's merged
     statistics build every such trial."""
     spec = load_spec(_job(tmp_path, DEMO))
     job = pipeline.load(spec)
-    from conftest import serial_calibration
+    from helpers import serial_calibration
 
     from quantray.inputs.data import make_batches
 
@@ -71,6 +73,7 @@ def test_layers_kept_in_fp32_need_no_new_calibration(ray_cluster, tmp_path):
         assert ".quantized" not in type(converted[name]).__module__, name
 
 
+@pytest.mark.ray
 def test_a_budget_no_range_method_meets_ranks_layers_and_keeps_the_fewest_in_fp32(ray_cluster, tmp_path):
     """One layer whose per-tensor weights cannot be quantized (quantray.testing.one_hostile_layer):
     every range method fails; the ranking finds it and keeping it alone in FP32 meets the budget."""

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import DEMO_JOB, quiet
+from helpers import DEMO_JOB, quiet
 from rich.console import Console
 
-from quantray.commands.refresh import _tidy, _write_gate, drift, gate, promoted_run, rebuild_history, refresh
+from quantray.commands.refresh import tidy, write_gate, drift, gate, promoted_run, rebuild_history, refresh
 from quantray.errors import QuantrayError
 from quantray.spec import load_spec
 from quantray.storage.store import StagedDir, Store, json_bytes
@@ -82,7 +82,7 @@ def test_concurrent_refreshes_never_lose_a_history_row(tmp_path):
     def writer(k):
         try:
             for i in range(6):
-                _write_gate(reg, _gate_row(f"run-{k}-{i}", 10 * k + i))
+                write_gate(reg, _gate_row(f"run-{k}-{i}", 10 * k + i))
                 rebuild_history(reg)
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -101,16 +101,17 @@ def test_concurrent_refreshes_never_lose_a_history_row(tmp_path):
 def test_a_stale_history_is_repaired_from_the_gates(tmp_path):
     reg = Store(tmp_path / "registry", "--registry")
     for k in range(3):
-        _write_gate(reg, _gate_row(f"run-{k}", k))
+        write_gate(reg, _gate_row(f"run-{k}", k))
     rebuild_history(reg)
     stale = (tmp_path / "registry" / "history.parquet").read_bytes()
-    _write_gate(reg, _gate_row("run-3", 3))
+    write_gate(reg, _gate_row("run-3", 3))
     rebuild_history(reg)
     (tmp_path / "registry" / "history.parquet").write_bytes(stale)  # a slower writer's older view lands last
     assert [r["run_id"] for r in rebuild_history(reg)] == ["run-0", "run-1", "run-2", "run-3"]
     assert len(_history(tmp_path / "registry")) == 4
 
 
+@pytest.mark.ray
 def test_tidy_records_what_killed_refreshes_left_and_never_touches_a_live_staging_folder(tmp_path):
     root = tmp_path / "registry"
     reg = Store(root, "--registry")
@@ -125,7 +126,7 @@ def test_tidy_records_what_killed_refreshes_left_and_never_touches_a_live_stagin
     assert dead.returncode == -signal.SIGKILL
     live = StagedDir(root / "runs" / "live")  # this process is writing it
     log = io.StringIO()
-    _tidy(reg, Console(file=log, width=300))
+    tidy(reg, Console(file=log, width=300))
     hidden = sorted(p.name for p in (root / "runs").iterdir() if p.name.startswith("."))
     assert [h for h in hidden if h.startswith(".killed")] == [] and any(h.startswith(".live.partial-") for h in hidden)
     assert "left by a refresh that was stopped" in log.getvalue()
@@ -147,6 +148,7 @@ def registry(ray_cluster, tmp_path_factory):
     return base / "reg"
 
 
+@pytest.mark.ray
 def test_first_refresh_promotes_and_records_history(registry):
     uri = f"file://{registry}"
     run = Path(promoted_run(uri).removeprefix("file://"))
@@ -159,6 +161,7 @@ def test_first_refresh_promotes_and_records_history(registry):
     assert sorted(p.name for p in registry.iterdir()) == ["PROMOTED", "gates", "history.parquet", "promotions", "runs"]
 
 
+@pytest.mark.ray
 def test_gated_out_run_is_kept_marked_and_not_promoted(registry, tmp_path):
     """A night whose test data is mislabelled scores far below the promoted model: held back. It is
     refreshed in the same second as the first run (an injected clock): run ids still differ."""
@@ -186,6 +189,7 @@ def test_gated_out_run_is_kept_marked_and_not_promoted(registry, tmp_path):
     assert [h["promoted"] for h in history if h["run_id"] == row["run_id"]] == [False]
 
 
+@pytest.mark.ray
 def test_a_failed_run_is_recorded_as_an_error_night(registry, tmp_path):
     failing = _job(tmp_path)
     failing.write_text(failing.read_text().replace('[test]\nsource = "digits"\nsplit = "test"',
@@ -200,6 +204,7 @@ def test_a_failed_run_is_recorded_as_an_error_night(registry, tmp_path):
     assert (registry / "PROMOTED").read_text() == before and not (registry / "runs" / last["run_id"]).exists()
 
 
+@pytest.mark.ray
 def test_sigkill_leaves_the_promoted_model_and_history_intact(registry, ray_cluster, tmp_path):
     """`quantray refresh` killed with SIGKILL with its run staged, not yet committed; the next
     refresh's tidying removes what it left. (The later windows, a run committed but not gated and a
@@ -216,6 +221,6 @@ def test_sigkill_leaves_the_promoted_model_and_history_intact(registry, ray_clus
     assert _intact(promoted) and len(_history(registry)) == rows_before  # readable, not yet rebuilt
     hidden = [p for p in (registry / "runs").iterdir() if p.name.startswith(".")]
     assert promoted == promoted_before and hidden  # the staging folder the kill left
-    _tidy(Store(str(registry), "--registry"), quiet())
+    tidy(Store(str(registry), "--registry"), quiet())
     assert not [p for p in (registry / "runs").iterdir() if p.name.startswith(".")]
     assert len(_history(registry)) == rows_before and all(_intact(p) for p in (registry / "runs").iterdir())

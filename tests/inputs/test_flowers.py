@@ -2,12 +2,12 @@
 torchvision's real layout, and its INT8 file loaded back with the article's own recipe."""
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
+from helpers import ROOT
 from torch import nn
 from torch.ao.quantization import QConfigMapping, get_default_qconfig
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -19,7 +19,6 @@ from quantray.inputs import data
 from quantray.spec import DataSpec, load_spec
 from quantray.testing import article_job
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "flowers102_resnet18.toml"
 
 
@@ -65,6 +64,7 @@ def test_torchvision_flowers102_reads_the_written_layout(flowers):
         data.build_dataset(DataSpec(source="torchvision", dataset="Flowers102", root=flowers / "data", split="test"))
 
 
+@pytest.mark.ray
 def test_article_job_runs_through_the_cli_and_loads_with_the_articles_recipe(flowers, ray_cluster, capsys):
     out = flowers / "run"
     assert main(["run", str(flowers / "flowers102_resnet18.toml"), "--out", str(out), "--workers", "2"]) == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_JOB, stored_demo_job
+from helpers import DEMO_JOB, stored_demo_job
 from PIL import Image
 from rich.console import Console
 
@@ -60,6 +60,7 @@ def test_cache_dir_takes_a_uri_as_a_uri_and_a_path_relative_to_the_job(tmp_path)
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.ray
 def test_a_rerun_computes_nothing(demo_runs, tmp_path):
     """The 2-worker demo run stored everything it computed; the same job again reuses all of it."""
     cold = demo_runs["2 workers"].manifest
@@ -87,6 +88,7 @@ def _image(path: Path, seed: int):
     Image.fromarray(pixels).save(path)
 
 
+@pytest.mark.ray
 def test_a_changed_image_recomputes_only_its_batch_in_pass_1(ray_cluster, tmp_path):
     images = tmp_path / "images"
     for k, name in enumerate(["a", "b", "c"]):

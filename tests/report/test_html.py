@@ -49,6 +49,7 @@ def run(demo_runs):
     return Path(demo_runs["2 workers"].location)
 
 
+@pytest.mark.ray
 def test_the_page_is_self_contained_and_names_the_worst_layers(run):
     page = (run / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg class=plot") == 4
@@ -67,6 +68,7 @@ def test_text_from_the_run_is_escaped():
     assert "<img" not in page and "&lt;img src=x" in page
 
 
+@pytest.mark.ray
 @pytest.mark.skipif(not CHROMIUM and not REQUIRED, reason="chromium is not installed (CI installs it: .ci/run)")
 def test_report_renders_in_headless_chromium(run, tmp_path):
     assert CHROMIUM, "QUANTRAY_REQUIRE_CHROMIUM=1 but no chromium on PATH"

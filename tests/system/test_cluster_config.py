@@ -6,9 +6,8 @@ from pathlib import Path
 import jsonschema
 import ray.autoscaler
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+from ray.autoscaler._private.util import prepare_config, validate_config  # Ray's own offline checks
 
 
 def test_cluster_yaml_passes_rays_schema_and_cross_field_checks():

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from conftest import DEMO_JOB, quiet, start_ray_node, stop_process
+from helpers import DEMO_JOB, quiet, start_ray_node, stop_process
 from rich.console import Console
 
 import quantray
@@ -30,6 +30,8 @@ from quantray.commands.pack import pack
 from quantray.commands.refresh import STALE_UPLOAD, promoted_run, refresh
 from quantray.spec import load_spec
 from quantray.testing import article_job
+
+pytestmark = pytest.mark.ray  # every test here starts Ray or another process
 
 BIN = Path(sys.executable).parent
 

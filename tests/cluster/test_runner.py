@@ -5,7 +5,7 @@ import io
 import os
 
 import pytest
-from conftest import quiet, serial_calibration
+from helpers import quiet, serial_calibration
 from rich.console import Console
 
 from quantray.cluster import runner
@@ -18,6 +18,8 @@ from quantray.inputs import data
 from quantray.pipeline import calibration_executor
 from quantray.spec import DataSpec, QuantSpec
 from quantray.testing import dies, fails
+
+pytestmark = pytest.mark.ray  # every test here starts Ray or another process
 
 
 def ray_calibration(model, example, quant, data_spec, batches, shards, *, order=None, max_attempts=3, console=None,

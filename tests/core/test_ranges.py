@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from conftest import serial_calibration
+from helpers import serial_calibration
 
 from quantray.core import flow, merge, ranges, sites
 from quantray.spec import QuantSpec
@@ -179,7 +179,7 @@ def test_a_module_table_takes_its_own_range_method(tiny_model, digits_plan):
      "[quantization] module_names.fc.activation_range = 'l2' contradicts module_names.fc.activation = 'moving_average'"),
 ])
 def test_contradicting_or_unknown_range_keys_fail_with_one_line(tmp_path, quantization, message):
-    from conftest import DEMO_JOB
+    from helpers import DEMO_JOB
 
     from quantray.errors import SpecError
     from quantray.spec import load_spec

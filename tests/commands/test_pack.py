@@ -1,5 +1,5 @@
-"""Parquet image shards and `quantray pack`, without Ray: the shards give the folder's tensors, a
-reader fetches only its row groups, packing is idempotent and crash-safe, and bad input is one line."""
+"""`quantray pack`: the shards give the folder's tensors (or the dataset's own), packing is
+idempotent and crash-safe (a SIGKILLed pack), and the command line works as a user types it."""
 
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import DEMO_JOB, quiet
+from helpers import DEMO_JOB, folder_job, quiet, tiny_job
 from PIL import Image
 
 from quantray.commands.pack import pack
@@ -19,36 +19,11 @@ from quantray.errors import SpecError
 from quantray.inputs import data
 from quantray.inputs.data import batch_identities
 from quantray.inputs.shards import ShardedImages
-from quantray.spec import DataSpec, load_spec
-
-
-def _image_folder(root: Path, classes=("daisy", "rose", "tulip"), per_class=12, size=(96, 80)) -> Path:
-    """An ImageFolder of noisy JPEGs and one PNG (several formats, as real folders have)."""
-    g = torch.Generator().manual_seed(0)
-    for k, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
-            suffix = "png" if (k, i) == (1, 3) else "jpg"
-            Image.fromarray(pixels).save(root / name / f"{i:02d}.{suffix}")
-    return root
-
-
-def _job(tmp_path: Path, calibration: str, test: str, run: str = "") -> Path:
-    job = tmp_path / "job.toml"
-    job.write_text('name = "packed"\n[model]\nfactory = "quantray.testing:tiny_cnn"\n'
-                   f"[calibration]\n{calibration}\n[test]\n{test}\n[run]\n{run}\n")
-    return job
-
-
-def _folder_job(tmp_path: Path, transform: str = "imagenet_eval") -> Path:
-    _image_folder(tmp_path / "flowers")
-    folder = f'source = "imagefolder"\nroot = "flowers"\ntransform = "{transform}"'
-    return _job(tmp_path, folder + "\nsamples = 20\nbatch_size = 4", folder + "\nbatch_size = 8")
+from quantray.spec import load_spec
 
 
 def test_packed_images_are_the_folders_tensors_and_labels(tmp_path):
-    job = _folder_job(tmp_path)
+    job = folder_job(tmp_path)
     result = pack(job, tmp_path / "shards", rows_per_shard=10, console=quiet())
     spec, packed = load_spec(job), load_spec(result.job_file)
     assert result.job_file == tmp_path / "job.packed.toml"
@@ -69,7 +44,7 @@ def test_packed_images_are_the_folders_tensors_and_labels(tmp_path):
 
 
 def test_tensor_datasets_are_stored_as_their_tensors(tmp_path):
-    job = _job(tmp_path, 'source = "digits"\nsplit = "train"\nsamples = 64', 'source = "factory"\n'
+    job = tiny_job(tmp_path, 'source = "digits"\nsplit = "train"\nsamples = 64', 'source = "factory"\n'
                'factory = "quantray.testing:random_images"\nkwargs = { n = 10, shape = [3, 8, 8] }')
     result = pack(job, tmp_path / "shards", console=quiet())
     assert [s.kind for s in result.splits] == ["tensor", "tensor"]
@@ -82,7 +57,7 @@ def test_tensor_datasets_are_stored_as_their_tensors(tmp_path):
 
 
 def test_packing_again_writes_nothing_and_a_changed_image_rewrites_its_shard_only(tmp_path):
-    job = _folder_job(tmp_path)
+    job = folder_job(tmp_path)
     first = pack(job, tmp_path / "shards", rows_per_shard=10, console=quiet())
     test_dir = tmp_path / "shards" / "test"
     before = {p.name: p.stat().st_mtime_ns for p in test_dir.iterdir()}
@@ -104,9 +79,10 @@ def test_packing_again_writes_nothing_and_a_changed_image_rewrites_its_shard_onl
     assert [a == b for a, b in zip(ids_before, ids_after)] == [True, True, False, True, True]  # batch 2: 16..23
 
 
+@pytest.mark.ray
 def test_a_killed_pack_leaves_no_half_shard_and_the_next_one_finishes_it(tmp_path):
     marker = tmp_path / "killed-once"
-    job = _job(tmp_path, 'source = "digits"\nsamples = 10',
+    job = tiny_job(tmp_path, 'source = "digits"\nsamples = 10',
                f'source = "factory"\nfactory = "quantray.testing:digits_killer"\n'
                f'kwargs = {{ split = "test", kill_at = 250, marker = "{marker}" }}')
     code = (f"from quantray.commands.pack import pack; pack({str(job)!r}, {str(tmp_path / 'shards')!r}, rows_per_shard=100)")
@@ -125,45 +101,7 @@ def test_a_killed_pack_leaves_no_half_shard_and_the_next_one_finishes_it(tmp_pat
     assert len(shards) == 359 and torch.equal(shards[250][0], data.digits("test")[250][0])
 
 
-def test_a_reader_fetches_only_the_row_groups_of_its_samples(tmp_path, s3):
-    _image_folder(tmp_path / "flowers", size=(320, 240))  # about 60 KB per noisy JPEG
-    folder = 'source = "imagefolder"\nroot = "flowers"\ntransform = "to_tensor"'
-    pack(_job(tmp_path, folder, folder), f"{s3}/flowers", rows_per_shard=18, console=quiet())
-    half = ShardedImages(f"{s3}/flowers/test")
-    shards = half.manifest["shards"]
-    manifest_bytes = half.bytes_read
-    for i in range(18):  # the first of two shards: row groups of 16 and 2 samples
-        half[i]
-    assert half.groups_read == 2 and [s["rows"] for s in shards] == [18, 18]
-    footer = 64 * 1024  # pyarrow reads a file's last 64 KiB to find its footer, then the row groups it needs
-    assert half.bytes_read - manifest_bytes <= shards[0]["bytes"] + footer  # nothing of the second shard
-    half[3]
-    assert half.groups_read == 2  # a row group read a moment ago is kept
-    ahead = ShardedImages(f"{s3}/flowers/test")
-    ahead.prefetch(list(range(18)))  # as a worker does with its next batch: read in the background
-    assert all(torch.equal(ahead[i][0], half[i][0]) for i in range(18))
-    assert (ahead.groups_read, ahead.bytes_read) == (2, half.bytes_read)  # the same reads, earlier
-    assert half.sample_file(20) == f"{s3}/flowers/test/{shards[1]['name']} row 2"
-
-
-def test_bad_shard_locations_are_one_line(tmp_path, s3):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    job = _job(tmp_path, f'source = "parquet"\nroot = "{empty}"', 'source = "digits"')
-    with pytest.raises(SpecError, match=r"\[calibration\] root = .*empty': no manifest.json there; write the shards with"):
-        load_spec(job)
-    with pytest.raises(SpecError, match=r"reads a folder on every worker's disk; for data in object storage pack it"):
-        load_spec(_job(tmp_path, 'source = "imagefolder"\nroot = "s3://bucket/flowers"', 'source = "digits"'))
-    missing = DataSpec(source="parquet", root=f"{s3}/nothing-here")
-    with pytest.raises(SpecError, match=r"^job: \[test\] root = 's3://.*/nothing-here': no manifest.json there"):
-        data.build_dataset(missing, "job: [test]")
-    job = _folder_job(tmp_path)
-    with pytest.raises(SpecError, match=r"^--out s3://no-such-bucket-here/x: cannot write there \(.*not found"):
-        pack(job, "s3://no-such-bucket-here/x", console=quiet())
-    with pytest.raises(SpecError, match=r"is already Parquet shards; copy its folder"):
-        pack(pack(job, tmp_path / "shards", console=quiet()).job_file, tmp_path / "again", console=quiet())
-
-
+@pytest.mark.ray
 def test_pack_on_the_command_line(tmp_path):
     job = tmp_path / "digits.toml"
     job.write_text(DEMO_JOB.read_text())

@@ -3,7 +3,7 @@
 import time
 
 import torch
-from conftest import serial_calibration
+from helpers import serial_calibration
 
 from quantray.core import evaluation, flow
 from quantray.inputs import data
@@ -47,7 +47,7 @@ def test_wilson_interval_matches_the_textbook_values():
 def test_latency_and_throughput_are_measured_in_their_units(tiny_model):
     stats = evaluation.measure_latency(tiny_model, torch.zeros(1, 1, 8, 8), warmup=2, iters=20)
     assert 0 < stats["p50_ms"] <= stats["p90_ms"] < 1000 and 0 < stats["mean_ms"] < 1000
-    assert evaluation._quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and evaluation._quantile([5.0], 0.9) == 5.0
+    assert evaluation.quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5 and evaluation.quantile([5.0], 0.9) == 5.0
     assert evaluation.measure_throughput(tiny_model, torch.zeros(16, 1, 8, 8), warmup=1, iters=3)["throughput_per_s"] > 16
 
 
@@ -63,4 +63,4 @@ def test_latency_stops_at_its_precision_or_its_cap():
     assert noisy["iters"] == 30 and noisy["ci95_ms"] > 0.01 * noisy["mean_ms"]
     assert evaluation.measure_latency(lambda x: x, torch.zeros(1), warmup=0, iters=7, precision=0)["iters"] == 7
     for df, table in ((5, 2.5706), (10, 2.2281), (30, 2.0423)):
-        assert abs(evaluation._t95(df) / table - 1) < 0.002
+        assert abs(evaluation.t95(df) / table - 1) < 0.002

@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import start_ray_node, stop_process
+from helpers import ROOT, start_ray_node, stop_process
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray  # every test here starts Ray or another process
+
 BIN = Path(sys.executable).parent
 
 
