@@ -3,7 +3,8 @@ forbidden import fails here, before a reader has to find it. Lazy imports inside
 
     core/, inputs/   pure torch and data: never the cluster, the pipeline, storage writers or commands
     storage/         bytes and files: never builds or rebuilds a model
-    spec             knows no torch;  report/ reads no files;  only cluster/runner imports Ray
+    cluster/         used by the pipeline alone; only cluster/runner imports Ray
+    spec             knows no torch;  report/ reads no files
 """
 
 import ast
@@ -30,7 +31,7 @@ ALLOWED = {
     "quantray.api": {"quantray.errors", "quantray.spec", "quantray.pipeline", "quantray.core", "quantray.inputs",
                      "quantray.storage", "quantray.report"},
     "quantray.commands": {"quantray.errors", "quantray.digest", "quantray.spec", "quantray.api", "quantray.pipeline",
-                          "quantray.cluster", "quantray.core", "quantray.inputs", "quantray.storage", "quantray.report"},
+                          "quantray.core", "quantray.inputs", "quantray.storage", "quantray.report"},
     "quantray.demo": {"quantray.errors", "quantray.digest", "quantray.inputs", "quantray.storage.store"},
     "quantray.testing": {"quantray.inputs", "quantray.demo"},
 }

@@ -32,19 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 from rich.console import Console
 from rich.table import Table
 
 from .. import api, pipeline
-from ..cluster.runner import Names
-from ..cluster.worker import TrialScores, Worker
 from ..core import flow
-from ..core.calls import Call
 from ..core.evaluation import wilson
 from ..core.ranges import METHODS
 from ..errors import SpecError
-from ..inputs.data import batch_identities, make_batches
+from ..inputs.data import make_batches
 from ..report.html import render_tune
 from ..spec import WEIGHTS, JobSpec, QuantSpec, load_spec, load_test_section, to_toml
 from ..storage.store import join
@@ -158,11 +154,6 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
     return result
 
 
-# Tune's workers evaluate: lines name the trial (or the FP32 batch) a call was for.
-_NAMES = Names(worker=lambda w: f"tune worker {w}",
-               call=lambda w, key: f"tune: {key}" if key is not None else f"tune: worker {w}")
-
-
 class _Search:
     """The three phases over one pool; `scored` keeps every trial in the order it was evaluated."""
 
@@ -173,26 +164,7 @@ class _Search:
         self.rank_batches = pipeline.first_batches(self.batches, rank_samples)
         self.scored: list[_Scored] = []
         self.sensitivity: list[dict] = []
-        self.fp32_logits = self._fp32_logits()
-
-    def _fp32_logits(self) -> list[torch.Tensor]:
-        """FP32 logits of every selection batch: the memo's reused, the others computed once on the pool."""
-        identities = batch_identities(self.job.test_ds, self.job.spec.test, self.batches)
-        memo = pipeline.Fp32Memo(pipeline.open_stats(self.job, use_cache=True))
-        logits = memo.logits(identities)
-        missing = [b for b, l in enumerate(logits) if l is None]
-        if missing:
-            with self.ctx.stage("fp32"):
-                n = min(self.pool.size, len(missing))
-                calls = {w: [Call(f"FP32 on batch {b}", Worker.fp32_logits, (self.batches[b],)) for b in missing[w::n]]
-                         for w in range(n)}
-                computed = self.pool.run(calls, names=_NAMES)
-                for b in missing:
-                    logits[b] = computed[f"FP32 on batch {b}"]
-                    memo.keep_logits(identities[b], logits[b])
-        else:
-            self.ctx.console.print(f"reused stored FP32 outputs: {len(self.batches)} of {len(self.batches)} batches")
-        return logits
+        self.fp32_logits = pipeline.fp32_logits(ctx, job, pool, self.batches)
 
     def run(self) -> None:
         base = self.job.spec.quantization
@@ -256,18 +228,13 @@ class _Search:
         wave = wave[:self._left()]
         if not wave:
             return []
-        n = min(self.pool.size, len(wave))
-        shared = (self.pool.share(self.calibrated.stats), self.pool.share(batches),
-                  self.pool.share(self.fp32_logits[:len(batches)]))
-        calls = {w: [Call(f"trial {trial}", Worker.trial, (trial.quant(self.job.spec.quantization), *shared))
-                     for t, trial in enumerate(wave) if t % n == w] for w in range(n)}
         started = time.perf_counter()
-        with self.ctx.stage("trials"):
-            results = self.pool.run(calls, names=_NAMES)
-        per_trial = (time.perf_counter() - started) * n / len(wave)  # workers side by side: a share of the wave
-        return [self._record(trial, phase, results[f"trial {trial}"], per_trial) for trial in wave]
+        scores = pipeline.score_trials(self.ctx, self.pool, [(str(t), t.quant(self.job.spec.quantization)) for t in wave],
+                                       self.calibrated.stats, batches, self.fp32_logits)
+        per_trial = (time.perf_counter() - started) * min(self.pool.size, len(wave)) / len(wave)  # a share of the wave
+        return [self._record(trial, phase, scored, per_trial) for trial, scored in zip(wave, scores)]
 
-    def _record(self, trial: Trial, phase: str, scored: TrialScores, wall: float) -> _Scored:
+    def _record(self, trial: Trial, phase: str, scored: pipeline.TrialScores, wall: float) -> _Scored:
         merged, digest, size = scored.scores, scored.qparams_digest, scored.int8_bytes
         c, n = merged.counts, merged.counts["n"]
         signal, noise = sum(merged.rows["signal"]), sum(merged.rows["noise"])

@@ -24,9 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from ..version import __version__
 from ..digest import sha256_bytes
 from ..errors import SpecError
+from ..version import __version__
 from .store import Store
 
 __all__ = ["RunFiles", "software_versions",

@@ -17,7 +17,7 @@ import pytest
 from helpers import DEMO_JOB, quiet
 from rich.console import Console
 
-from quantray.commands.refresh import tidy, write_gate, drift, gate, promoted_run, rebuild_history, refresh
+from quantray.commands.refresh import drift, gate, promoted_run, rebuild_history, refresh, tidy, write_gate
 from quantray.errors import QuantrayError
 from quantray.spec import load_spec
 from quantray.storage.store import StagedDir, Store, json_bytes

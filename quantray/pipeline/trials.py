@@ -1,0 +1,62 @@
+"""The trials stage of `quantray tune`: the FP32 logits of the selection set once, then INT8 models
+built from one calibration's merged statistics and scored on the pool's workers.
+
+    logits = fp32_logits(ctx, job, pool, batches)               # the memo's, else computed once
+    scored = score_trials(ctx, pool, quants, stats, batches, logits)   # [TrialScores], in order
+
+Each worker builds a trial's INT8 model from the merged statistics (prepare_fx, load them,
+convert_fx: no forward pass) and scores it against the FP32 logits; trials are dealt out
+round-robin, one wave at a time. The search itself (which trials, when to stop) is tune's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cluster.runner import Names, WorkerPool
+from ..cluster.worker import TrialScores, Worker
+from ..core.calls import Call
+from ..core.modes import MergedStats
+from ..inputs.data import batch_identities
+from ..spec import QuantSpec
+from .fp32 import Fp32Memo
+from .load import Job, open_stats
+
+__all__ = ["fp32_logits", "score_trials", "TrialScores"]
+
+# Lines name the trial (or the FP32 batch) a call was for.
+_NAMES = Names(worker=lambda w: f"tune worker {w}",
+               call=lambda w, key: f"tune: {key[1]}" if key is not None else f"tune: worker {w}")
+
+
+def fp32_logits(ctx, job: Job, pool: WorkerPool, batches: list[list[int]]) -> list[torch.Tensor]:
+    """FP32 logits of every batch of the job's test split: the FP32 memo's reused, the others
+    computed once on the pool (and kept in the memo)."""
+    identities = batch_identities(job.test_ds, job.spec.test, batches)
+    memo = Fp32Memo(open_stats(job, use_cache=True))
+    logits = memo.logits(identities)
+    missing = [b for b, found in enumerate(logits) if found is None]
+    if not missing:
+        ctx.console.print(f"reused stored FP32 outputs: {len(batches)} of {len(batches)} batches")
+        return logits
+    with ctx.stage("fp32"):
+        n = min(pool.size, len(missing))
+        calls = {w: [Call((b, f"FP32 on batch {b}"), Worker.fp32_logits, (batches[b],)) for b in missing[w::n]]
+                 for w in range(n)}
+        for (b, _), value in pool.run(calls, names=_NAMES).items():
+            logits[b] = value
+            memo.keep_logits(identities[b], value)
+    return logits
+
+
+def score_trials(ctx, pool: WorkerPool, quants: list[tuple[str, QuantSpec]], stats: MergedStats,
+                 batches: list[list[int]], logits: list[torch.Tensor]) -> list[TrialScores]:
+    """Each (name, quantization) built from `stats` and scored on `batches` against their FP32
+    `logits`, on the pool's workers side by side; in the order given."""
+    n = min(pool.size, len(quants))
+    shared = (pool.share(stats), pool.share(batches), pool.share(logits[:len(batches)]))
+    calls = {w: [Call((t, f"trial {name}"), Worker.trial, (quant, *shared))
+                 for t, (name, quant) in enumerate(quants) if t % n == w] for w in range(n)}
+    with ctx.stage("trials"):
+        results = pool.run(calls, names=_NAMES)
+    return [results[(t, f"trial {name}")] for t, (name, _) in enumerate(quants)]
