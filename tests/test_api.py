@@ -108,6 +108,9 @@ def test_manifest_records_files_shards_versions_and_stage_timings(demo_runs):
     assert manifest["wall_s"] >= sum(manifest["timings_s"].values()) * 0.99
     assert manifest["spec"]["model"]["factory"] == "quantray.demo:digits_cnn"
     assert manifest["model_init_seed"] == 0  # no checkpoint in the job: the factory ran under this seed
+    pool = manifest["pool"]  # each worker's kind of CPU (one kind here), and the driver's
+    assert set(pool["cpu"]) == {"0", "1"} and pool["cpu_kinds"] == 1 and "mixed_cpus" not in pool
+    assert pool["cpu"]["0"] == pool["driver_cpu"] and pool["driver_cpu"]["torch_capability"]
 
 
 @pytest.mark.ray

@@ -229,23 +229,42 @@ _KERNEL_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf
 
 
 def cpu_kind() -> dict:
-    """What decides this CPU's FP32 results to the last bit: its model, the instruction set torch
-    dispatches its kernels on, and the CPU features oneDNN chooses its kernels by. Two workers of
+    """What decides this CPU's FP32 results to the last bit: its model (vendor, family/model/stepping:
+    a VM may show only "AMD EPYC"), its caches (oneDNN blocks its loops by them), the instruction set
+    torch dispatches its kernels on and the CPU features oneDNN chooses kernels by. Workers of
     different kinds may observe activations that differ in the last bits."""
-    flags: set[str] = set()
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return {"model": processor(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
+    flags = set(info.get("flags", "").split())
+    return {"model": processor(), "id": "/".join(info.get(k, "?") for k in ("vendor_id", "cpu family", "model", "stepping")),
+            "caches": _caches(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "flags": [f for f in _KERNEL_FLAGS if f in flags]}
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
+def _caches() -> str:
+    """CPU 0's cache sizes by level, e.g. "L1d 32K L1i 32K L2 512K L3 32768K" (Linux; else "")."""
+    import glob
+
+    sizes = []
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(f"{index}/level") as a, open(f"{index}/type") as b, open(f"{index}/size") as c:
+                level, kind, size = a.read().strip(), b.read().strip(), c.read().strip()
+        except OSError:
+            continue
+        sizes.append(f"L{level}{'d' if kind == 'Data' else 'i' if kind == 'Instruction' else ''} {size}")
+    return " ".join(sizes)
+
+
+def quantile(sorted_values: list[float], q: float) -> float:
     """Linear interpolation between closest ranks (numpy's default)."""
     position = (len(sorted_values) - 1) * q
     low = int(position)

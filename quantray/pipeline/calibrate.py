@@ -24,7 +24,7 @@ from ..core.sites import observed_values
 from ..errors import CalibrationError
 from ..inputs.data import assign_shards, batch_identities, make_batches
 from .load import Job, open_stats, warn_unwritable
-from .workers import cpu_kinds
+from .workers import mixed_cpus
 
 __all__ = ["Calibrated", "calibrate", "calibration_executor", "Quantized", "quantize", "CALIBRATION_NAMES"]
 
@@ -78,12 +78,9 @@ def calibrate(ctx, job: Job, prepared: nn.Module, pool: WorkerPool, *, use_cache
         ctx.console.print("reused stored statistics: " + ", ".join(f"{k} {hit} of {total}" for k, (hit, total) in
                                                                     reused.items()) + f" (from {store.location})")
     warn_unwritable(ctx.console, store)
-    kinds = cpu_kinds(pool)
-    if len(kinds) > 1:  # FP32 kernels differ by CPU: the activations observed differ in the last bits
-        ctx.console.print(f"[yellow]the workers ran on {len(kinds)} kinds of CPU ("
-                          + "; ".join(f"{k['model']}, {k['torch_capability']}" for k in kinds)
-                          + "): FP32 results differ by CPU in the last bits, so this calibration is not "
-                            "bit-identical to one with another worker count or layout[/]")
+    mixed = mixed_cpus(pool)
+    if mixed:
+        ctx.console.print(f"[yellow]{mixed}[/]")
     counts = result.stats.load(prepared)
     return Calibrated(prepared, counts, plan, result.info, result.stats)
 

@@ -7,17 +7,17 @@
 
 from __future__ import annotations
 
-from ..version import __version__
 from ..cluster.runner import WorkerPool
-from ..core.evaluation import accuracy_metrics
+from ..core.evaluation import accuracy_metrics, cpu_kind
 from ..digest import sha256_bytes
 from ..report.html import render
 from ..storage.artifacts import LAYERS_SCHEMA, PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, software_versions
 from ..storage.store import StagedDir
+from ..version import __version__
 from .calibrate import Calibrated, Quantized
 from .evaluate import Evaluation
 from .load import Job
-from .workers import cpu_kinds
+from .workers import cpu_kinds, mixed_cpus
 
 __all__ = ["write_results", "write_qparams", "write_html", "manifest"]
 
@@ -82,6 +82,8 @@ def manifest(ctx, job: Job, evaluation: Evaluation, *, qparams_digest: str, inpu
                        "startup_s": {str(w): v for w, v in sorted(pool.startup_s.items())},
                        "nodes": {str(w): v for w, v in sorted(pool.nodes.items())},
                        "cpu": {str(w): v for w, v in sorted(pool.cpus.items())},
-                       "cpu_kinds": len(cpu_kinds(pool))}
+                       "cpu_kinds": len(cpu_kinds(pool)), "driver_cpu": cpu_kind()}
+        if mixed_cpus(pool):
+            out["pool"]["mixed_cpus"] = mixed_cpus(pool)
     out.update(timings_s=ctx.timings, wall_s=ctx.wall_s())
     return out

@@ -16,7 +16,7 @@ from ..cluster.runner import WorkerPool
 from ..cluster.worker import WorkerSetup
 from ..core.sites import observed_values, signature
 
-__all__ = ["start_workers", "cpu_kinds"]
+__all__ = ["start_workers", "cpu_kinds", "mixed_cpus"]
 
 
 def start_workers(ctx, job, prepared: nn.Module | None = None, *, workers: int | None = None,
@@ -51,3 +51,16 @@ def cpu_kinds(pool: WorkerPool) -> list[dict]:
     for w in sorted(pool.cpus):
         seen.setdefault(json.dumps(pool.cpus[w], sort_keys=True), pool.cpus[w])
     return list(seen.values())
+
+
+def mixed_cpus(pool: WorkerPool) -> str | None:
+    """One line when the pool's workers ran on more than one kind of CPU, else None: FP32 kernels
+    differ by CPU in the last bits, so which worker computes which shard then decides the result."""
+    kinds = cpu_kinds(pool)
+    if len(kinds) < 2:
+        return None
+    return (f"the workers ran on {len(kinds)} kinds of CPU ("
+            + "; ".join(f"{k['model']} {k['id']} {k['torch_capability']}" for k in kinds)
+            + "): FP32 kernels differ by CPU in the last bits, so this calibration's statistics are not bit-identical "
+              "to one with another worker count or shard layout (the manifest's pool.cpu says which worker ran "
+              "where); pin the job to one kind of node for that")
