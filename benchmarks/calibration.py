@@ -5,7 +5,7 @@
 
 The seed loop is the article's: prepare_fx with the x86 qconfig, forward passes over the batches
 (10 images each), convert_fx; it is timed at torch's default thread count and at one thread.
-quantray runs the same images in the same batches through `calibration.calibrate` on Ray actors
+quantray runs the same images in the same batches through `protocol.calibrate` on Ray actors
 (`runner.WorkerPool`, one thread each), loads the merged statistics and runs convert_fx; Ray's
 start-up is timed apart. resnet18 sees random
 224x224 images (untrained weights: speed does not depend on them); digits uses the demo CNN on
