@@ -78,7 +78,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
         staged = session.staged
         with ctx.stage("write"):
             pipeline.write_qparams(staged, quantized)
-            staged.write_bytes("job.toml", spec.path.read_bytes())
+            staged.write_bytes("job.toml", spec.source())
             metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), len(quantized.state),
                                              len(quantized.script))
         manifest = pipeline.manifest(ctx, job, evaluation, qparams_digest=quantized.digest,

@@ -365,6 +365,13 @@ class JobSpec:
         """JSON-ready form (paths as strings), as recorded in the manifest."""
         return _jsonable(dataclasses.asdict(self))
 
+    def source(self) -> bytes:
+        """The job file as given (a run keeps it as job.toml); for a spec built in Python, with no file
+        at `path`, a job file that loads back as this spec."""
+        if self.path.is_file():
+            return self.path.read_bytes()
+        return to_toml(self, header="Built in Python: no job file was given.").encode()
+
 
 _SECTIONS = {"model": ModelSpec, "calibration": DataSpec, "test": DataSpec,
              "quantization": QuantSpec, "run": RunSpec, "gate": GateSpec}

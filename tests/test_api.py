@@ -212,3 +212,19 @@ def test_empty_calibration_split_is_a_spec_error_before_ray(tmp_path):
     with pytest.raises(SpecError, match=r"\[calibration\] the calibration split is empty"):
         quantray.run(job, out=tmp_path / "run", console=quiet())
     assert not (tmp_path / "run").exists() and list(tmp_path.iterdir()) == [job]
+
+
+@pytest.mark.ray
+def test_a_job_spec_built_in_python_runs_and_its_run_keeps_a_job_file_that_loads_back(ray_cluster, tmp_path):
+    """No job file at all: the run directory's job.toml is one that loads back as the spec."""
+    from quantray.spec import DataSpec, JobSpec, ModelSpec, RunSpec
+
+    spec = JobSpec("python-built", tmp_path / "never-written.toml", ModelSpec(factory="quantray.demo:digits_cnn"),
+                   DataSpec(samples=64), DataSpec(samples=64, batch_size=32),
+                   run=RunSpec(latency_warmup=1, latency_iters=3, layer_samples=0))
+    result = quantray.run(spec, workers=2, out=tmp_path / "run", console=quiet())
+    kept = tmp_path / "run" / "job.toml"
+    assert kept.read_text().startswith("# Built in Python") and not spec.path.exists()
+    again = load_spec(kept)
+    assert (again.model, again.calibration, again.test, again.run) == (spec.model, spec.calibration, spec.test, spec.run)
+    assert result.metrics["samples"] == 64

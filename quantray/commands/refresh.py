@@ -73,7 +73,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     reg.check_writable()
     tidy(reg, console, now)
     started = now().replace(microsecond=0)
-    run_id = f"{started:%Y%m%dT%H%M%SZ}-{hashlib.sha256(spec.path.read_bytes()).hexdigest()[:8]}-{secrets.token_hex(3)}"
+    run_id = f"{started:%Y%m%dT%H%M%SZ}-{hashlib.sha256(spec.source()).hexdigest()[:8]}-{secrets.token_hex(3)}"
     pointer = reg.read("PROMOTED")
     previous = json.loads(pointer)["run_id"] if pointer else None
     previous_metrics = json.loads(reg.read("runs", previous, "metrics.json") or b"null") if previous else None

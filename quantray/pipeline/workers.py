@@ -61,6 +61,7 @@ def mixed_cpus(pool: WorkerPool) -> str | None:
         return None
     return (f"the workers ran on {len(kinds)} kinds of CPU ("
             + "; ".join(f"{k['model']} {k['id']} {k['torch_capability']}" for k in kinds)
-            + "): FP32 kernels differ by CPU in the last bits, so this calibration's statistics are not bit-identical "
-              "to one with another worker count or shard layout (the manifest's pool.cpu says which worker ran "
-              "where); pin the job to one kind of node for that")
+            + "): FP32 kernels differ by CPU in the last bits, so what these workers computed (calibration statistics, "
+              "FP32 outputs) depends on which worker computed what: not bit-identical to a run with another worker "
+              "count or shard layout (the manifest's pool.cpu says which worker ran where); pin the job to one kind "
+              "of node for that")

@@ -15,7 +15,7 @@ def test_one_kind_of_cpu_is_silent_and_two_kinds_are_one_line_naming_them():
     line = mixed_cpus(SimpleNamespace(cpus={0: here, 1: other, 2: dict(here)}))
     assert line.startswith("the workers ran on 2 kinds of CPU (") and "\n" not in line
     assert f"{here['model']} {here['id']} {here['torch_capability']}; Intel(R) Xeon(R) Platinum 8481C" in line
-    assert "not bit-identical to one with another worker count or shard layout" in line
+    assert "not bit-identical to a run with another worker count or shard layout" in line
 
 
 def test_a_cpu_kind_names_what_decides_fp32_results():
