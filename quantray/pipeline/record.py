@@ -83,7 +83,8 @@ def manifest(ctx, job: Job, evaluation: Evaluation, *, qparams_digest: str, inpu
                        "nodes": {str(w): v for w, v in sorted(pool.nodes.items())},
                        "cpu": {str(w): v for w, v in sorted(pool.cpus.items())},
                        "cpu_kinds": len(cpu_kinds(pool)), "driver_cpu": cpu_kind()}
-        if mixed_cpus(pool):
-            out["pool"]["mixed_cpus"] = mixed_cpus(pool)
+        mixed = mixed_cpus(pool)
+        if mixed:
+            out["pool"]["mixed_cpus"] = mixed
     out.update(timings_s=ctx.timings, wall_s=ctx.wall_s())
     return out
