@@ -1,8 +1,9 @@
-"""Command line: argument parsing and exit codes only (0 ok, 1 run failed, 2 bad input, 3 gated out or
-the tune's budget not met).
+"""Command line: argument parsing and exit codes only (0 ok, 1 run failed, 2 bad input, 3 gated out,
+the tune's budget not met, or an INT8 engine fault found before tune's trials).
 
     quantray run jobs/digits.toml [--workers N] [--out DIR] [--no-cache] [--address ADDR]
     quantray tune jobs/digits_mobile.toml --max-drop 0.3 [--validation FILE.toml] [--trials N] [--workers N] [--out DIR]
+                  [--score-with engine|reference]
     quantray refresh jobs/digits.toml --registry DIR [--workers N] [--address ADDR]
     quantray evaluate RUN_DIR [--data FILE.toml] [--samples N] [--out DIR] [--no-cache] [--address ADDR]
     quantray report RUN_DIR
@@ -68,7 +69,7 @@ def _dispatch(args, out) -> int:
 
         result = tune(spec, max_drop=args.max_drop / 100, validation=args.validation, trials=args.trials,
                       workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache,
-                      rank_samples=args.rank_samples, console=out)
+                      rank_samples=args.rank_samples, score_with=args.score_with, console=out)
         return 0 if result.met else GATED_OUT
     if args.command == "refresh":
         from .commands.refresh import refresh
@@ -108,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=_positive, default=64, help="most trials to evaluate (default 64)")
     tune.add_argument("--rank-samples", type=_positive, default=256,
                       help="selection samples (whole batches, from the first) that rank layer sensitivity (default 256)")
+    tune.add_argument("--score-with", choices=("engine", "reference"), default="engine",
+                      help="score trials with the INT8 engine (default), or with torch's reference quantized model "
+                           "where the engine check finds a kernel fault (exit 3 otherwise)")
     tune.add_argument("--workers", type=_positive, help="workers (default: the CPUs Ray sees)")
     tune.add_argument("--out", help="tune directory to create (default: tunes/NAME-TIMESTAMP)")
     tune.add_argument("--no-cache", action="store_true", help="recompute every stored statistic")

@@ -1,6 +1,6 @@
 """The small error hierarchy: what the CLI turns into one line and an exit code."""
 
-__all__ = ["QuantrayError", "SpecError", "DataError", "CalibrationError", "first_line"]
+__all__ = ["QuantrayError", "SpecError", "DataError", "CalibrationError", "EngineFault", "first_line"]
 
 
 class QuantrayError(Exception):
@@ -21,6 +21,13 @@ class DataError(QuantrayError):
 
 class CalibrationError(QuantrayError):
     """Calibration could not produce exact statistics (a worker died, a range was violated)."""
+
+
+class EngineFault(QuantrayError):
+    """The INT8 kernels disagree with the reference quantization (`core.engine`): no choice of ranges
+    or layers can cure that, so `quantray tune` stops before its trials."""
+
+    exit_code = 3
 
 
 def first_line(error: BaseException) -> str:

@@ -6,6 +6,7 @@ per-layer errors, scores tune's trials and measures speed, building what it need
     worker.load_int8(key, script, state)               # once per INT8 model
     worker.evaluate(indices, stored_logits, layers)    # one test batch -> BatchScores
     worker.trial(quant, stats, batches, logits)        # one tune trial -> TrialScores
+    worker.engine_check(quant, stats, batches)         # that trial's INT8 kernels against the reference
     worker.speed(x, batch, warmup, iters, precision)   # latency (and throughput) of the models
 
 Plain Python and torch: `runner.WorkerPool` runs it in a Ray actor (calls as `calls.Call`s), tests
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..core import flow, merge
 from ..core.calibration import CalibrationWorker
+from ..core.engine import EngineCheck, EngineResult, merge_engine
 from ..core.evaluation import (
     ShardResult,
     cpu_kind,
@@ -66,6 +68,7 @@ class BatchScores:
     fp32_logits: torch.Tensor | None  # computed here (None: the stored ones were given)
     seconds: dict[str, float]         # each plain forward's time, by model, where one ran
     layers: LayerResult | None        # its per-layer signal and noise, when asked for
+    engine: EngineResult | None = None  # the engine against the reference, when asked for
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Worker:
                                                  setup.threads, setup.signature, setup.memory_bytes)
         self._test = data_mod.build_dataset(setup.test, where="[test]") if setup.test is not None else None
         self._int8_key, self._script, self._state, self._eager, self._logger = None, None, None, None, None
+        self._engine = None
         self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
         self.build_s = round(time.perf_counter() - started, 4)
 
@@ -102,7 +106,7 @@ class Worker:
             return
         flow.set_engine(self._quant.backend)
         self._script = torch.jit.load(io.BytesIO(script))
-        self._int8_key, self._state, self._eager, self._logger = key, state, None, None
+        self._int8_key, self._state, self._eager, self._logger, self._engine = key, state, None, None, None
 
     def _int8_eager(self):
         if self._eager is None:
@@ -111,13 +115,17 @@ class Worker:
         return self._eager
 
     def evaluate(self, indices: list[int], stored: torch.Tensor | None, layers: bool = False,
-                 upcoming: list[int] | None = None) -> BatchScores:
+                 upcoming: list[int] | None = None, engine: bool = False) -> BatchScores:
         """One test batch through FP32 (or its logits stored by an earlier run, `stored`) and the
         INT8 TorchScript model; with `layers`, its per-layer result too (the logged FP32 forward then
-        gives the FP32 logits). `upcoming`: this worker's next batch, whose data a sharded source
-        starts reading now."""
+        gives the FP32 logits); with `engine`, the engine check (`core.engine`). `upcoming`: this
+        worker's next batch, whose data a sharded source starts reading now."""
         x, y = data_mod.load_batch(self._test, indices, upcoming)
-        seconds, logits, layer = {}, stored, None
+        seconds, logits, layer, checked = {}, stored, None, None
+        if engine:
+            if self._engine is None:
+                self._engine = EngineCheck(self._int8_eager())
+            checked = self._engine.run(x, indices, y)
         with torch.inference_mode():
             if layers:
                 if self._logger is None:
@@ -131,22 +139,38 @@ class Worker:
             t = time.perf_counter()
             int8 = self._script(x)
             seconds["int8_torchscript"] = time.perf_counter() - t
-        return BatchScores(score_batch(indices, y, logits, int8), logits if stored is None else None, seconds, layer)
+        return BatchScores(score_batch(indices, y, logits, int8), logits if stored is None else None, seconds, layer,
+                           checked)
 
     def trial(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]],
-              logits: list[torch.Tensor]) -> TrialScores:
+              logits: list[torch.Tensor], reference: bool = False) -> TrialScores:
         """One `quantray tune` trial: `quant`'s INT8 model built here from the merged statistics
         (prepare_fx, load them, convert_fx: no forward pass), scored on `batches` against their FP32
-        `logits`."""
-        prepared = flow.prepare(self._fp32, quant, self._example)
-        stats.load(prepared)  # MissingStatistics names a value the calibration did not observe
-        int8 = flow.convert(prepared)
+        `logits`. `reference`: torch's reference quantized model is scored instead of the engine's."""
+        prepared, int8 = self._build(quant, stats)
+        if reference:
+            int8 = flow.reference(prepared)
         results = []
         with torch.inference_mode():
             for batch, fp32 in zip(batches, logits):
                 x, y = self._decoded_batch(batch)
                 results.append(score_batch(batch, y, fp32, int8(x)))
         return TrialScores(merge_results(results), merge.state_digest(prepared), len(state_dict_bytes(int8)))
+
+    def engine_check(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]]) -> EngineResult:
+        """`quant`'s INT8 model built from the merged statistics, its engine checked on `batches`."""
+        check, results = EngineCheck(self._build(quant, stats)[1]), []
+        for batch in batches:
+            x, y = self._decoded_batch(batch)
+            results.append(check.run(x, batch, y))
+        return merge_engine(results)
+
+    def _build(self, quant: QuantSpec, stats: MergedStats):
+        """The prepared model with the merged statistics loaded, and its INT8 model."""
+        flow.set_engine(quant.backend)
+        prepared = flow.prepare(self._fp32, quant, self._example)
+        stats.load(prepared)  # MissingStatistics names a value the calibration did not observe
+        return prepared, flow.convert(prepared)
 
     def fp32_logits(self, indices: list[int]) -> torch.Tensor:
         """The FP32 model's logits on one test batch (which a tune's trials then find decoded)."""

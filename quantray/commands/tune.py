@@ -4,6 +4,9 @@
     result.met, result.best, result.location       # trials.parquet, best.toml, best-run/, report.html
 
 One calibration (stored statistics reused) and FP32 evaluated once (its logits kept for every trial).
+Before any trial, the engine check (`core.engine`) of the job's own config: where the INT8 kernels
+disagree with the reference quantization, no range or FP32 layer can cure it, so tune says so and
+stops (exit 3), unless `score_with="reference"` scores every trial with torch's reference model.
 A trial is (activation range method, modules kept in FP32, weight scheme); a worker of the job's pool
 builds its INT8 model from the merged statistics (prepare_fx, load them, convert_fx: no forward pass)
 and scores it against the kept FP32 logits, trials dealt out round-robin. The search:
@@ -39,7 +42,7 @@ from .. import api, pipeline
 from ..core import flow
 from ..core.evaluation import wilson
 from ..core.ranges import METHODS
-from ..errors import SpecError
+from ..errors import EngineFault, SpecError
 from ..inputs.data import make_batches
 from ..report.html import render_tune
 from ..spec import WEIGHTS, JobSpec, QuantSpec, load_spec, load_test_section, to_toml
@@ -89,12 +92,14 @@ class TuneResult:
     stopped: str                     # why the search stopped
     optimistic: bool                 # chosen on the test split itself
     sensitivity: list[dict] = field(default_factory=list)
+    scored_with: str = "engine"      # "reference": the trials' figures are torch's reference model's
+    engine_check: dict | None = None
 
 
 def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path | None = None, trials: int = 64,
          workers: int | None = None, out: str | Path | None = None, address: str | None = None,
-         use_cache: bool = True, rank_samples: int = 256, console: Console | None = None,
-         context: pipeline.Context | None = None) -> TuneResult:
+         use_cache: bool = True, rank_samples: int = 256, score_with: str = "engine",
+         console: Console | None = None, context: pipeline.Context | None = None) -> TuneResult:
     """Search for the configuration with the fewest FP32 layers whose top-1 drop (a fraction: 0.003 is
     0.3 pt) on the selection set is within `max_drop`; write the tune directory (module docstring)."""
     spec = original = job if isinstance(job, JobSpec) else load_spec(job)
@@ -102,6 +107,8 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         raise SpecError(f"--max-drop {max_drop * 100:g}: points of top-1 between 0 and 100")
     if trials < 1:
         raise SpecError(f"--trials {trials}: at least 1")
+    if score_with not in ("engine", "reference"):
+        raise SpecError(f"--score-with {score_with}: engine or reference")
     selection = load_test_section(validation) if validation is not None else spec.test
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
     with (pipeline.session(ctx, out or Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,
@@ -119,7 +126,8 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
             with session.workers(loaded, prepared, workers=workers) as pool:
                 with ctx.stage("calibrate"):
                     calibrated = pipeline.calibrate(ctx, loaded, prepared, pool)
-                search = _Search(ctx, loaded, calibrated, pool, max_drop, trials, rank_samples)
+                search = _Search(ctx, loaded, calibrated, pool, max_drop, trials, rank_samples, score_with)
+                search.check_engine()
                 search.run()
             best = search.best()
             staged.write_bytes("best.toml", best_toml(original, best.trial).encode())
@@ -141,6 +149,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         staged.write_parquet("trials.parquet", rows, TRIALS_SCHEMA)
         met = best.row["drop"] <= max_drop
         summary = {"job": str(original.path), "max_drop": max_drop, "met": met, "stopped": search.stopped,
+                   "scored_with": score_with, "engine_check": search.engine,
                    "selection": str(validation) if validation is not None else "[test] of the job (optimistic)",
                    "trials": len(rows), "trial_limit": trials, "best_trial": best.row["trial"],
                    "sensitivity": search.sensitivity, "timings_s": ctx.timings, "wall_s": round(ctx.wall_s(), 3),
@@ -149,7 +158,8 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         staged.write_json("tune.json", summary)
         staged.write_bytes("report.html", render_tune(summary, rows, best_run.metrics).encode())
         location = session.commit({"kind": "tune", **summary})
-    result = TuneResult(location, met, best.row, rows, best_run, search.stopped, validation is None, search.sensitivity)
+    result = TuneResult(location, met, best.row, rows, best_run, search.stopped, validation is None, search.sensitivity,
+                        score_with, search.engine)
     print_tune(ctx.console, result)
     return result
 
@@ -157,14 +167,30 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
 class _Search:
     """The three phases over one pool; `scored` keeps every trial in the order it was evaluated."""
 
-    def __init__(self, ctx, job: pipeline.Job, calibrated: pipeline.Calibrated, pool, max_drop, limit, rank_samples):
+    def __init__(self, ctx, job: pipeline.Job, calibrated: pipeline.Calibrated, pool, max_drop, limit, rank_samples,
+                 score_with: str = "engine"):
         self.ctx, self.job, self.calibrated, self.pool = ctx, job, calibrated, pool
+        self.reference, self.engine = score_with == "reference", None
         self.max_drop, self.limit, self.stopped = max_drop, limit, ""
         self.batches = make_batches(job.test_idx, job.spec.test.batch_size)
         self.rank_batches = pipeline.first_batches(self.batches, rank_samples)
         self.scored: list[_Scored] = []
         self.sensitivity: list[dict] = []
         self.fp32_logits = pipeline.fp32_logits(ctx, job, pool, self.batches)
+
+    def check_engine(self) -> None:
+        """The job's own config, built from the calibration, its engine checked on the first batches
+        (64 samples): a fault ends the tune here (EngineFault), or, scoring with the reference, is said."""
+        self.engine = pipeline.check_engine(self.ctx, self.pool, self.job.spec.quantization, self.calibrated.stats,
+                                            pipeline.first_batches(self.batches, 64))
+        if self.engine["ok"] is not False:
+            return
+        if not self.reference:
+            raise EngineFault(f"{self.engine['message']}. quantray tune ran no trial: no range method or FP32 layer "
+                              "cures a kernel fault (--score-with reference scores trials with torch's reference "
+                              "quantized model instead)")
+        self.ctx.console.print(f"[yellow]{self.engine['message']}; scoring every trial with torch's reference "
+                               "quantized model (--score-with reference)[/]")
 
     def run(self) -> None:
         base = self.job.spec.quantization
@@ -230,7 +256,7 @@ class _Search:
             return []
         started = time.perf_counter()
         scores = pipeline.score_trials(self.ctx, self.pool, [(str(t), t.quant(self.job.spec.quantization)) for t in wave],
-                                       self.calibrated.stats, batches, self.fp32_logits)
+                                       self.calibrated.stats, batches, self.fp32_logits, self.reference)
         per_trial = (time.perf_counter() - started) * min(self.pool.size, len(wave)) / len(wave)  # a share of the wave
         return [self._record(trial, phase, scored, per_trial) for trial, scored in zip(wave, scores)]
 
@@ -282,6 +308,10 @@ def print_tune(console: Console, result: TuneResult) -> None:
         m = run.metrics
         console.print(f"on the job's \\[test]: FP32 {m['fp32']['top1']:.4f}, tuned INT8 {m['int8']['top1']:.4f} "
                       f"(drop {(m['fp32']['top1'] - m['int8']['top1']) * 100:+.2f} pt); its run: {join(result.location, 'best-run')}")
+    if result.scored_with == "reference":
+        console.print("[yellow]trial figures are torch's reference quantized model's, not the "
+                      f"{result.engine_check['engine'] if result.engine_check else ''} engine's "
+                      "(--score-with reference); the best run's figures are the engine's[/]")
     if result.optimistic:
         console.print("[yellow]choices were made on the test split itself (no --validation): the accuracy "
                       "reported for it is optimistic[/]")

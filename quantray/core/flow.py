@@ -30,13 +30,13 @@ from torch.ao.quantization import (
     get_default_qconfig_mapping,
 )
 from torch.ao.quantization.observer import HistogramObserver
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx, prepare_fx
 
 from ..errors import QuantrayError, SpecError
 from ..spec import QuantSpec, suggest
 from .ranges import RangeObserver
 
-__all__ = ["prepare", "convert", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
+__all__ = ["prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
            "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS",
            "quiet_torch_warnings", "without_stack_traces"]
 
@@ -157,6 +157,14 @@ def convert(prepared: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return convert_fx(copy.deepcopy(prepared)).eval()
+
+
+def reference(prepared: nn.Module) -> nn.Module:
+    """torch's reference quantized model of `prepared` (`convert_to_reference_fx`, on a copy): the same
+    scales and zero points, quantization simulated in float, no INT8 kernel involved."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return convert_to_reference_fx(copy.deepcopy(prepared)).eval()
 
 
 def rebuild_int8(fp32: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor, state_dict: dict) -> nn.Module:

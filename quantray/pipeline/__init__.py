@@ -19,11 +19,11 @@ from .evaluate import Evaluation, evaluate, first_batches
 from .fp32 import Fp32Memo
 from .load import Job, check, check_stats_location, load, load_for_evaluation, open_stats, prepare
 from .record import manifest, write_html, write_qparams, write_results
-from .trials import TrialScores, fp32_logits, score_trials
+from .trials import TrialScores, check_engine, fp32_logits, score_trials
 from .workers import start_workers
 
 __all__ = ["Context", "Session", "session", "Job", "check", "check_stats_location", "load", "load_for_evaluation",
            "open_stats", "prepare", "start_workers", "Calibrated", "calibrate", "calibration_executor", "Quantized",
            "quantize", "Fp32Memo", "Evaluation", "evaluate", "first_batches", "write_results", "write_qparams",
-           "write_html", "manifest", "fp32_logits", "score_trials",
+           "write_html", "manifest", "fp32_logits", "score_trials", "check_engine",
            "TrialScores"]

@@ -1,5 +1,5 @@
 """The evaluation stage: FP32 and INT8 on the pool's workers, test batches handed out round-robin,
-per-layer SQNR on the first batches, then speed (`speed.measure`).
+per-layer SQNR and the engine check on the first batches, then speed (`speed.measure`).
 
     evaluation = evaluate(ctx, job, quantized, pool)   # merged scores, layer rows, speed, plan
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from ..cluster.runner import Names, WorkerPool
 from ..cluster.worker import Worker
 from ..core.calls import Call
+from ..core.engine import engine_rows, engine_verdict, merge_engine
 from ..core.evaluation import ShardResult, merge_results
 from ..core.layers import layer_rows, merge_layers
 from ..digest import sha256_bytes
@@ -37,6 +38,7 @@ class Evaluation:
     plan: dict
     identities: list[str]
     data_read: dict | None = None  # Parquet shards: what each worker read (`_data_read`)
+    engine: dict | None = None     # the engine check's verdict (`engine.engine_verdict`)
 
 
 def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: bool = True) -> Evaluation:
@@ -50,13 +52,15 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
         stored = memo.logits(identities)
         n = min(pool.size, len(test_batches))
         layer_batches = first_batches(test_batches, run.layer_samples)  # the first k test batches
+        checked = max(1, len(layer_batches))  # the engine check runs even without per-layer SQNR
         layer_groups = [layer_batches[w::n] for w in range(n)]  # as handed out below: batch b to worker b % n
         load = Call("int8", Worker.load_int8, (sha256_bytes(quantized.state), pool.share(quantized.script),
                                                pool.share(quantized.state)))
         calls = {w: [load] for w in range(n)}
         for b, batch in enumerate(test_batches):  # round-robin: every worker gets a share of every region
             upcoming = test_batches[b + n] if b + n < len(test_batches) else None  # the worker's next batch
-            calls[b % n].append(Call(("batch", b), Worker.evaluate, (batch, stored[b], b < len(layer_batches), upcoming)))
+            calls[b % n].append(Call(("batch", b), Worker.evaluate, (batch, stored[b], b < len(layer_batches), upcoming,
+                                                                     b < checked)))
         weight = {("batch", b): len(batch) for b, batch in enumerate(test_batches)}
         bar = ctx.progress.add_task("evaluate", total=sum(weight.values())) if ctx.progress is not None else None
 
@@ -78,6 +82,11 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
             ctx.console.print(f"reused stored FP32 outputs: {reused} of {len(test_batches)} test batches "
                               f"(from {memo.store.location})")
         layers = layer_rows(merge_layers(s.layers for s in scored if s.layers is not None))
+        merged_engine = merge_engine(s.engine for s in scored)
+        engine = engine_verdict(merged_engine, spec.quantization.backend)
+        _join_engine(layers, engine_rows(merged_engine))
+        if engine["ok"] is False:
+            ctx.console.print(f"[bold red]{engine['message']}[/]")
         data_read = _data_read(job, pool)
     with ctx.stage("speed"):
         figures = speed.measure(ctx, job, quantized, pool, memo, scored, n)
@@ -85,7 +94,20 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
     plan = {"samples": len(job.test_idx), "batches": test_batches, "workers": {w: [b for b in range(len(test_batches))
                                                                                    if b % n == w] for w in range(n)},
             "fp32_batches_reused": reused, "layer_samples": sum(map(len, layer_batches)), "layer_workers": layer_groups}
-    return Evaluation(merged, layers, figures, plan, identities, data_read)
+    plan["engine_samples"] = engine["samples"]
+    return Evaluation(merged, layers, figures, plan, identities, data_read, engine)
+
+
+def _join_engine(layers: list[dict], checked: list[dict]) -> None:
+    """Each per-layer row gains its node's engine-vs-reference SQNR (None where not checked or equal)
+    and whether the check called it a fault."""
+    by_node = {r["layer"]: r for r in checked}
+    by_module = {r["module"]: r for r in checked if r["module"]}
+    for row in layers:
+        found = by_module.get(row["module"]) if row["module"] else None
+        found = found or by_node.get(row["layer"])
+        row["engine_sqnr_db"] = found["sqnr_db"] if found else None
+        row["engine_fault"] = found["fault"] if found else None
 
 
 def _data_read(job: Job, pool: WorkerPool) -> dict | None:

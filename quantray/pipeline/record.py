@@ -38,6 +38,8 @@ def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, int8_size
     sqnr = [r for r in outcome.layers if r["sqnr_db"] is not None and r["quantized"]]
     metrics["layers"] = {"count": sum(r["quantized"] for r in outcome.layers), "samples": outcome.plan["layer_samples"],
                          "worst": sorted(sqnr, key=lambda r: r["sqnr_db"])[:5]}
+    if outcome.engine is not None:
+        metrics["engine_check"] = outcome.engine
     run.write_json("metrics.json", metrics)
     return metrics
 

@@ -3,6 +3,7 @@ built from one calibration's merged statistics and scored on the pool's workers.
 
     logits = fp32_logits(ctx, job, pool, batches)               # the memo's, else computed once
     scored = score_trials(ctx, pool, quants, stats, batches, logits)   # [TrialScores], in order
+    verdict = check_engine(ctx, pool, quant, stats, batches)     # the engine check of one config
 
 Each worker builds a trial's INT8 model from the merged statistics (prepare_fx, load them,
 convert_fx: no forward pass) and scores it against the FP32 logits; trials are dealt out
@@ -16,13 +17,14 @@ import torch
 from ..cluster.runner import Names, WorkerPool
 from ..cluster.worker import TrialScores, Worker
 from ..core.calls import Call
+from ..core.engine import engine_verdict, merge_engine
 from ..core.modes import MergedStats
 from ..inputs.data import batch_identities
 from ..spec import QuantSpec
 from .fp32 import Fp32Memo
 from .load import Job, open_stats
 
-__all__ = ["fp32_logits", "score_trials", "TrialScores"]
+__all__ = ["fp32_logits", "score_trials", "check_engine", "TrialScores"]
 
 # Lines name the trial (or the FP32 batch) a call was for.
 _NAMES = Names(worker=lambda w: f"tune worker {w}",
@@ -49,12 +51,24 @@ def fp32_logits(ctx, job: Job, pool: WorkerPool, batches: list[list[int]]) -> li
     return logits
 
 
+def check_engine(ctx, pool: WorkerPool, quant: QuantSpec, stats: MergedStats, batches: list[list[int]]) -> dict:
+    """The engine check (`core.engine`) of `quant`'s INT8 model built from `stats`, on `batches`
+    spread over the pool's workers: its verdict."""
+    n, shared = min(pool.size, len(batches)), pool.share(stats)
+    calls = {w: [Call((w, "engine check"), Worker.engine_check, (quant, shared, batches[w::n]))]
+             for w in range(n)}
+    with ctx.stage("engine_check"):
+        results = pool.run(calls, names=_NAMES)
+    return engine_verdict(merge_engine(results.values()), quant.backend)
+
+
 def score_trials(ctx, pool: WorkerPool, quants: list[tuple[str, QuantSpec]], stats: MergedStats,
-                 batches: list[list[int]], logits: list[torch.Tensor]) -> list[TrialScores]:
+                 batches: list[list[int]], logits: list[torch.Tensor], reference: bool = False) -> list[TrialScores]:
     """Each (name, quantization) built from `stats` and scored on `batches` against their FP32
-    `logits`, on the pool's workers side by side; in the order given."""
+    `logits`, on the pool's workers side by side; in the order given. `reference`: torch's reference
+    quantized models are scored instead of the engine's INT8 models."""
     n = min(pool.size, len(quants))
-    shared = (pool.share(stats), pool.share(batches), pool.share(logits[:len(batches)]))
+    shared = (pool.share(stats), pool.share(batches), pool.share(logits[:len(batches)]), reference)
     calls = {w: [Call((t, f"trial {name}"), Worker.trial, (quant, *shared))
                  for t, (name, quant) in enumerate(quants) if t % n == w] for w in range(n)}
     with ctx.stage("trials"):

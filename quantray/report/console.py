@@ -91,6 +91,9 @@ def print_summary(console: Console, metrics: dict, manifest: dict, run_dir) -> N
     for extra in (class_table(metrics), layer_table(metrics)):
         if extra is not None:
             console.print(extra)
+    check = metrics.get("engine_check")
+    if check is not None and check["ok"] is False:  # after the tables too: it changes how to read them
+        console.print(f"[bold red]engine check failed: {check['message']}[/]")
     timings = ", ".join(f"{k} {v:.1f}s" for k, v in manifest["timings_s"].items())
     if "evaluates" in manifest:
         who = f"evaluation of {manifest['evaluates']['run_dir']} in {manifest['workers']} tasks"

@@ -36,7 +36,7 @@ def render(metrics: dict, layers: list[dict], manifest: dict) -> str:
              f"<p class=muted>{_e(manifest.get('created', ''))} · quantray {_e(manifest.get('quantray', ''))} · "
              f"backend {_e(manifest.get('backend', ''))} · {metrics['samples']} test samples · "
              f"qparams digest {_e(manifest.get('qparams_digest', '')[:16])}</p>",
-             _summary(metrics),
+             _summary(metrics), _engine_line(metrics.get("engine_check")),
              "<h2>Per-layer SQNR (INT8 output vs FP32, higher is better)</h2>", _layers_plot(layers),
              _worst_layers(layers),
              "<h2>Per-class top-1 change (INT8 minus FP32)</h2>", _class_plot(metrics.get("per_class", [])),
@@ -127,8 +127,14 @@ def _layers_plot(layers: list[dict]) -> str:
     bars = []
     for r in rows:
         name = (r["module"] or r["layer"]) + ("" if r["quantized"] else " (fp32)")
+        fault = bool(r.get("engine_fault"))  # the engine check's mark: this layer's kernel is wrong here
         color = COLORS["bad"] if r["layer"] in worst else COLORS["int8"] if r["quantized"] else COLORS["grid"]
-        bars.append((name, r["sqnr_db"], color, f"{name} ({r['int8_type']}): {r['sqnr_db']:.2f} dB", f"{r['sqnr_db']:.1f}"))
+        title = f"{name} ({r['int8_type']}): {r['sqnr_db']:.2f} dB"
+        if r.get("engine_sqnr_db") is not None:
+            title += f"; engine vs reference {r['engine_sqnr_db']:.1f} dB"
+        bars.append((("\u26a0 engine fault: " if fault else "") + name, r["sqnr_db"], color,
+                     title + ("; ENGINE FAULT: the kernel disagrees with the reference" if fault else ""),
+                     f"{r['sqnr_db']:.1f}"))
     return _hbars(bars, low, top, 560, "per-layer SQNR in dB")
 
 
@@ -155,6 +161,19 @@ def _axis(left, y, width, low, high, unit) -> list[str]:
         x = left + width * i / 4
         out.append(_text(x, y, f"{value:.3g} {unit}" if i == 4 else f"{value:.3g}", "middle"))
     return out
+
+
+def _engine_line(check: dict | None) -> str:
+    """One line: do the INT8 kernels compute what the quantization says (`core.engine`)?"""
+    if check is None:
+        return ""
+    if check["ok"] is None:
+        return f"<p class=muted>Engine check: not made ({_e(check.get('message') or '')}).</p>"
+    if check["ok"]:
+        return (f"<p class=muted>Engine check: the {_e(check['engine'])} kernels agree with the reference quantization "
+                f"on {check['layers_checked']} layers ({check['samples']} samples): every output within "
+                f"{check['threshold']['steps'] - 1} quantization step of it.</p>")
+    return f"<p style=\"color:{COLORS['bad']};font-weight:bold\">Engine check failed: {_e(check['message'])}</p>"
 
 
 def _worst_layers(layers: list[dict], most: int = 5) -> str:

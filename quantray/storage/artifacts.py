@@ -10,7 +10,8 @@ Layout (a contract other tools rely on):
     metrics.json         fp32/int8 top1, top5 (95% CIs), latency_ms, size_mb; agreement, logit SQNR,
                          per-class accuracy, INT8 confusion matrix, speed and its conditions, worst layers
     predictions.parquet  one row per test sample: label, top-1, top-5 and margin of both models
-    layers.parquet       one row per quantized layer: SQNR of its INT8 output against FP32
+    layers.parquet       one row per quantized layer: SQNR of its INT8 output against FP32, and of the
+                         engine's output against the reference quantization on the same input
     report.html          one self-contained page with the tables and plots (no network needed)
 
 A run directory is a local path or a URI (`store.Store`); it is written by `store.StagedDir`.
@@ -46,7 +47,7 @@ PREDICTIONS_SCHEMA = pa.schema([
 LAYERS_SCHEMA = pa.schema([
     ("position", pa.int64()), ("layer", pa.string()), ("module", pa.string()), ("fp32_type", pa.string()),
     ("int8_type", pa.string()), ("quantized", pa.bool_()), ("samples", pa.int64()), ("signal", pa.float64()), ("noise", pa.float64()),
-    ("sqnr_db", pa.float64()),
+    ("sqnr_db", pa.float64()), ("engine_sqnr_db", pa.float64()), ("engine_fault", pa.bool_()),
 ])
 
 

@@ -3,7 +3,7 @@
     store = StatsStore(spec.run.cache_dir or default_location(), fp32, threads)   # a path or a URI
     store.get(store.key("log", batch_identity)) ...
 
-A key hashes the store's base (the FP32 weights, the per-worker thread count, the torch version)
+A key hashes the store's base (the FP32 weights, class and modules, the per-worker thread count, the torch version)
 and the entry's own parts: a pass-1 log of a batch, its identity; exact pass-2 counts of a shard,
 its batches' identities; FP32 logits of a test batch, its identity. Entries are keyed by the FP32
 values they observe (`sites`), not by the quantization config, so another config over the same
@@ -37,7 +37,11 @@ class StatsStore:
 
     def __init__(self, location: str | Path, model: torch.nn.Module, threads: int, what: str = "[run] cache_dir"):
         self.store = Store(location, what)
-        self.base = digest(["quantray-stats", FORMAT, state_dict_digest(model), threads, torch.__version__])
+        # Weights alone do not name a model: a ReLU swapped for a ReLU6 keeps the state_dict (and would
+        # find the other model's FP32 outputs). Its class and modules (their repr) are in the key too;
+        # code in forward() that no module shows is not.
+        self.base = digest(["quantray-stats", FORMAT, state_dict_digest(model), threads, torch.__version__,
+                            f"{type(model).__module__}.{type(model).__qualname__}", repr(model)])
         self.hits = self.misses = 0
         self.unwritable: str | None = None  # why entries could not be stored, if they could not
 
