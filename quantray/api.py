@@ -68,7 +68,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
         with ctx.stage("load"):
             job = pipeline.load(spec)
         with ctx.stage("prepare"):
-            prepared = pipeline.prepare(job)
+            prepared = pipeline.prepare(job, ctx.console)
         with session.cluster(address), session.workers(job, prepared, workers=workers, shard_order=shard_order) as pool:
             with ctx.stage("calibrate"):
                 calibrated = pipeline.calibrate(ctx, job, prepared, pool, use_cache=use_cache)
@@ -82,7 +82,8 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
             metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), len(quantized.state),
                                              len(quantized.script))
         manifest = pipeline.manifest(ctx, job, evaluation, qparams_digest=quantized.digest,
-                                     input_shape=list(job.example.shape), calibrated=calibrated, pool=pool)
+                                     input_shape=list(job.example.shape), calibrated=calibrated, pool=pool,
+                                     quantized=quantized)
         if before_commit is not None:
             before_commit(staged, manifest)
         pipeline.write_html(staged, metrics, evaluation.layers, manifest)

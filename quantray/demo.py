@@ -27,7 +27,7 @@ from torch import nn
 from .digest import sha256_bytes
 from .errors import QuantrayError
 
-__all__ = ["DigitsCNN", "digits_cnn", "digits_cnn_relu6", "digits_mobilenet", "train", "CHECKPOINTS"]
+__all__ = ["DigitsCNN", "digits_cnn", "digits_cnn_relu6", "digits_cnn_spread", "digits_mobilenet", "train", "CHECKPOINTS"]
 
 # factory name -> (architecture, shipped checkpoint, its sha256)
 CHECKPOINTS = {
@@ -89,6 +89,24 @@ def digits_cnn_relu6() -> DigitsCNN:
     (torch 2.14.1) while the reference quantization is right; the engine check's shipped case."""
     model = _shipped("digits_cnn")
     model.relu = nn.ReLU6()
+    return model
+
+
+def digits_cnn_spread(decades: float = 3.0, seed: int = 0) -> DigitsCNN:
+    """The trained demo CNN, the same function with its channels rescaled: `jobs/digits_spread.toml`'s
+    model, the case cross-layer equalization is shown on. Through each ReLU (and max pool), output
+    channel c of conv1 and of conv2 is multiplied by s_c and the next convolution's input channel c
+    divided by it (f(s x) = s f(x) for s > 0), s log-uniform over `decades` (seeded): per-channel
+    weight ranges then differ by up to 10^decades, the spread Nagel et al. (2019, Fig. 2) show in
+    BN-folded MobileNetV2. FP32 outputs are unchanged up to float rounding; per-tensor INT8 is not."""
+    model = _shipped("digits_cnn")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a, b in ((model.conv1, model.conv2), (model.conv2, model.conv3)):
+            s = 10 ** ((torch.rand(a.out_channels, generator=generator) - 0.5) * decades)
+            a.weight.mul_(s.view(-1, 1, 1, 1))
+            a.bias.mul_(s)
+            b.weight.div_(s.view(1, -1, 1, 1))
     return model
 
 

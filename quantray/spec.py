@@ -237,6 +237,8 @@ class QuantSpec:
     activation_range: str | None = None  # None: the observer's own (l2 for the backends' default histogram)
     percentile: float = 99.99            # for activation_range = "percentile": two-sided, (100 - p)th and pth
     weight: str | None = None
+    equalize: bool = False               # cross-layer equalization of the FP32 model first (`core.equalize`)
+    bias_correction: bool = False        # each layer's mean output error from its weights, into its bias
     module_types: dict = field(default_factory=dict)
     module_names: dict = field(default_factory=dict)
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..core import flow, merge
+from ..core.bias import correct_biases
 from ..core.calibration import CalibrationWorker
 from ..core.engine import EngineCheck, EngineResult, merge_engine
 from ..core.evaluation import (
@@ -38,6 +39,7 @@ from ..core.evaluation import (
 )
 from ..core.layers import LayerLogger, LayerResult
 from ..core.modes import MergedStats
+from ..errors import CalibrationError
 from ..inputs import data as data_mod
 from ..spec import DataSpec, QuantSpec
 
@@ -128,11 +130,13 @@ class Worker:
             checked = self._engine.run(x, indices, y)
         with torch.inference_mode():
             if layers:
-                if self._logger is None:
-                    self._logger = LayerLogger(self._fp32, self._int8_eager())
+                if self._logger is None:  # layer by layer, INT8 is compared with the FP32 model it was made from
+                    self._base = flow.base_model(self._fp32, self._quant)
+                    self._logger = LayerLogger(self._base, self._int8_eager())
                 fp32, layer = self._logger.log(x, indices)
-                logits = fp32 if logits is None else logits
-            elif logits is None:
+                if logits is None and self._base is self._fp32:  # an equalized model's logits differ by rounding
+                    logits = fp32
+            if logits is None:
                 t = time.perf_counter()
                 logits = self._fp32(x)
                 seconds["fp32"] = time.perf_counter() - t
@@ -170,7 +174,12 @@ class Worker:
         flow.set_engine(quant.backend)
         prepared = flow.prepare(self._fp32, quant, self._example)
         stats.load(prepared)  # MissingStatistics names a value the calibration did not observe
-        return prepared, flow.convert(prepared)
+        int8 = flow.convert(prepared)
+        if quant.bias_correction:
+            if stats.bias is None:
+                raise CalibrationError("bias correction needs the calibration's input sums, which it did not gather")
+            correct_biases(int8, prepared, stats.bias)
+        return prepared, int8
 
     def fp32_logits(self, indices: list[int]) -> torch.Tensor:
         """The FP32 model's logits on one test batch (which a tune's trials then find decoded)."""

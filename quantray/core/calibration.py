@@ -21,6 +21,7 @@ import torch
 from ..errors import CalibrationError, DataError, QuantrayError
 from ..inputs import data as data_mod
 from . import flow, sites
+from .bias import InputSums
 from .calls import Call
 from .merge import sites_key
 from .probes import attach_probes
@@ -56,6 +57,7 @@ class CalibrationWorker:
         self.dataset = data_mod.build_dataset(data, where="[calibration]")
         self._batches: dict[int, torch.Tensor] = {}
         self._kept = KeptValues(memory_bytes)
+        self._sums: InputSums | None = None
 
     def log(self, batch_id: int, indices: list[int], fast: bool = False):
         """Pass 1 on one batch: the exact (min, max) of each observed value, or a `Failure`.
@@ -74,6 +76,18 @@ class CalibrationWorker:
         if kept and self._kept.add(batch_id, list(kept.values()), time.perf_counter() - t):
             self._batches.pop(batch_id, None)  # pass 2 needs no input for a kept batch
         return self._recorder.batch_log()
+
+    def input_sums(self, batch_id: int, indices: list[int]):
+        """Bias correction's pass on one batch: each layer's input patch sums (`core.bias`), or a `Failure`."""
+        if self._sums is None:
+            self._sums = InputSums(self._model)
+        self._recorder.start_log()  # the probes see the batch as in pass 1; their log is not used
+        try:
+            with self._sums.recording() as sums:
+                self._forward(batch_id, indices)
+        except DataError as e:
+            return Failure(batch_id, str(e))
+        return sums
 
     def start_counts(self, requests: dict) -> None:
         self._recorder.start_counts(requests)

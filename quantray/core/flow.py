@@ -36,7 +36,7 @@ from ..errors import QuantrayError, SpecError
 from ..spec import QuantSpec, suggest
 from .ranges import RangeObserver
 
-__all__ = ["prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
+__all__ = ["base_model", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
            "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS",
            "quiet_torch_warnings", "without_stack_traces"]
 
@@ -120,10 +120,25 @@ def _qconfig(base: QConfig, backend: str, choice, percentile: float = 99.99) -> 
     return QConfig(activation=activation, weight=weight)
 
 
+def base_model(model: nn.Module, quant: QuantSpec | str) -> nn.Module:
+    """The FP32 model that `quant` quantizes: `model` itself, or its cross-layer-equalized copy
+    (`[quantization] equalize`), which computes the same function up to float rounding."""
+    quant = _quant(quant)
+    if not quant.equalize:
+        return model
+    from .equalize import equalize
+
+    equalized, _ = equalize(model)
+    equalized.quantray_transform = "equalize-v1"  # in every observed value's key (`sites`)
+    return equalized
+
+
 def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> nn.Module:
-    """`prepare_fx` on a copy of `model` (the FP32 model stays untouched)."""
+    """`prepare_fx` on a copy of `model` (the FP32 model stays untouched), equalized first where
+    `quant` says so (`base_model`)."""
     quant = _quant(quant)
     set_engine(quant.backend)
+    model = base_model(model, quant)
     modules = dict(model.named_modules())
     for name in quant.module_names:
         if name not in modules:
@@ -132,7 +147,13 @@ def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tens
                             + (f"; close: {', '.join(close)}" if close else ""))
     with warnings.catch_warnings(), without_stack_traces():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch points to torchao's PT2E flow
-        return prepare_fx(copy.deepcopy(model).eval(), qconfig_mapping(quant), (example_inputs,))
+        prepared = prepare_fx(copy.deepcopy(model).eval(), qconfig_mapping(quant), (example_inputs,))
+    transform = getattr(model, "quantray_transform", None)
+    if transform is not None:  # on the input nodes, whose meta copies of the graph keep (`sites` reads it)
+        for node in prepared.graph.nodes:
+            if node.op == "placeholder":
+                node.meta["quantray_transform"] = transform
+    return prepared
 
 
 @contextlib.contextmanager

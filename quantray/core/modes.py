@@ -18,15 +18,17 @@ any executor; nothing here knows about Ray or storage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import merge
+from .bias import merge_sums
 from .calibration import CalibrationWorker
 from .probes import count_key
 from .sites import HISTOGRAM, Observed, observed_values
 
-__all__ = ["Plan", "Pass", "Mode", "MergedStats", "ExactStats", "ReplayStats", "FastStats", "MODES"]
+__all__ = ["Plan", "Pass", "Mode", "MergedStats", "ExactStats", "ReplayStats", "FastStats", "MODES", "bias_pass",
+           "merge_bias"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class MergedStats:
     mode has, load the min/max observers; histogram observers load from the mode's own result."""
 
     logs: dict[int, dict]
+    # bias correction's input sums {layer: (S, count)}, merged in batch order (`core.bias`); None: not gathered
+    bias: dict | None = field(default=None, kw_only=True)
 
     def load(self, prepared) -> dict[str, int]:
         """Write the statistics into `prepared`'s observers (any config over the same FP32 graph);
@@ -217,3 +221,21 @@ class Fast(Mode):
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (Exact(), Replay(), Fast())}
+
+
+def bias_pass(plan: Plan, done: dict, share) -> Pass:
+    """Bias correction's pass, after any mode's, per batch: each layer's input patch sums (`core.bias`).
+    Its stored entries are keyed by the batch and the graph's observed values (which the FP32
+    weights' transform, equalization, changes)."""
+    graph = sorted(v.key for o in plan.observed.values() for v in o.values)
+    return Pass("bias", "batch", list(range(len(plan.batches))),
+                key=lambda b: ["bias", plan.identities[b], graph],
+                calls=lambda b: [(CalibrationWorker.input_sums, (b, plan.batches[b]))],
+                collect=lambda b, returned: returned[0],
+                covers=lambda b, entry: True,
+                combine=lambda old, new: new)
+
+
+def merge_bias(done: dict) -> dict:
+    """The bias pass's per-batch sums, added in batch order: the same bits for any layout."""
+    return merge_sums(done[b] for b in sorted(done))

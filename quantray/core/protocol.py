@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from ..errors import DataError
 from .calibration import CalibrationWorker, Failure
 from .calls import Call
-from .modes import MergedStats, Mode, Pass, Plan
+from .modes import MergedStats, Mode, Pass, Plan, bias_pass, merge_bias
 
 __all__ = ["calibrate", "Calibration"]
 
 # Worker calls a progress bar counts: one per batch.
-_PER_BATCH = (CalibrationWorker.log, CalibrationWorker.count, CalibrationWorker.replay)
+_PER_BATCH = (CalibrationWorker.log, CalibrationWorker.count, CalibrationWorker.replay, CalibrationWorker.input_sums)
 
 
 @dataclass
@@ -36,12 +36,14 @@ class Calibration:
     info: dict = field(default_factory=dict)
 
 
-def calibrate(mode: Mode, executor, plan: Plan, *, store=None, progress=None, clock=time.perf_counter) -> Calibration:
-    """Run `mode`'s passes over `plan` on `executor`, reusing and filling `store` (a `stats.StatsStore`)."""
+def calibrate(mode: Mode, executor, plan: Plan, *, store=None, progress=None, clock=time.perf_counter,
+              bias: bool = False) -> Calibration:
+    """Run `mode`'s passes over `plan` on `executor`, reusing and filling `store` (a `stats.StatsStore`);
+    with `bias`, bias correction's pass too (`core.bias`: the result's `stats.bias`)."""
     info: dict = {"mode": mode.name, "cached": {}}
     done: dict = {}
     ran: set = set()
-    for make_pass in mode.passes:
+    for make_pass in (*mode.passes, *((bias_pass,) if bias else ())):
         t = clock()
         step = make_pass(plan, done, executor.share)
         done[step.name], info["cached"][step.name] = _run_pass(step, plan, executor, store, progress, ran)
@@ -50,7 +52,10 @@ def calibrate(mode: Mode, executor, plan: Plan, *, store=None, progress=None, cl
         sources = executor.run({s: [Call(s, CalibrationWorker.pass2_sources)] for s in sorted(ran)})
         info["pass2_batches"] = {k: sum(v[k] for v in sources.values()) for k in ("memory", "disk", "forward")}
         info["peak_kept_bytes"] = {s: v["peak_kept_bytes"] for s, v in sorted(sources.items())}
-    return Calibration(mode.merge(plan, done), info)
+    stats = mode.merge(plan, done)
+    if bias:
+        stats.bias = merge_bias(done["bias"])
+    return Calibration(stats, info)
 
 
 def _run_pass(step: Pass, plan: Plan, executor, store, progress, ran: set) -> tuple[dict, list[int]]:

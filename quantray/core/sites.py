@@ -10,7 +10,8 @@ A value's key is its node's name in the fused FP32 graph and a digest of everyth
 decides what it computes: each node's operation, its module's class and settings (its repr), and
 the nodes it reads (observers are identities during calibration and are looked through). A config
 whose prepare_fx fused differently upstream gives another key, so reuse is refused, never wrong.
-Weights are not in the key: stored statistics are keyed by the FP32 state_dict besides (`stats`).
+Weights are not in the key: stored statistics are keyed by the FP32 state_dict besides (`stats`);
+a transform of those weights before prepare_fx (`flow.base_model`: equalization) is, at the input.
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def _values(model: fx.GraphModule) -> dict[fx.Node, Value]:
         refer = lambda a: ("node", keys[a]) if isinstance(a, fx.Node) else a  # noqa: E731
         parts = [node.op, node.name, _target(node), fx.node.map_aggregate(node.args, refer),
                  fx.node.map_aggregate(node.kwargs, refer)]
+        if node.op == "placeholder":  # a transform of the FP32 weights (equalization) changes every value
+            parts.append(node.meta.get("quantray_transform"))
         if node.op == "call_module":
             module = model.get_submodule(node.target)
             parts += [f"{type(module).__module__}.{type(module).__qualname__}", repr(module)]

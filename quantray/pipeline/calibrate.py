@@ -16,6 +16,7 @@ from torch import nn
 from ..cluster.runner import Names, WorkerPool
 from ..cluster.worker import calibration_of
 from ..core import flow, merge
+from ..core.bias import correct_biases
 from ..core.calls import Call
 from ..core.evaluation import state_dict_bytes
 from ..core.modes import MODES, MergedStats, Plan
@@ -57,10 +58,13 @@ class Calibrated:
     plan: Plan
     info: dict
     stats: MergedStats      # they load into any config over the same FP32 model (tune's trials)
+    bias_correction: bool = False  # the INT8 model gets its biases corrected from `stats.bias`
 
 
-def calibrate(ctx, job: Job, prepared: nn.Module, pool: WorkerPool, *, use_cache: bool = True) -> Calibrated:
-    """Calibrate on the pool (one shard per worker) with the job's merge mode, reusing stored statistics."""
+def calibrate(ctx, job: Job, prepared: nn.Module, pool: WorkerPool, *, use_cache: bool = True,
+              bias_sums: bool | None = None) -> Calibrated:
+    """Calibrate on the pool (one shard per worker) with the job's merge mode, reusing stored statistics.
+    `bias_sums`: gather bias correction's input sums too (default: where the job corrects biases)."""
     spec = job.spec
     batches = make_batches(job.calib_idx, spec.calibration.batch_size)
     shards = assign_shards(len(batches), pool.wanted)
@@ -69,8 +73,9 @@ def calibrate(ctx, job: Job, prepared: nn.Module, pool: WorkerPool, *, use_cache
     plan = Plan(batches, shards, observed_values(prepared), batch_identities(job.calib_ds, spec.calibration, batches))
     store = open_stats(job, use_cache)
     started, received = ctx.clock(), pool.bytes_received
+    correct = spec.quantization.bias_correction
     result = run_protocol(MODES[spec.quantization.mode], calibration_executor(pool), plan, store=store,
-                          progress=ctx.progress, clock=ctx.clock)
+                          progress=ctx.progress, clock=ctx.clock, bias=correct if bias_sums is None else bias_sums)
     result.info.update(bytes_from_workers=pool.bytes_received - received, attempts=dict(pool.attempts),
                        actors_ready_s=round(max(0.0, pool.ready_at - started), 4) if pool.ready_at else 0.0)
     reused = {k: v for k, v in result.info["cached"].items() if v[0]}
@@ -82,7 +87,7 @@ def calibrate(ctx, job: Job, prepared: nn.Module, pool: WorkerPool, *, use_cache
     if mixed:
         ctx.console.print(f"[yellow]{mixed}[/]")
     counts = result.stats.load(prepared)
-    return Calibrated(prepared, counts, plan, result.info, result.stats)
+    return Calibrated(prepared, counts, plan, result.info, result.stats, correct)
 
 
 @dataclass
@@ -93,11 +98,13 @@ class Quantized:
     script: bytes
     rows: list[dict] = field(default_factory=list)
     digest: str = ""
+    bias_correction: dict | None = None  # what `bias.correct_biases` did, where it ran
 
 
 def quantize(calibrated: Calibrated) -> Quantized:
     int8 = flow.convert(calibrated.prepared)
+    corrected = correct_biases(int8, calibrated.prepared, calibrated.stats.bias) if calibrated.bias_correction else None
     script = io.BytesIO()
     torch.jit.save(torch.jit.script(int8), script)
     return Quantized(state_dict_bytes(int8), script.getvalue(), merge.qparam_rows(calibrated.prepared, calibrated.counts),
-                     merge.state_digest(calibrated.prepared))
+                     merge.state_digest(calibrated.prepared), corrected)

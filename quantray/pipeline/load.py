@@ -42,6 +42,7 @@ class Job:
     calib_ds: object = None
     calib_idx: list[int] | None = None
     stats: StatsStore | None = field(default=None, repr=False)  # opened once, by the first stage that needs it
+    transforms: dict = field(default_factory=dict)  # what was done to the FP32 weights before prepare_fx
 
     @property
     def where(self) -> str:
@@ -84,9 +85,12 @@ def load_for_evaluation(spec: JobSpec, manifest: dict, where: str) -> Job:
     return Job(spec, fp32, fp32_bytes, test_ds, test_idx, torch.zeros(manifest["input_shape"]))
 
 
-def prepare(job: Job) -> nn.Module:
-    """prepare_fx with the job's qconfig; a model prepare_fx cannot take is the user's to fix (exit 2)."""
+def prepare(job: Job, console: Console | None = None) -> nn.Module:
+    """prepare_fx with the job's qconfig (after equalization, where it asks for it, recorded in
+    `job.transforms`); a model prepare_fx cannot take is the user's to fix (exit 2)."""
     try:
+        if job.spec.quantization.equalize:
+            _equalization(job, console)
         return flow.prepare(job.fp32, job.spec.quantization, job.example)
     except SpecError as e:
         raise SpecError(f"{job.where}: {e}") from None
@@ -95,6 +99,16 @@ def prepare(job: Job) -> nn.Module:
     except Exception as e:  # most often: the model is not symbolically traceable
         raise SpecError(f"{job.where}: [model] prepare_fx failed: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def _equalization(job: Job, console: Console | None) -> None:
+    from ..core.equalize import equalize
+
+    done = job.transforms["equalization"] = equalize(job.fp32)[1]
+    if not done["pairs"] and console is not None:
+        why = f" ({'; '.join(done['skipped'])})" if done["skipped"] else ""
+        console.print(f"[yellow]{job.where}: [quantization] equalize = true: the model has no pair of conv/linear "
+                      f"layers joined through ReLU-like steps{why}; nothing was equalized[/]")
 
 
 def check_stats_location(spec: JobSpec, use_cache: bool) -> None:

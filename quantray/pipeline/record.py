@@ -56,7 +56,7 @@ def write_html(run: StagedDir, metrics: dict, layers: list[dict], manifest: dict
 
 def manifest(ctx, job: Job, evaluation: Evaluation, *, qparams_digest: str, input_shape: list[int],
              calibrated: Calibrated | None = None, evaluates: dict | None = None,
-             pool: WorkerPool | None = None) -> dict:
+             pool: WorkerPool | None = None, quantized: Quantized | None = None) -> dict:
     """manifest.json for a run (`calibrated`) or an evaluation of one (`evaluates`)."""
     spec = job.spec
     out = {"quantray": __version__, "created": ctx.now().isoformat(),
@@ -65,6 +65,10 @@ def manifest(ctx, job: Job, evaluation: Evaluation, *, qparams_digest: str, inpu
            "input_shape": input_shape, "threads": spec.run.threads,
            "speed_conditions": evaluation.speed["conditions"], "evaluation": evaluation.plan,
            "qparams_digest": qparams_digest, "fp32_state_sha256": sha256_bytes(job.fp32_bytes)}
+    if job.transforms:  # equalization: the FP32 weights INT8 was made from are not the model's own
+        out["transforms"] = job.transforms
+    if quantized is not None and quantized.bias_correction is not None:
+        out["bias_correction"] = quantized.bias_correction
     if spec.model.checkpoint is None:  # the model's weights are what it was built with, under this seed
         out["model_init_seed"] = spec.model.seed
     if calibrated is not None:
