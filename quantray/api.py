@@ -74,6 +74,9 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
                 calibrated = pipeline.calibrate(ctx, job, prepared, pool, use_cache=use_cache)
             with ctx.stage("convert"):
                 quantized = pipeline.quantize(calibrated)
+            if quantized.bias_correction is not None and not quantized.bias_correction["layers"]:
+                ctx.console.print(f"[yellow]{spec.path}: [quantization] bias_correction = true: no quantized conv or "
+                                  "linear layer to correct; no bias was changed[/]")
             evaluation = pipeline.evaluate(ctx, job, quantized, pool, use_cache)
         staged = session.staged
         with ctx.stage("write"):

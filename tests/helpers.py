@@ -30,7 +30,7 @@ def serial_calibration(model, example, quant, data_spec, batches, shards, *, ord
     plan = Plan(batches, shards, observed, [f"batch-{b}" for b in range(len(batches))] if store else None)
     with SerialExecutor(model, example, quant, data_spec, 1, sites.signature(observed), order=order,
                         memory_bytes=memory_bytes) as executor:
-        result = calibrate(MODES[quant.mode], executor, plan, store=store)
+        result = calibrate(MODES[quant.mode], executor, plan, store=store, bias=quant.bias_correction)
     result.stats.load(prepared)
     return prepared, result
 

@@ -5,7 +5,8 @@
     verdict = engine_verdict(merge_engine([...]), backend)   # on the driver: a dict for metrics.json
 
 Every node of the INT8 graph whose output is a per-tensor quantized tensor and that has a reference
-here (convolutions, linear layers, batch norms, activations, pooling, add/mul/cat) is run twice on
+here (convolutions, linear layers, batch norms, activations, add/mul, and the float ops FX leaves
+to run on quantized tensors: pooling, flatten, cat, view ...) is run twice on
 the same input, the engine's input to that node: once by the engine (the quantized kernel), once as
 torch's reference quantized model defines it (`torch.ao.nn.quantized.reference`: dequantize, the
 float op with the dequantized INT8 weights, quantize with the node's own output scale and zero
@@ -93,7 +94,7 @@ def _module_reference(module: nn.Module, x: torch.Tensor):
     return None
 
 
-def _function_reference(target, args):
+def _function_reference(target, args, kwargs):
     """The float computation of a quantized function node (the engine's arguments), or None."""
     q = torch.ops.quantized
     pairs = {q.add: (operator.add, False), q.add_relu: (operator.add, True),
@@ -101,9 +102,16 @@ def _function_reference(target, args):
     if target in pairs and _quantized(args[0]) and _quantized(args[1]):
         op, relu = pairs[target]
         return _relu_if(relu, op(args[0].dequantize(), args[1].dequantize()))
-    if target is torch.cat and isinstance(args[0], (list, tuple)) and all(map(_quantized, args[0])):
-        return torch.cat([t.dequantize() for t in args[0]], *args[1:])
+    if target in pairs:
+        return None
+    if getattr(target, "__module__", None) in ("torch", "torch.nn.functional", "torch._C._nn", "torch.functional") \
+            or target is torch.cat:  # a float op run on quantized tensors (flatten, pooling, cat ...)
+        return target(*fx.node.map_aggregate(args, _dequantized), **kwargs)
     return None
+
+
+def _dequantized(value):
+    return value.dequantize() if _quantized(value) else value
 
 
 def _quantized(t) -> bool:
@@ -121,18 +129,18 @@ class _Checker(fx.Interpreter):
         self.unchecked: set[str] = set()
 
     def run_node(self, node: fx.Node):
+        if node.op == "call_function" and node.target in (torch.quantize_per_tensor, torch.quantize_per_channel):
+            return super().run_node(node)  # the input's quantization: what the reference starts from
         args, kwargs = self.fetch_args_kwargs_from_env(node)
-        reference = None
-        if node.op == "call_module" and args and _quantized(args[0]):
-            reference = _module_reference(self.module.get_submodule(node.target), args[0].dequantize())
-        elif node.op == "call_function":
-            reference = _function_reference(node.target, args)
+        try:
+            reference = self._reference(node, args, kwargs)
+        except Exception:  # an op whose float form will not take these arguments: left unchecked
+            reference = None
         out = getattr(self, node.op)(node.target, args, kwargs)  # after: a module may work in place
-        if not _quantized(out) or node.op not in ("call_module", "call_function"):
+        if not _quantized(out) or node.op not in ("call_module", "call_function", "call_method"):
             return out
-        if reference is None:
-            if node.op == "call_module" or str(node.target).startswith("quantized."):
-                self.unchecked.add(_type_name(self.module, node))
+        if not isinstance(reference, torch.Tensor) or reference.shape != out.shape:
+            self.unchecked.add(_type_name(self.module, node))
             return out
         expected = torch.quantize_per_tensor(reference.float(), out.q_scale(), out.q_zero_point(), out.dtype)
         if self.propagate:
@@ -143,6 +151,16 @@ class _Checker(fx.Interpreter):
         self.found[node.name] = (node, steps.numel(), int((steps >= FAULT_STEPS).sum()),
                                  int(steps.max()) if steps.numel() else 0, float((a ** 2).sum()), float(((b - a) ** 2).sum()))
         return out
+
+
+    def _reference(self, node: fx.Node, args, kwargs):
+        if node.op == "call_module" and args and _quantized(args[0]):
+            return _module_reference(self.module.get_submodule(node.target), args[0].dequantize())
+        if node.op == "call_function":
+            return _function_reference(node.target, args, kwargs)
+        if node.op == "call_method" and args and _quantized(args[0]) and node.target != "dequantize":
+            return getattr(args[0].dequantize(), node.target)(*fx.node.map_aggregate(args[1:], _dequantized), **kwargs)
+        return None
 
 
 def _type_name(module: fx.GraphModule, node: fx.Node) -> str:
