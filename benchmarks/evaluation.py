@@ -141,6 +141,10 @@ def main() -> None:
                         sum(a == b for a, b in zip(merged.rows["int8_pred"], seed_int8_pred)))
                 print(f"{label + ':':<38} {wall:7.1f} s   top-1 {fp32_acc:.4f} / {int8_acc:.4f}   "
                       f"{seed / wall:.2f}x the seed   same top-1 as the seed: FP32 {same[0]}/{n}, INT8 {same[1]}/{n}")
+                check = outcome.plan["engine_check_s"]
+                print(f"{'':<38} engine check ({outcome.plan['engine_samples']} samples, on one worker): {check:.2f} s, "
+                      f"{check / ctx.timings['evaluate'] * 100:.1f}% of the evaluation stage "
+                      f"({ctx.timings['evaluate']:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ per-layer errors, scores tune's trials and measures speed, building what it need
     worker.evaluate(indices, stored_logits, layers)    # one test batch -> BatchScores
     worker.trial(quant, stats, batches, logits)        # one tune trial -> TrialScores
     worker.engine_check(quant, stats, batches)         # that trial's INT8 kernels against the reference
+    worker.isolated_errors(quant, stats, batches)      # each of its layers' error alone, for tune's ranking
     worker.speed(x, batch, warmup, iters, precision)   # latency (and throughput) of the models
 
 Plain Python and torch: `runner.WorkerPool` runs it in a Ray actor (calls as `calls.Call`s), tests
@@ -37,7 +38,7 @@ from ..core.evaluation import (
     score_batch,
     state_dict_bytes,
 )
-from ..core.layers import LayerLogger, LayerResult
+from ..core.layers import LayerLogger, LayerResult, isolated_errors
 from ..core.modes import MergedStats
 from ..errors import CalibrationError
 from ..inputs import data as data_mod
@@ -71,6 +72,7 @@ class BatchScores:
     seconds: dict[str, float]         # each plain forward's time, by model, where one ran
     layers: LayerResult | None        # its per-layer signal and noise, when asked for
     engine: EngineResult | None = None  # the engine against the reference, when asked for
+    engine_s: float = 0.0               # what that check took here
 
 
 @dataclass
@@ -123,11 +125,14 @@ class Worker:
         gives the FP32 logits); with `engine`, the engine check (`core.engine`). `upcoming`: this
         worker's next batch, whose data a sharded source starts reading now."""
         x, y = data_mod.load_batch(self._test, indices, upcoming)
-        seconds, logits, layer, checked = {}, stored, None, None
+        seconds, logits, layer, checked, engine_s = {}, stored, None, None, 0.0
         if engine:
+            int8_eager = self._int8_eager()  # built for the per-layer pass and speed anyway: not the check's cost
+            t = time.perf_counter()
             if self._engine is None:
-                self._engine = EngineCheck(self._int8_eager())
+                self._engine = EngineCheck(int8_eager)
             checked = self._engine.run(x, indices, y)
+            engine_s = time.perf_counter() - t
         with torch.inference_mode():
             if layers:
                 if self._logger is None:  # layer by layer, INT8 is compared with the FP32 model it was made from
@@ -144,7 +149,7 @@ class Worker:
             int8 = self._script(x)
             seconds["int8_torchscript"] = time.perf_counter() - t
         return BatchScores(score_batch(indices, y, logits, int8), logits if stored is None else None, seconds, layer,
-                           checked)
+                           checked, engine_s)
 
     def trial(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]],
               logits: list[torch.Tensor], reference: bool = False) -> TrialScores:
@@ -168,6 +173,13 @@ class Worker:
             x, y = self._decoded_batch(batch)
             results.append(check.run(x, batch, y))
         return merge_engine(results)
+
+    def isolated_errors(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]]) -> dict:
+        """`quant`'s INT8 model built from the merged statistics; each quantized conv/linear layer's
+        isolated error (`layers.isolated_errors`) on each of `batches`: {first sample: {layer: (signal, noise)}}."""
+        prepared, int8 = self._build(quant, stats)
+        names = flow.quantized_layers(self._fp32, quant, self._example)
+        return {batch[0]: isolated_errors(prepared, int8, self._decoded_batch(batch)[0], names) for batch in batches}
 
     def _build(self, quant: QuantSpec, stats: MergedStats):
         """The prepared model with the merged statistics loaded, and its INT8 model."""

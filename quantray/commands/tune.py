@@ -7,16 +7,20 @@ One calibration (stored statistics reused) and FP32 evaluated once (its logits k
 Before any trial, the engine check (`core.engine`) of the job's own config: where the INT8 kernels
 disagree with the reference quantization, no range or FP32 layer can cure it, so tune says so and
 stops (exit 3), unless `score_with="reference"` scores every trial with torch's reference model.
-A trial is (activation range method, modules kept in FP32, weight scheme); a worker of the job's pool
-builds its INT8 model from the merged statistics (prepare_fx, load them, convert_fx: no forward pass)
-and scores it against the kept FP32 logits, trials dealt out round-robin. The search:
+A trial is (activation range method, weight scheme, cures, modules kept in FP32); a worker of the
+job's pool builds its INT8 model from the merged statistics (prepare_fx, load them, convert_fx: no
+forward pass) and scores it against the kept FP32 logits, trials dealt out round-robin. The search:
 
 1. every range method with each weight scheme (only the job's, where it names one: its target's
    constraint), on the whole selection set;
-2. if the best still loses more than `max_drop`: each quantized layer's sensitivity, by keeping it
-   alone in FP32 (over the best trial so far) on a ranking subset: the logit SQNR that buys;
-3. the k most sensitive layers in FP32, k = 1, 2, ... in waves of one trial per worker: the smallest
-   k within the budget (the fewest FP32 layers along the ranking).
+2. if the best still loses more than `max_drop`, the cures on it: bias correction (its sums come
+   with the calibration), cross-layer equalization (one more calibration, of the equalized model,
+   on the same pool: the values observed change), and both;
+3. if still over budget: every quantized layer of the best trial so far ranked in one pass by its
+   isolated error (its INT8 module on FP32 inputs against FP32, `layers.isolated_errors`), then the
+   k worst in FP32, k = 1, 2, ... (one trial per worker at a time), with, after the first wave,
+   whole groups of one kind (all depthwise convolutions, all Linear, ...) tried before longer
+   prefixes: the fewest FP32 layers that meet the budget.
 
 It stops when the budget is met or the trials run out, and says which. Choices are made on the
 `--validation` file's [test] table; the best trial is then run as a job (`best.toml`) on the job's own
@@ -40,6 +44,7 @@ from rich.table import Table
 
 from .. import api, pipeline
 from ..core import flow
+from ..core.equalize import equalize
 from ..core.evaluation import wilson
 from ..core.ranges import METHODS
 from ..errors import EngineFault, SpecError
@@ -52,7 +57,7 @@ __all__ = ["tune", "Trial", "TuneResult", "TRIALS_SCHEMA", "best_toml"]
 
 TRIALS_SCHEMA = pa.schema([
     ("trial", pa.int64()), ("phase", pa.string()), ("range_method", pa.string()), ("fp32_modules", pa.list_(pa.string())),
-    ("weight", pa.string()), ("samples", pa.int64()), ("top1", pa.float64()), ("top1_ci95_low", pa.float64()),
+    ("weight", pa.string()), ("equalize", pa.bool_()), ("bias_correction", pa.bool_()), ("samples", pa.int64()), ("top1", pa.float64()), ("top1_ci95_low", pa.float64()),
     ("top1_ci95_high", pa.float64()), ("fp32_top1", pa.float64()), ("drop", pa.float64()), ("agreement", pa.float64()),
     ("logit_sqnr_db", pa.float64()), ("int8_size_bytes", pa.int64()), ("latency_ms", pa.float64()),
     ("wall_s", pa.float64()), ("qparams_digest", pa.string()),
@@ -62,15 +67,21 @@ TRIALS_SCHEMA = pa.schema([
 @dataclass(frozen=True)
 class Trial:
     """One configuration: the job's quantization table with this range method and weight scheme,
-    and these modules kept in FP32."""
+    these cures (equalization, bias correction), and these modules kept in FP32."""
 
     method: str
     weight: str
     fp32: tuple[str, ...] = ()
+    equalize: bool = False
+    bias: bool = False
 
     def quant(self, base: QuantSpec) -> QuantSpec:
         return dataclasses.replace(base, activation=None, activation_range=self.method, weight=self.weight,
+                                   equalize=self.equalize, bias_correction=self.bias,
                                    module_names={**base.module_names, **{m: "fp32" for m in self.fp32}})
+
+    def cures(self) -> str:
+        return "+".join(n for n, on in (("equalize", self.equalize), ("bias", self.bias)) if on) or "-"
 
 
 @dataclass
@@ -125,7 +136,8 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         with session.cluster(address):
             with session.workers(loaded, prepared, workers=workers) as pool:
                 with ctx.stage("calibrate"):
-                    calibrated = pipeline.calibrate(ctx, loaded, prepared, pool)
+                    # with bias correction's sums: a cure the search may try, from this one calibration
+                    calibrated = pipeline.calibrate(ctx, loaded, prepared, pool, bias_sums=True)
                 search = _Search(ctx, loaded, calibrated, pool, max_drop, trials, rank_samples, score_with)
                 search.check_engine()
                 search.run()
@@ -152,7 +164,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
                    "scored_with": score_with, "engine_check": search.engine,
                    "selection": str(validation) if validation is not None else "[test] of the job (optimistic)",
                    "trials": len(rows), "trial_limit": trials, "best_trial": best.row["trial"],
-                   "sensitivity": search.sensitivity, "timings_s": ctx.timings, "wall_s": round(ctx.wall_s(), 3),
+                   "sensitivity": search.sensitivity, "groups": search.groups, "timings_s": ctx.timings, "wall_s": round(ctx.wall_s(), 3),
                    "best_run": {"test_top1": best_run.metrics["int8"]["top1"], "fp32_top1": best_run.metrics["fp32"]["top1"],
                                 "qparams_digest": best_run.manifest["qparams_digest"]}}
         staged.write_json("tune.json", summary)
@@ -165,7 +177,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
 
 
 class _Search:
-    """The three phases over one pool; `scored` keeps every trial in the order it was evaluated."""
+    """The phases over one pool; `scored` keeps every trial in the order it was evaluated."""
 
     def __init__(self, ctx, job: pipeline.Job, calibrated: pipeline.Calibrated, pool, max_drop, limit, rank_samples,
                  score_with: str = "engine"):
@@ -176,6 +188,8 @@ class _Search:
         self.rank_batches = pipeline.first_batches(self.batches, rank_samples)
         self.scored: list[_Scored] = []
         self.sensitivity: list[dict] = []
+        self.groups: list[dict] = []
+        self.equalized: pipeline.Calibrated | None = None  # the equalized model's calibration, when tried
         self.fp32_logits = pipeline.fp32_logits(ctx, job, pool, self.batches)
 
     def check_engine(self) -> None:
@@ -198,54 +212,93 @@ class _Search:
         # only): kept. Left out, both are tried, the backend's default first.
         default = "per_tensor" if base.backend == "qnnpack" else "per_channel"
         weights = (base.weight,) if base.weight else (default, *[w for w in WEIGHTS if w != default])
-        first = [Trial(m, w) for w in weights for m in METHODS]
-        self._wave(first, "range", self.batches)
+        self._wave([Trial(m, w) for w in weights for m in METHODS], "range", self.batches)
         if self._met():
             self.stopped = "the budget was met by a range method"
             return
-        best = self.best().trial
-        candidates = flow.quantized_layers(self.job.fp32, best.quant(self.job.spec.quantization), self.job.example)
-        ranking = [Trial(best.method, best.weight, (name,)) for name in candidates]
-        if self._left() < len(ranking) + 1:
-            self.stopped = f"the trials ran out ({self.limit}) before the layers could be ranked"
+        if not self._cures():
             return
-        base_rank = self._wave([best], "rank", self.rank_batches)[0]
-        ranked = self._wave(ranking, "rank", self.rank_batches)
-        gains = {s.trial.fp32[0]: s.sqnr - base_rank.sqnr for s in ranked}  # +inf: the logits became exact
-        for s in ranked:
-            gain = gains[s.trial.fp32[0]]
-            self.sensitivity.append({"module": s.trial.fp32[0], "sqnr_gain_db": gain if math.isfinite(gain) else None,
-                                     "exact_logits": gain == math.inf, "top1": s.row["top1"]})
-        self.sensitivity.sort(key=lambda r: (-gains[r["module"]], r["module"]))
-        order = [r["module"] for r in self.sensitivity]
-        k = 1
-        while k <= len(order):
-            wave = [Trial(best.method, best.weight, tuple(order[:j])) for j in range(k, min(len(order), k + self.pool.size - 1) + 1)]
+        if self._met():
+            best = self.best().trial
+            self.stopped = f"the budget was met by a cure ({best.cures()})"
+            return
+        self._layers()
+
+    def _cures(self) -> bool:
+        """Phase 2 on the best range trial: bias correction, equalization, both. False: trials ran out."""
+        best = self.best().trial
+        wave = [dataclasses.replace(best, bias=True)]
+        pairs = equalize(self.job.fp32)[1]["pairs"]
+        if pairs:
+            wave += [dataclasses.replace(best, equalize=True), dataclasses.replace(best, equalize=True, bias=True)]
+        else:
+            self.ctx.console.print("tune: no conv/linear pair joined through ReLU-like steps: equalization not tried")
+        if self._left() < len(wave):
+            self.stopped = f"the trials ran out ({self.limit}) before the cures were tried"
+            return False
+        if pairs and self.equalized is None:
+            with self.ctx.stage("calibrate_equalized"):
+                self.equalized = pipeline.recalibrate(self.ctx, self.job, self.pool,
+                                                      dataclasses.replace(self.job.spec.quantization, equalize=True))
+        self._wave(wave, "cure", self.batches)
+        return True
+
+    def _layers(self) -> None:
+        """Phase 3: layers ranked by isolated error in one pass, then the fewest in FP32 (prefixes of
+        the ranking, and whole groups of one kind) that meet the budget."""
+        best = self.best().trial
+        quant = best.quant(self.job.spec.quantization)
+        ranked = pipeline.rank_layers(self.ctx, self.pool, quant, self._stats(best), self.rank_batches)
+        kinds = _layer_kinds(self.job.fp32, quant, self.job.example)
+        self.sensitivity = [{"module": name, "isolated_sqnr_db": sqnr, "kind": kinds.get(name, "")} for name, sqnr in ranked]
+        order = [name for name, _ in ranked]
+        groups = {}
+        for name in order:
+            groups.setdefault(kinds.get(name, ""), []).append(name)
+        self.groups = [{"kind": k, "modules": v} for k, v in sorted(groups.items(), key=lambda kv: (len(kv[1]), kv[0]))
+                       if 1 < len(v) < len(order)]
+        fewest, k, grouped = len(order) + 1, 1, False  # fewest: the smallest passing trial's FP32 layers so far
+        while k < fewest and k <= len(order):
             if not self._left():
                 self.stopped = f"the trials ran out ({self.limit}) with {k - 1} layers in FP32"
                 return
-            scored = self._wave(wave, "fp32", self.batches)
+            ks = range(k, min(len(order), fewest - 1, k + self.pool.size - 1) + 1)
+            scored = self._wave([dataclasses.replace(best, fp32=tuple(order[:j])) for j in ks], "fp32", self.batches)
             passing = [s for s in scored if s.row["drop"] <= self.max_drop]
             if passing:
-                self.stopped = f"the budget was met with {len(passing[0].trial.fp32)} layer(s) in FP32"
-                return
-            k += len(wave)
-        self.stopped = "every ranked layer is in FP32 and the budget is still not met"
+                fewest = min(fewest, len(passing[0].trial.fp32))
+                break
+            k += len(scored)
+            if not grouped:  # after the shortest prefixes: whole groups of one kind, before longer prefixes
+                grouped = True
+                wave = [dataclasses.replace(best, fp32=tuple(sorted(g["modules"]))) for g in self.groups
+                        if len(g["modules"]) >= k]
+                passing = [s for s in self._wave(wave, "group", self.batches) if s.row["drop"] <= self.max_drop]
+                if passing:
+                    fewest = min(len(s.trial.fp32) for s in passing)
+        if fewest <= len(order):
+            how = self.best()
+            self.stopped = (f"the budget was met with {len(how.trial.fp32)} layer(s) in FP32"
+                            + (" (a group of one kind)" if how.phase == "group" else ""))
+        else:
+            self.stopped = "every ranked layer is in FP32 and the budget is still not met"
+
+    def _stats(self, trial: Trial):
+        return self.equalized.stats if trial.equalize else self.calibrated.stats
 
     def _left(self) -> int:
         return self.limit - len(self.scored)
 
     def _met(self) -> bool:
-        return any(s.row["drop"] <= self.max_drop and s.phase != "rank" for s in self.scored)
+        return any(s.row["drop"] <= self.max_drop for s in self.scored)
 
     def best(self) -> _Scored:
-        """Within the budget: the fewest FP32 layers, then the best top-1; else the best top-1.
-        Only trials on the whole selection set count; ties go to the earlier trial."""
-        full = [s for s in self.scored if s.phase != "rank"]
-        within = [s for s in full if s.row["drop"] <= self.max_drop]
+        """Within the budget: the fewest FP32 layers, then the best top-1; else the best top-1. Ties go
+        to the earlier trial."""
+        within = [s for s in self.scored if s.row["drop"] <= self.max_drop]
         if within:
             return min(within, key=lambda s: (len(s.trial.fp32), -s.row["top1"], s.row["trial"]))
-        return min(full, key=lambda s: (-s.row["top1"], len(s.trial.fp32), s.row["trial"]))
+        return min(self.scored, key=lambda s: (-s.row["top1"], len(s.trial.fp32), s.row["trial"]))
 
     def _wave(self, wave: list[Trial], phase: str, batches: list[list[int]]) -> list[_Scored]:
         """Evaluate `wave` on `batches` (the first of the selection set's): each worker builds its
@@ -255,10 +308,16 @@ class _Search:
         if not wave:
             return []
         started = time.perf_counter()
-        scores = pipeline.score_trials(self.ctx, self.pool, [(str(t), t.quant(self.job.spec.quantization)) for t in wave],
-                                       self.calibrated.stats, batches, self.fp32_logits, self.reference)
+        results = {}
+        for equalized in (False, True):  # an equalized trial loads the equalized model's statistics
+            part = [t for t in wave if t.equalize == equalized]
+            if part:
+                scores = pipeline.score_trials(self.ctx, self.pool, [(str(t), t.quant(self.job.spec.quantization))
+                                                                      for t in part], self._stats(part[0]), batches,
+                                               self.fp32_logits, self.reference)
+                results.update(zip(part, scores))
         per_trial = (time.perf_counter() - started) * min(self.pool.size, len(wave)) / len(wave)  # a share of the wave
-        return [self._record(trial, phase, scored, per_trial) for trial, scored in zip(wave, scores)]
+        return [self._record(trial, phase, results[trial], per_trial) for trial in wave]
 
     def _record(self, trial: Trial, phase: str, scored: pipeline.TrialScores, wall: float) -> _Scored:
         merged, digest, size = scored.scores, scored.qparams_digest, scored.int8_bytes
@@ -267,16 +326,28 @@ class _Search:
         sqnr = 10 * math.log10(signal / noise) if noise > 0 else math.inf
         low, high = wilson(c["int8_top1"], n)
         row = {"trial": len(self.scored), "phase": phase, "range_method": trial.method, "fp32_modules": list(trial.fp32),
-               "weight": trial.weight, "samples": n, "top1": c["int8_top1"] / n, "top1_ci95_low": low,
+               "weight": trial.weight, "equalize": trial.equalize, "bias_correction": trial.bias, "samples": n,
+               "top1": c["int8_top1"] / n, "top1_ci95_low": low,
                "top1_ci95_high": high, "fp32_top1": c["fp32_top1"] / n, "drop": (c["fp32_top1"] - c["int8_top1"]) / n,
                "agreement": c["agree"] / n, "logit_sqnr_db": sqnr if noise > 0 else None, "int8_size_bytes": size,
                "latency_ms": None, "wall_s": round(wall, 4), "qparams_digest": digest}
         self.ctx.console.print(f"trial {row['trial']:>3} \\[{phase}] {trial.method:<10} {trial.weight:<11} "
-                               f"FP32 layers {len(trial.fp32):>2}: top-1 {row['top1']:.4f} "
+                               f"{trial.cures():<13} FP32 layers {len(trial.fp32):>2}: top-1 {row['top1']:.4f} "
                                f"(drop {row['drop'] * 100:+.2f} pt) on {n} samples")
         scored = _Scored(trial, phase, row, sqnr, merged)
         self.scored.append(scored)
         return scored
+
+
+def _layer_kinds(model, quant: QuantSpec, example) -> dict[str, str]:
+    """Each quantized layer's kind for grouping: its INT8 module's class, "depthwise" convolutions apart."""
+    converted = dict(flow.convert(flow.prepare(model, quant, example)).named_modules())
+    kinds = {}
+    for name in flow.quantized_layers(model, quant, example):
+        module = converted[name]
+        depthwise = getattr(module, "groups", 1) > 1 and module.groups == getattr(module, "in_channels", 0)
+        kinds[name] = ("depthwise " if depthwise else "") + type(module).__name__
+    return kinds
 
 
 def best_toml(spec: JobSpec, trial: Trial) -> str:
@@ -284,25 +355,28 @@ def best_toml(spec: JobSpec, trial: Trial) -> str:
     differ from the defaults (paths absolute, as loaded), with the trial's [quantization] choices."""
     return to_toml(dataclasses.replace(spec, name=spec.name + "-tuned", quantization=trial.quant(spec.quantization)),
                    header=f"Written by `quantray tune` from {spec.path}: range method {trial.method}, weights "
-                          f"{trial.weight}, {len(trial.fp32)} module(s) kept in FP32.")
+                          f"{trial.weight}, cures {trial.cures()}, {len(trial.fp32)} module(s) kept in FP32.")
+
+
+def _cures(row: dict) -> str:
+    return "+".join(n for n, on in (("equalize", row["equalize"]), ("bias", row["bias_correction"])) if on) or "-"
 
 
 def print_tune(console: Console, result: TuneResult) -> None:
     """The summary table: the default, the best range method, and the chosen trial."""
     rows = result.trials
     table = Table(title=f"quantray tune: {result.location}")
-    for column in ("trial", "phase", "range", "weights", "FP32 layers", "top-1", "drop (pt)", "agreement"):
-        table.add_column(column, justify="right" if column not in ("phase", "range", "weights") else "left")
-    shown = [r for r in rows if r["phase"] != "rank"]
-    for r in shown:
+    for column in ("trial", "phase", "range", "weights", "cures", "FP32 layers", "top-1", "drop (pt)", "agreement"):
+        table.add_column(column, justify="right" if column not in ("phase", "range", "weights", "cures") else "left")
+    for r in rows:
         mark = " *" if r["trial"] == result.best["trial"] else ""
-        table.add_row(f"{r['trial']}{mark}", r["phase"], r["range_method"], r["weight"], str(len(r["fp32_modules"])),
+        table.add_row(f"{r['trial']}{mark}", r["phase"], r["range_method"], r["weight"], _cures(r), str(len(r["fp32_modules"])),
                       f"{r['top1']:.4f} [{r['top1_ci95_low']:.3f}, {r['top1_ci95_high']:.3f}]",
                       f"{r['drop'] * 100:+.2f}", f"{r['agreement']:.4f}")
     console.print(table)
     best, run = result.best, result.best_run
     console.print(f"{'budget met' if result.met else 'budget NOT met'}: {result.stopped}; {len(rows)} trials")
-    console.print(f"best: trial {best['trial']} ({best['range_method']}, {best['weight']}, "
+    console.print(f"best: trial {best['trial']} ({best['range_method']}, {best['weight']}, cures {_cures(best)}, "
                   f"{len(best['fp32_modules'])} FP32 layer(s): {', '.join(best['fp32_modules']) or 'none'})")
     if run is not None:
         m = run.metrics

@@ -47,16 +47,22 @@ class CalibrationWorker:
         flow.quiet_torch_warnings()
         # Same intra-op thread count for every worker count: reduction order may depend on it.
         torch.set_num_threads(threads)
-        self._model = flow.prepare(model, quant, example_inputs)
+        self._fp32, self._example = model, example_inputs
+        self.prepare_for(quant, signature)
+        self.dataset = data_mod.build_dataset(data, where="[calibration]")
+        self._batches: dict[int, torch.Tensor] = {}
+        self._kept = KeptValues(memory_bytes)
+
+    def prepare_for(self, quant, signature: list | None = None) -> None:
+        """This worker's prepared copy for `quant` (tune calibrates an equalized model on the same
+        pool); its observers must be the driver's (`signature`)."""
+        self._model = flow.prepare(self._fp32, quant, self._example)
         self._observed = sites.observed_values(self._model)
         if signature is not None and [tuple(s) for s in signature] != sites.signature(self._observed):
             raise CalibrationError("this worker's prepare_fx gave other observers than the driver's; workers "
                                    "and driver need the same torch version")
         self._observers = sites.find_observers(self._model)  # the instances the probes will hold
         self._recorder = attach_probes(self._model)
-        self.dataset = data_mod.build_dataset(data, where="[calibration]")
-        self._batches: dict[int, torch.Tensor] = {}
-        self._kept = KeptValues(memory_bytes)
         self._sums: InputSums | None = None
 
     def log(self, batch_id: int, indices: list[int], fast: bool = False):

@@ -7,7 +7,8 @@
 Every node of the INT8 graph whose output is a per-tensor quantized tensor and that has a reference
 here (convolutions, linear layers, batch norms, activations, add/mul, and the float ops FX leaves
 to run on quantized tensors: pooling, flatten, cat, view ...) is run twice on
-the same input, the engine's input to that node: once by the engine (the quantized kernel), once as
+the same input, the engine's input to that node (on the first `CHECK_SAMPLES` samples of the
+first test batch): once by the engine (the quantized kernel), once as
 torch's reference quantized model defines it (`torch.ao.nn.quantized.reference`: dequantize, the
 float op with the dequantized INT8 weights, quantize with the node's own output scale and zero
 point). Both end in integers on the same grid, so they are compared in quantization steps.
@@ -34,18 +35,20 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 __all__ = ["EngineCheck", "EngineResult", "merge_engine", "engine_rows", "engine_verdict", "FAULT_STEPS",
-           "FAULT_FRACTION"]
+           "FAULT_FRACTION", "CHECK_SAMPLES"]
 
 FAULT_STEPS = 2          # rounding explains a difference of one step (module docstring)
 FAULT_FRACTION = 1e-3    # of a node's output elements, over every checked batch
+CHECK_SAMPLES = 16       # of a batch, node by node: a faulty kernel is wrong on every sample
 
 
 @dataclass
 class EngineResult:
     """`layers`: (node, module, type) of each checked node in graph order (module: the INT8 module's
     qualified name, "" for a function); per batch (first sample index, samples) and per layer: output
-    elements, elements `FAULT_STEPS` or more steps off, the most steps off, and float64 sums of the
-    reference's energy (signal) and of engine minus reference (noise). `reference`: per batch that
+    elements, elements `FAULT_STEPS` or more steps off, the most steps off, and the sums of the
+    reference's squared integers (signal) and of engine minus reference, squared (noise), in
+    quantization steps (exact integers). `reference`: per batch that
     ran it, (samples, reference top-1 correct, engine top-1 correct). `unchecked`: the types of
     quantized nodes with no reference here."""
 
@@ -55,8 +58,8 @@ class EngineResult:
     elements: list[list[int]] = field(default_factory=list)
     off: list[list[int]] = field(default_factory=list)
     worst: list[list[int]] = field(default_factory=list)
-    signal: list[list[float]] = field(default_factory=list)
-    noise: list[list[float]] = field(default_factory=list)
+    signal: list[list[int]] = field(default_factory=list)
+    noise: list[list[int]] = field(default_factory=list)
     reference: list[tuple[int, int, int] | None] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
 
@@ -146,10 +149,16 @@ class _Checker(fx.Interpreter):
         if self.propagate:
             return expected
         # Now, not after the run: the next node may overwrite `out` in place (ReLU6(inplace=True)).
-        steps = (out.int_repr().int() - expected.int_repr().int()).abs()
-        a, b = expected.dequantize().double(), out.dequantize().double()
+        # Both are on one grid (same scale and zero point): in integer steps, every sum is exact, and
+        # the SQNR of engine against reference is that of their integers (the scale cancels).
+        ref = expected.int_repr().to(torch.int16)
+        diff = out.int_repr().to(torch.int16) - ref
+        steps = diff.abs()
+        ref = ref.to(torch.int32) - out.q_zero_point()
+        diff = diff.to(torch.int32)
         self.found[node.name] = (node, steps.numel(), int((steps >= FAULT_STEPS).sum()),
-                                 int(steps.max()) if steps.numel() else 0, float((a ** 2).sum()), float(((b - a) ** 2).sum()))
+                                 int(steps.max()) if steps.numel() else 0,
+                                 int(torch.sum(ref * ref, dtype=torch.int64)), int(torch.sum(diff * diff, dtype=torch.int64)))
         return out
 
 
@@ -176,10 +185,13 @@ class EngineCheck:
         self._int8 = int8
 
     def run(self, x: torch.Tensor, batch: list[int], labels: torch.Tensor | None = None) -> EngineResult:
+        """Node by node on the batch's first `CHECK_SAMPLES` samples; on a fault, the reference
+        forward (and the engine's) on the whole batch, for their top-1."""
         checker = _Checker(self._int8)
         with torch.inference_mode():
-            logits = checker.run(x)
-        result = EngineResult(batches=[batch[0]], samples=[len(batch)], unchecked=sorted(checker.unchecked))
+            checker.run(x[:CHECK_SAMPLES])
+        result = EngineResult(batches=[batch[0]], samples=[min(len(batch), CHECK_SAMPLES)],
+                              unchecked=sorted(checker.unchecked))
         keys = ("elements", "off", "worst", "signal", "noise")
         row = {k: [] for k in keys}
         for name, (node, *figures) in checker.found.items():
@@ -190,12 +202,14 @@ class EngineCheck:
             getattr(result, k).append(row[k])
         faulty = any(o > FAULT_FRACTION * n for o, n in zip(row["off"], row["elements"]))
         reference = None
-        if faulty and labels is not None and isinstance(logits, torch.Tensor) and logits.dim() == 2:
+        if faulty and labels is not None:
             with torch.inference_mode():
-                ref_logits = _Checker(self._int8, propagate=True).run(x)
-            ref_logits = ref_logits.dequantize() if ref_logits.is_quantized else ref_logits
-            logits = logits.dequantize() if logits.is_quantized else logits
-            reference = (len(batch), int((ref_logits.argmax(1) == labels).sum()), int((logits.argmax(1) == labels).sum()))
+                logits, ref_logits = self._int8(x), _Checker(self._int8, propagate=True).run(x)
+            if all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (logits, ref_logits)):
+                ref_logits = ref_logits.dequantize() if ref_logits.is_quantized else ref_logits
+                logits = logits.dequantize() if logits.is_quantized else logits
+                reference = (len(batch), int((ref_logits.argmax(1) == labels).sum()),
+                             int((logits.argmax(1) == labels).sum()))
         result.reference.append(reference)
         return result
 
@@ -225,8 +239,8 @@ def engine_rows(merged: EngineResult) -> list[dict]:
     for k, (node, module, kind) in enumerate(merged.layers):
         elements = sum(b[k] for b in merged.elements)
         off = sum(b[k] for b in merged.off)
-        signal = math.fsum(b[k] for b in merged.signal)
-        noise = math.fsum(b[k] for b in merged.noise)
+        signal = sum(b[k] for b in merged.signal)
+        noise = sum(b[k] for b in merged.noise)
         rows.append({"layer": node, "module": module, "type": kind, "elements": elements, "off": off,
                      "off_fraction": off / elements if elements else 0.0,
                      "max_steps": max((b[k] for b in merged.worst), default=0),

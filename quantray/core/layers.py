@@ -20,7 +20,7 @@ import torch
 
 from ..inputs import data as data_mod
 
-__all__ = ["LayerResult", "LayerLogger", "layer_errors", "merge_layers", "layer_rows"]
+__all__ = ["LayerResult", "LayerLogger", "layer_errors", "merge_layers", "layer_rows", "isolated_errors"]
 
 
 @dataclass
@@ -147,3 +147,70 @@ def layer_rows(merged: LayerResult) -> list[dict]:
                      "quantized": quantized, "samples": samples, "signal": signal, "noise": noise,
                      "sqnr_db": 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None})
     return rows
+
+
+class _SkipObservers(torch.fx.Interpreter):
+    """The prepared model's FP32 forward with its observers as identities (their state untouched)."""
+
+    def call_module(self, target, args, kwargs):
+        from torch.ao.quantization.observer import ObserverBase
+
+        module = self.fetch_attr(target)
+        if isinstance(module, ObserverBase):
+            return args[0]
+        return super().call_module(target, args, kwargs)
+
+
+def isolated_errors(prepared: torch.fx.GraphModule, int8: torch.fx.GraphModule, x: torch.Tensor,
+                    names: list[str]) -> dict[str, tuple[float, float]]:
+    """Each named quantized layer alone: its INT8 module on the FP32 input (quantized with the scale
+    and zero point the INT8 model gives that input) against the FP32 output, for batch `x`:
+    {name: (signal, noise)}, float64 sums. The prepared model (its modules fused as the INT8 model's
+    are) gives the FP32 inputs and outputs of the same modules; error from upstream layers is not in
+    it, which is what a search needs to rank layers in one pass."""
+    int8_modules, fp32_modules = dict(int8.named_modules()), dict(prepared.named_modules())
+    names = [n for n in names if n in int8_modules and n in fp32_modules]
+    qparams, captured, hooks = {}, {}, []
+
+    def input_qparams(name):
+        def hook(module, args):
+            if _is_quantized(args[0]):
+                qparams.setdefault(name, (args[0].q_scale(), args[0].q_zero_point(), args[0].dtype))
+        return hook
+
+    def fp32_input(name):
+        def hook(module, args):
+            captured.setdefault(name, [args[0].detach().clone()])
+        return hook
+
+    def fp32_output(name):
+        def hook(module, args, out):
+            if len(captured.get(name, ())) == 1:
+                captured[name].append(out.detach().clone())
+        return hook
+
+    for name in names:
+        hooks.append(int8_modules[name].register_forward_pre_hook(input_qparams(name)))
+        hooks.append(fp32_modules[name].register_forward_pre_hook(fp32_input(name)))
+        hooks.append(fp32_modules[name].register_forward_hook(fp32_output(name)))
+    try:
+        with torch.inference_mode():
+            int8(x)
+            _SkipObservers(prepared).run(x)
+            out = {}
+            for name in names:
+                if name not in qparams or len(captured.get(name, ())) != 2:
+                    continue
+                x_fp, y_fp = captured[name]
+                y = int8_modules[name](torch.quantize_per_tensor(x_fp, *qparams[name]))
+                y = y.dequantize() if y.is_quantized else y
+                a, b = y_fp.double(), y.double()
+                out[name] = (float((a ** 2).sum()), float(((b - a) ** 2).sum()))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def _is_quantized(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_quantized and t.qscheme() == torch.per_tensor_affine

@@ -17,17 +17,18 @@ from ..cluster.runner import Names, WorkerPool
 from ..cluster.worker import calibration_of
 from ..core import flow, merge
 from ..core.bias import correct_biases
+from ..core.calibration import CalibrationWorker
 from ..core.calls import Call
 from ..core.evaluation import state_dict_bytes
 from ..core.modes import MODES, MergedStats, Plan
 from ..core.protocol import calibrate as run_protocol
-from ..core.sites import observed_values
+from ..core.sites import observed_values, signature
 from ..errors import CalibrationError
 from ..inputs.data import assign_shards, batch_identities, make_batches
 from .load import Job, open_stats, warn_unwritable
 from .workers import mixed_cpus
 
-__all__ = ["Calibrated", "calibrate", "calibration_executor", "Quantized", "quantize", "CALIBRATION_NAMES"]
+__all__ = ["Calibrated", "calibrate", "recalibrate", "calibration_executor", "Quantized", "quantize", "CALIBRATION_NAMES"]
 
 # A calibrating worker's share is its shard: lines name the shard (its calls name their batches).
 CALIBRATION_NAMES = Names(worker=lambda w: f"the worker of calibration shard {w}",
@@ -88,6 +89,21 @@ def calibrate(ctx, job: Job, prepared: nn.Module, pool: WorkerPool, *, use_cache
         ctx.console.print(f"[yellow]{mixed}[/]")
     counts = result.stats.load(prepared)
     return Calibrated(prepared, counts, plan, result.info, result.stats, correct)
+
+
+def recalibrate(ctx, job: Job, pool: WorkerPool, quant) -> Calibrated:
+    """A second calibration on the same pool, for a config whose prepared model observes other values
+    (an equalized model: tune's `equalize` trials): the driver and each worker prepare for `quant`,
+    then `calibrate` as usual (stored statistics reused; bias correction's sums gathered too)."""
+    import dataclasses
+
+    spec = dataclasses.replace(job.spec, quantization=quant)
+    other = dataclasses.replace(job, spec=spec)
+    prepared = flow.prepare(job.fp32, quant, job.example)
+    shared = signature(observed_values(prepared))
+    pool.run({w: [Call(w, CalibrationWorker.prepare_for, (quant, shared))] for w in range(pool.size)},
+             names=CALIBRATION_NAMES, on=calibration_of)
+    return calibrate(ctx, other, prepared, pool, bias_sums=True)
 
 
 @dataclass

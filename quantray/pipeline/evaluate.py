@@ -52,7 +52,6 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
         stored = memo.logits(identities)
         n = min(pool.size, len(test_batches))
         layer_batches = first_batches(test_batches, run.layer_samples)  # the first k test batches
-        checked = max(1, len(layer_batches))  # the engine check runs even without per-layer SQNR
         layer_groups = [layer_batches[w::n] for w in range(n)]  # as handed out below: batch b to worker b % n
         load = Call("int8", Worker.load_int8, (sha256_bytes(quantized.state), pool.share(quantized.script),
                                                pool.share(quantized.state)))
@@ -60,7 +59,7 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
         for b, batch in enumerate(test_batches):  # round-robin: every worker gets a share of every region
             upcoming = test_batches[b + n] if b + n < len(test_batches) else None  # the worker's next batch
             calls[b % n].append(Call(("batch", b), Worker.evaluate, (batch, stored[b], b < len(layer_batches), upcoming,
-                                                                     b < checked)))
+                                                                     b == 0)))  # the engine check: batch 0
         weight = {("batch", b): len(batch) for b, batch in enumerate(test_batches)}
         bar = ctx.progress.add_task("evaluate", total=sum(weight.values())) if ctx.progress is not None else None
 
@@ -95,6 +94,7 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
                                                                                    if b % n == w] for w in range(n)},
             "fp32_batches_reused": reused, "layer_samples": sum(map(len, layer_batches)), "layer_workers": layer_groups}
     plan["engine_samples"] = engine["samples"]
+    plan["engine_check_s"] = round(sum(s.engine_s for s in scored), 4)  # on the workers
     return Evaluation(merged, layers, figures, plan, identities, data_read, engine)
 
 

@@ -4,6 +4,7 @@ built from one calibration's merged statistics and scored on the pool's workers.
     logits = fp32_logits(ctx, job, pool, batches)               # the memo's, else computed once
     scored = score_trials(ctx, pool, quants, stats, batches, logits)   # [TrialScores], in order
     verdict = check_engine(ctx, pool, quant, stats, batches)     # the engine check of one config
+    ranked = rank_layers(ctx, pool, quant, stats, batches)       # [(layer, isolated SQNR dB)], worst first
 
 Each worker builds a trial's INT8 model from the merged statistics (prepare_fx, load them,
 convert_fx: no forward pass) and scores it against the FP32 logits; trials are dealt out
@@ -11,6 +12,8 @@ round-robin, one wave at a time. The search itself (which trials, when to stop) 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,7 +27,7 @@ from ..spec import QuantSpec
 from .fp32 import Fp32Memo
 from .load import Job, open_stats
 
-__all__ = ["fp32_logits", "score_trials", "check_engine", "TrialScores"]
+__all__ = ["fp32_logits", "score_trials", "check_engine", "rank_layers", "TrialScores"]
 
 # Lines name the trial (or the FP32 batch) a call was for.
 _NAMES = Names(worker=lambda w: f"tune worker {w}",
@@ -60,6 +63,25 @@ def check_engine(ctx, pool: WorkerPool, quant: QuantSpec, stats: MergedStats, ba
     with ctx.stage("engine_check"):
         results = pool.run(calls, names=_NAMES)
     return engine_verdict(merge_engine(results.values()), quant.backend)
+
+
+def rank_layers(ctx, pool: WorkerPool, quant: QuantSpec, stats: MergedStats,
+                batches: list[list[int]]) -> list[tuple[str, float | None]]:
+    """Each quantized conv/linear layer of `quant`'s INT8 model by its isolated error on `batches`
+    (`layers.isolated_errors`: its INT8 module on FP32 inputs against FP32), in one pass spread over
+    the pool: (layer, SQNR in dB, None where exact), the worst first (ties by name)."""
+    n, shared = min(pool.size, len(batches)), pool.share(stats)
+    calls = {w: [Call((w, "layer ranking"), Worker.isolated_errors, (quant, shared, batches[w::n]))] for w in range(n)}
+    with ctx.stage("rank"):
+        results = pool.run(calls, names=_NAMES)
+    per_batch = sorted((first, errors) for r in results.values() for first, errors in r.items())
+    layers = sorted({name for _, errors in per_batch for name in errors})
+    ranked = []
+    for name in layers:
+        signal = math.fsum(e[name][0] for _, e in per_batch if name in e)
+        noise = math.fsum(e[name][1] for _, e in per_batch if name in e)
+        ranked.append((name, 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else None))
+    return sorted(ranked, key=lambda r: (r[1] if r[1] is not None else math.inf, r[0]))
 
 
 def score_trials(ctx, pool: WorkerPool, quants: list[tuple[str, QuantSpec]], stats: MergedStats,

@@ -272,25 +272,31 @@ def _conditions(metrics: dict, manifest: dict) -> str:
 
 def render_tune(summary: dict, trials: list[dict], best_metrics: dict) -> str:
     """The tune directory's report.html: outcome, top-1 against FP32 layers, layer sensitivity, trials."""
-    full = [t for t in trials if t["phase"] != "rank"]
+    full = trials
     best = next(t for t in trials if t["trial"] == summary["best_trial"])
     outcome = (f"<p><b>{'Budget met' if summary['met'] else 'Budget not met'}</b>: {_e(summary['stopped'])}. "
                f"{summary['trials']} trials (limit {summary['trial_limit']}), chosen on {_e(summary['selection'])}; "
                f"max drop {summary['max_drop'] * 100:g} pt.</p>"
                f"<p>Best: trial {best['trial']}, range {_e(best['range_method'])}, weights {_e(best['weight'])}, "
+               f"cures {_e(_cures(best))}, "
                f"{len(best['fp32_modules'])} FP32 layer(s) ({_e(', '.join(best['fp32_modules']) or 'none')}). "
                f"On the job's [test]: FP32 {_pct(best_metrics['fp32']['top1'])}, "
                f"tuned INT8 {_pct(best_metrics['int8']['top1'])} (best-run/report.html).</p>")
-    table = _table(["trial", "phase", "range", "weights", "FP32 layers", "samples", "top-1", "95% interval", "drop (pt)",
-                    "agreement", "INT8 KB", "FP32 modules"],
-                   [[t["trial"], t["phase"], t["range_method"], t["weight"], len(t["fp32_modules"]), t["samples"],
+    table = _table(["trial", "phase", "range", "weights", "cures", "FP32 layers", "samples", "top-1", "95% interval",
+                    "drop (pt)", "agreement", "INT8 KB", "FP32 modules"],
+                   [[t["trial"], t["phase"], t["range_method"], t["weight"], _cures(t), len(t["fp32_modules"]), t["samples"],
                      _pct(t["top1"]), f"{_pct(t['top1_ci95_low'])}-{_pct(t['top1_ci95_high'])}", f"{t['drop'] * 100:+.2f}",
                      f"{t['agreement']:.4f}", f"{t['int8_size_bytes'] / 1e3:.1f}", ", ".join(t["fp32_modules"])]
-                    for t in trials], numeric_from=4)
+                    for t in trials], numeric_from=5)
     return _page("quantray tune", [
         f"<h1>quantray tune</h1><p class=muted>{_e(summary['job'])}</p>", outcome,
         "<h2>Top-1 against the number of FP32 layers</h2>", _fp32_layers_plot(full, summary["max_drop"]),
-        "<h2>Layer sensitivity</h2>", _sensitivity_plot(summary["sensitivity"]), "<h2>Trials</h2>", table])
+        "<h2>Layer sensitivity (each layer's INT8 error alone, lower is worse)</h2>",
+        _sensitivity_plot(summary["sensitivity"]), "<h2>Trials</h2>", table])
+
+
+def _cures(trial: dict) -> str:
+    return "+".join(n for n, on in (("equalize", trial.get("equalize")), ("bias", trial.get("bias_correction"))) if on) or "-"
 
 
 def _fp32_layers_plot(trials: list[dict], max_drop: float) -> str:
@@ -330,15 +336,15 @@ def _fp32_layers_plot(trials: list[dict], max_drop: float) -> str:
 
 def _sensitivity_plot(sensitivity: list[dict]) -> str:
     if not sensitivity:
-        return "<p class=muted>Layers were not ranked: a range method met the budget, or trials ran out.</p>"
-    exact = [r["module"] for r in sensitivity if r.get("exact_logits")]
-    note = (f"<p class=muted>Alone in FP32, these made the logits equal FP32's (an infinite gain): "
-            f"{_e(', '.join(exact))}.</p>" if exact else "")
-    rows = [r for r in sensitivity if r["sqnr_gain_db"] is not None]
+        return "<p class=muted>Layers were not ranked: a range method or a cure met the budget, or trials ran out.</p>"
+    exact = [r["module"] for r in sensitivity if r["isolated_sqnr_db"] is None]
+    note = (f"<p class=muted>Exact in INT8 (no error alone): {_e(', '.join(exact))}.</p>" if exact else "")
+    rows = [r for r in sensitivity if r["isolated_sqnr_db"] is not None]
     if not rows:
         return note
-    gains = [r["sqnr_gain_db"] for r in rows]
-    bars = [(r["module"], r["sqnr_gain_db"], COLORS["int8"],
-             f"{r['module']} alone in FP32: logit SQNR {r['sqnr_gain_db']:+.2f} dB", f"{r['sqnr_gain_db']:+.2f}") for r in rows]
-    return note + _hbars(bars, min(0.0, min(gains)), max(gains), 500,
-                         "logit SQNR gained by keeping each layer alone in FP32")
+    values = [r["isolated_sqnr_db"] for r in rows]
+    bars = [(r["module"], r["isolated_sqnr_db"], COLORS["int8"],
+             f"{r['module']} ({r['kind']}) alone in INT8: SQNR {r['isolated_sqnr_db']:.2f} dB",
+             f"{r['isolated_sqnr_db']:.1f}") for r in rows]
+    return note + _hbars(bars, min(0.0, min(values)), max(values), 500,
+                         "each layer's INT8 output on FP32 inputs against FP32, SQNR in dB")

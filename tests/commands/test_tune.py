@@ -76,7 +76,8 @@ def test_layers_kept_in_fp32_need_no_new_calibration(ray_cluster, tmp_path):
 @pytest.mark.ray
 def test_a_budget_no_range_method_meets_ranks_layers_and_keeps_the_fewest_in_fp32(ray_cluster, tmp_path):
     """One layer whose per-tensor weights cannot be quantized (quantray.testing.one_hostile_layer):
-    every range method fails; the ranking finds it and keeping it alone in FP32 meets the budget."""
+    every range method and cure fails; the one-pass ranking finds it and keeping it alone in FP32
+    meets the budget."""
     job = _job(tmp_path, DEMO.replace("quantray.demo:digits_cnn", "quantray.testing:one_hostile_layer")
                .replace('backend = "x86"', 'backend = "x86"\nweight = "per_tensor"'))
     validation = tmp_path / "validation.toml"
@@ -85,12 +86,14 @@ def test_a_budget_no_range_method_meets_ranks_layers_and_keeps_the_fewest_in_fp3
     rows = _trials(result.location)
     assert [r["phase"] for r in rows[:5]] == ["range"] * 5 and all(r["drop"] > 0.5 for r in rows[:5])
     assert {r["weight"] for r in rows} == {"per_tensor"}  # the job names it: a constraint
-    ranked = [r for r in rows if r["phase"] == "rank"]
-    assert ranked[0]["fp32_modules"] == [] and all(r["samples"] == 128 for r in ranked)
-    assert sorted(m for r in ranked[1:] for m in r["fp32_modules"]) == ["cnn.conv1", "cnn.conv2", "cnn.conv3", "fc", "mix"]
-    assert result.sensitivity[0]["module"] == "mix"
-    gains = [s["sqnr_gain_db"] for s in result.sensitivity]
-    assert gains == sorted(gains, reverse=True)
+    cures = [(r["equalize"], r["bias_correction"]) for r in rows if r["phase"] == "cure"]
+    assert cures == [(False, True), (True, False), (True, True)]  # on the best range trial; none cures it
+    assert all(r["drop"] > 0.5 for r in rows if r["phase"] == "cure")
+    assert "rank" not in {r["phase"] for r in rows}  # layers are ranked in one pass, not one trial each
+    assert result.sensitivity[0]["module"] == "mix" and result.sensitivity[0]["kind"] == "LinearReLU"
+    assert {s["module"] for s in result.sensitivity} == {"cnn.conv1", "cnn.conv2", "cnn.conv3", "fc", "mix"}
+    sqnr = [s["isolated_sqnr_db"] for s in result.sensitivity]
+    assert sqnr == sorted(sqnr) and sqnr[0] < 1 < 20 < sqnr[1]  # mix: its identity weights round to zero
     order = [s["module"] for s in result.sensitivity]
     for r in rows:
         if r["phase"] == "fp32":  # the k most sensitive, k = 1, 2, ...

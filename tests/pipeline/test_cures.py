@@ -30,7 +30,7 @@ def _job(tmp_path, name, extra=""):
 def test_the_demo_runs_kernels_pass_the_engine_check(demo_runs):
     for result in demo_runs.values():
         check = result.metrics["engine_check"]
-        assert check["ok"] is True and check["engine"] == "x86" and check["samples"] == 64
+        assert check["ok"] is True and check["engine"] == "x86" and check["samples"] == 16
         assert check["layers_checked"] >= 6 and check["first_layer"] is None
         rows = pq.read_table(Path(result.location) / "layers.parquet").to_pylist()
         assert {r["engine_fault"] for r in rows if r["quantized"]} == {False}
@@ -89,3 +89,18 @@ def test_bias_correction_is_recorded_and_a_model_with_nothing_to_correct_says_so
                           console=Console(file=out, width=400))
     assert result.manifest["bias_correction"]["layers"] == 0
     assert "bias_correction = true: no quantized conv or linear layer to correct" in out.getvalue()
+
+
+@pytest.mark.ray
+def test_tune_finds_equalization_for_the_spread_case(ray_cluster, tmp_path):
+    result = tune(_job(tmp_path, "digits_spread"), max_drop=0.01, out=tmp_path / "tune", workers=2, console=quiet())
+    rows = result.trials
+    assert [r["phase"] for r in rows] == ["range"] * 5 + ["cure"] * 3  # per_tensor is the job's: 5 range methods
+    assert all(r["drop"] > 0.10 for r in rows[:5])
+    assert result.met and result.best["equalize"] and result.stopped.startswith("the budget was met by a cure")
+    assert result.best["fp32_modules"] == []
+    run = result.best_run
+    assert run.manifest["spec"]["quantization"]["equalize"] is True
+    assert run.metrics["int8"]["top1"] >= run.metrics["fp32"]["top1"] - 0.01
+    summary = json.loads((Path(result.location) / "tune.json").read_text())
+    assert "calibrate_equalized" in summary["timings_s"]
