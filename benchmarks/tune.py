@@ -10,10 +10,12 @@ untrained resnet18: timings do not depend on its weights) and tunes that.
 
 1. `quantray tune JOB --max-drop PTS --no-cache` as a user runs it (a new process, a fresh stats
    folder): wall time from launch to exit.
-2. The same trials (read from its trials.parquet: range method, FP32 modules, weight scheme, and the
-   samples each was scored on), the anchors' way, in this process: prepare_fx with the trial's
-   qconfig, torch's calibration over the job's calibration batches, convert_fx, then the FP32 and
-   the INT8 model over the trial's test batches. Timed from the job's load to the last trial.
+2. The same trials (read from its trials.parquet: range method, FP32 modules, weight scheme, cures,
+   and the samples each was scored on), the anchors' way, in this process: prepare_fx with the
+   trial's qconfig (equalized first where the trial equalizes), torch's calibration over the job's
+   calibration batches (bias correction's sums gathered in the same passes where it corrects),
+   convert_fx, then the FP32 and the INT8 model over the trial's test batches. Timed from the job's
+   load to the last trial.
 3. Per trial: building the INT8 model from merged statistics (prepare_fx, load, convert_fx,
    TorchScript) against one calibration (prepare_fx, the forward passes, convert_fx).
 Ratios are measured in the same run; both sides use one process per worker at one thread.
@@ -22,6 +24,7 @@ Ratios are measured in the same run; both sides use one process per worker at on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -43,8 +46,8 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from quantray import pipeline
-    from quantray.commands.tune import Trial
     from quantray.core import flow
+    from quantray.core.bias import InputSums, correct_biases, merge_sums
     from quantray.inputs.data import load_batch, make_batches
     from quantray.spec import load_spec
 
@@ -83,12 +86,18 @@ def main() -> None:
             build, calibrate = [], []
             with torch.inference_mode():
                 for r in rows:
-                    trial = Trial(r["range_method"], r["weight"], tuple(r["fp32_modules"]))
+                    trial = _trial(r)
                     c = time.perf_counter()
                     prepared = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
+                    sums = InputSums(prepared) if trial.bias else None
+                    per_batch = []
                     for x in calib:
-                        prepared(x)
+                        with sums.recording() if sums else contextlib.nullcontext({}) as batch:
+                            prepared(x)
+                        per_batch.append(batch)
                     int8 = flow.convert(prepared)
+                    if trial.bias:  # the same correction, from sums gathered in the same forward passes
+                        correct_biases(int8, prepared, merge_sums(per_batch))
                     calibrate.append(time.perf_counter() - c)
                     seen = 0
                     for batch in test_batches:
@@ -112,19 +121,30 @@ def main() -> None:
             batches = make_batches(loaded.calib_idx, spec.calibration.batch_size)
             with SerialExecutor(loaded.fp32, loaded.example, spec.quantization, spec.calibration, 1,
                                 signature(observed)) as executor:
-                stats = run_protocol(MODES["exact"], executor, Plan(batches, [list(range(len(batches)))], observed)).stats
+                stats = run_protocol(MODES["exact"], executor, Plan(batches, [list(range(len(batches)))], observed),
+                                     bias=True).stats
             for r in rows:
-                trial = Trial(r["range_method"], r["weight"], tuple(r["fp32_modules"]))
+                trial = _trial(r)
+                if trial.equalize:  # built from the equalized calibration: timed like the others, left out here
+                    continue
                 c = time.perf_counter()
                 other = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
                 stats.load(other)
-                pipeline.quantize(pipeline.Calibrated(other, {}, None, {}, stats))
+                pipeline.quantize(pipeline.Calibrated(other, {}, None, {}, stats, trial.bias))
                 build.append(time.perf_counter() - c)
             b, c = sorted(build)[len(build) // 2], sorted(calibrate)[len(calibrate) // 2]
             print(f"per trial (median of {len(build)}): INT8 built from merged statistics {b * 1e3:.0f} ms "
                   f"(TorchScript included), one calibration {c * 1e3:.0f} ms ({c / b:.1f}x)")
         finally:
             job.unlink(missing_ok=True)
+
+
+def _trial(row: dict):
+    """A trials.parquet row as the Trial it was (runs of older versions have no cure columns)."""
+    from quantray.commands.tune import Trial
+
+    return Trial(row["range_method"], row["weight"], tuple(row["fp32_modules"]), bool(row.get("equalize")),
+                 bool(row.get("bias_correction")))
 
 
 if __name__ == "__main__":
