@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 
 __all__ = ["write_flowers102", "article_job", "loopback_s3", "free_port", "digits_killer", "digits_failing",
-           "random_images", "fails", "dies"]
+           "random_images", "fails", "dies", "hostile_convs", "one_hostile_layer", "tiny_cnn"]
 
 
 def write_flowers102(root: str | Path, classes=(1, 17, 40, 77, 101, 102), train=4, val=1, test=2,
@@ -265,3 +265,36 @@ def one_hostile_layer():
             return self.fc(self.relu(self.mix(torch.flatten(x, 1))))
 
     return OneHostileLayer().eval()
+
+
+def hostile_convs():
+    """The demo CNN with one more output channel in each convolution, weights -1000 on non-negative
+    inputs (digits, and every ReLU's output), which its ReLU always zeroes and the next layer reads
+    with weight 0: FP32 computes the demo's logits (to float rounding); with per-tensor INT8 weights each
+    convolution's scale rounds its real weights to zero. No range method, equalization (the next
+    layer's range on that channel is 0) or bias correction repairs them, and no single conv in FP32
+    does: only the three together, the group of one kind (tests of `quantray tune`'s groups)."""
+    import torch
+    from torch import nn
+
+    from .demo import DigitsCNN, digits_cnn
+
+    trained = digits_cnn()
+
+    class HostileConvs(DigitsCNN):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 17, 3, padding=1), nn.Conv2d(17, 33, 3, padding=1)
+            self.conv3, self.fc = nn.Conv2d(33, 65, 3, padding=1), nn.Linear(65, 10)
+            with torch.no_grad():
+                for new, old in ((self.conv1, trained.conv1), (self.conv2, trained.conv2), (self.conv3, trained.conv3)):
+                    new.weight.zero_()
+                    new.weight[:-1, :old.in_channels] = old.weight
+                    new.weight[-1] = -1000.0
+                    new.bias.zero_()
+                    new.bias[:-1] = old.bias
+                self.fc.weight.zero_()
+                self.fc.weight[:, :64] = trained.fc.weight
+                self.fc.bias.copy_(trained.fc.bias)
+
+    return HostileConvs().eval()

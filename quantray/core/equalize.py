@@ -41,7 +41,7 @@ def equalize(model: nn.Module) -> tuple[fx.GraphModule, dict]:
     {"pairs": [[A, B], ...], "folded_batchnorm": n, "sweeps": n, "skipped": [why, ...]}."""
     from torch.fx.experimental.optimization import fuse
 
-    from .flow import without_stack_traces
+    from .tracing import without_stack_traces
 
     before = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     with without_stack_traces():

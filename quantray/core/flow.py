@@ -11,7 +11,6 @@ observer buffers, which both flows share.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
 import warnings
@@ -35,6 +34,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 from ..errors import QuantrayError, SpecError
 from ..spec import QuantSpec, suggest
 from .ranges import RangeObserver
+from .tracing import without_stack_traces
 
 __all__ = ["base_model", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
            "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS",
@@ -154,23 +154,6 @@ def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tens
             if node.op == "placeholder":
                 node.meta["quantray_transform"] = transform
     return prepared
-
-
-@contextlib.contextmanager
-def without_stack_traces():
-    """FX's tracer records a Python stack trace per node, debugging metadata only; symbolizing the
-    first one imports torch._dynamo, about 2 s in every new process (driver, actor, task)."""
-    import torch.fx.config
-
-    if not hasattr(torch.fx.config, "do_not_emit_stack_traces"):  # torch < 2.12 has no such switch
-        yield
-        return
-    before = torch.fx.config.do_not_emit_stack_traces
-    torch.fx.config.do_not_emit_stack_traces = True
-    try:
-        yield
-    finally:
-        torch.fx.config.do_not_emit_stack_traces = before
 
 
 def convert(prepared: nn.Module) -> nn.Module:

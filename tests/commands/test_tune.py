@@ -126,3 +126,21 @@ def test_bad_tune_arguments_exit_2(capsys, args, message):
     with pytest.raises(SystemExit) as e:
         main(["tune", str(DEMO_JOB), *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_error_spread_over_one_kind_of_layer_is_met_by_the_group_before_long_prefixes(ray_cluster, tmp_path):
+    """quantray.testing.hostile_convs: every convolution broken under per-tensor weights; no single
+    one in FP32 helps, the group of all ConvReLU2d does."""
+    job = _job(tmp_path, DEMO.replace("quantray.demo:digits_cnn", "quantray.testing:hostile_convs")
+               .replace('backend = "x86"', 'backend = "x86"\nweight = "per_tensor"'))
+    result = tune(job, max_drop=0.01, out=tmp_path / "tune", workers=2)
+    rows = _trials(result.location)
+    assert [r["phase"] for r in rows] == ["range"] * 5 + ["cure"] * 3 + ["fp32"] * 2 + ["group"]
+    assert [len(r["fp32_modules"]) for r in rows if r["phase"] == "fp32"] == [1, 2]
+    assert {s["module"]: s["kind"] for s in result.sensitivity} == {
+        "conv1": "ConvReLU2d", "conv2": "ConvReLU2d", "conv3": "ConvReLU2d", "fc": "Linear"}
+    assert result.met and sorted(result.best["fp32_modules"]) == ["conv1", "conv2", "conv3"]
+    assert result.stopped == "the budget was met with 3 layer(s) in FP32 (a group of one kind)"
+    groups = json.loads((Path(result.location) / "tune.json").read_text())["groups"]  # modules in ranking order
+    assert [(g["kind"], sorted(g["modules"])) for g in groups] == [("ConvReLU2d", ["conv1", "conv2", "conv3"])]
