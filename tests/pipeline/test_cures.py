@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from helpers import ROOT, quiet
 from rich.console import Console
 
 import quantray
 from quantray.commands.tune import tune
 from quantray.errors import EngineFault
+from quantray.inputs import data
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686")
 x86_only = pytest.mark.skipif(not X86, reason="qnnpack's ReLU6 fault is seen on x86 CPUs")
@@ -24,6 +26,13 @@ def _job(tmp_path, name, extra=""):
     job = tmp_path / f"{name}.toml"
     job.write_text(text.replace("[quantization]", f"[quantization]\n{extra}") if extra else text)
     return job
+
+
+def _rebuilt_is_the_runs_model(result):
+    """The seed's recipe (`load_quantized`) and the run's TorchScript give the same logits."""
+    x, _ = data.digits("test").tensors
+    with torch.inference_mode():
+        assert torch.equal(result.int8()(x), torch.jit.load(str(Path(result.location) / "model_int8.pt"))(x))
 
 
 @pytest.mark.ray
@@ -75,6 +84,7 @@ def test_equalization_recovers_the_spread_case_and_is_recorded(ray_cluster, tmp_
     assert plain.metrics["engine_check"]["ok"] is fixed.metrics["engine_check"]["ok"] is True  # quantization error
     assert fixed.manifest["transforms"]["equalization"]["pairs"] == [["conv1", "conv2"], ["conv2", "conv3"]]
     assert "transforms" not in plain.manifest
+    _rebuilt_is_the_runs_model(fixed)  # load_quantized equalizes the FP32 model again before its recipe
 
 
 @pytest.mark.ray
@@ -83,6 +93,7 @@ def test_bias_correction_is_recorded_and_a_model_with_nothing_to_correct_says_so
                           console=quiet())
     done = result.manifest["bias_correction"]
     assert done["layers"] == 4 and done["mean_abs_correction"] > 0 and done["not_corrected"] == []
+    _rebuilt_is_the_runs_model(result)  # the corrected biases are in model_int8.pth
     out = io.StringIO()
     nothing = 'bias_correction = true\nmodule_names = { conv1 = "fp32", conv2 = "fp32", conv3 = "fp32", fc = "fp32" }'
     result = quantray.run(_job(tmp_path, "digits", nothing), out=tmp_path / "none", workers=2,
