@@ -32,6 +32,7 @@ TRANSFORMS = ("imagenet_eval", "to_tensor", "none")          # inputs.transforms
 BACKENDS = ("x86", "qnnpack")
 MODES = ("exact", "replay", "fast")                          # core.modes.MODES (a test pins them)
 MAPPINGS = ("global", "default")
+FLOWS = ("fx", "pt2e")                                       # core.flow (FX graph mode) and core.pt2e
 ACTIVATIONS = ("histogram", "minmax", "moving_average")      # core.flow.ACTIVATION_OBSERVERS (pinned too)
 RANGES = ("l2", "minmax", "percentile", "mse", "entropy")    # core.ranges.METHODS (a test pins them)
 WEIGHTS = ("per_channel", "per_tensor")                      # core.flow.WEIGHT_OBSERVERS (pinned too)
@@ -231,6 +232,7 @@ class QuantSpec:
     _OWNER: typing.ClassVar[str] = "[quantization]"
 
     backend: str = "x86"
+    flow: str = "fx"                     # "pt2e": torch.export + torchao's X86InductorQuantizer (`core.pt2e`)
     mode: str = "exact"
     mapping: str = "global"
     activation: str | None = None
@@ -244,7 +246,7 @@ class QuantSpec:
 
     def __post_init__(self):
         _check_types(self)
-        for key, valid in (("backend", BACKENDS), ("mode", MODES), ("mapping", MAPPINGS)):
+        for key, valid in (("backend", BACKENDS), ("flow", FLOWS), ("mode", MODES), ("mapping", MAPPINGS)):
             value = getattr(self, key)
             if value not in valid:
                 raise FieldError(self._OWNER, key, f"= {value!r}: unknown {key}{suggest(value, valid)}; "
@@ -260,6 +262,22 @@ class QuantSpec:
                     raise FieldError(self._OWNER, key, f"= {value!r}: expected \"fp32\" or a table "
                                                        "{ activation = ..., weight = ... }")
                 _check_choice(value, f"{key}.")
+        if self.flow == "pt2e":
+            self._check_pt2e()
+
+    def _check_pt2e(self) -> None:
+        """What torchao's X86InductorQuantizer cannot express, each refused in one line."""
+        def fail(key, detail):
+            return FieldError(self._OWNER, key, f"{detail} under flow = \"pt2e\"; {fix}")
+
+        fix = "remove it, or use flow = \"fx\""
+        if self.backend != "x86":
+            raise fail("backend", f"= {self.backend!r}: torchao's PT2E quantizer here is X86InductorQuantizer (x86 only)")
+        if self.mapping != "global":
+            raise fail("mapping", f"= {self.mapping!r}: FX's default QConfigMapping has no PT2E form (the quantizer "
+                                  "decides which ops it quantizes)")
+        if self.bias_correction:
+            raise fail("bias_correction", "= true: bias correction rewrites FX's INT8 modules and is not available")
 
 
 _CHOICE_KEYS = {"activation": ACTIVATIONS, "activation_range": RANGES, "percentile": None, "weight": WEIGHTS}

@@ -1,12 +1,12 @@
-"""The quantization flow: how a model is prepared, converted and rebuilt (torch's FX graph mode).
+"""The quantization flow: how a model is prepared, converted and rebuilt. FX graph mode here;
+`[quantization] flow = "pt2e"` sends prepare and convert to `pt2e` (torch.export + torchao).
 
     prepared = prepare(fp32, quant, example)   # prepare_fx with the spec's QConfigMapping, on a copy
     int8 = convert(prepared)                   # convert_fx, on a copy
     int8 = rebuild_int8(fp32, quant, example, state_dict)   # the seed's way back from model_int8.pth
 
-Everything that knows about FX quantization lives here, so a second flow (torchao's PT2E:
-torch.export, prepare_pt2e, convert_pt2e) has one place to go. Calibration and merging work on
-observer buffers, which both flows share.
+Everything that knows about FX quantization lives here, and everything about PT2E in `pt2e`.
+Calibration and merging work on observer buffers, which both flows share.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..spec import QuantSpec, suggest
 from .ranges import RangeObserver
 from .tracing import without_stack_traces
 
-__all__ = ["base_model", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
+__all__ = ["base_model", "flow_of", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
            "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS",
            "quiet_torch_warnings", "without_stack_traces"]
 
@@ -133,9 +133,14 @@ def base_model(model: nn.Module, quant: QuantSpec | str) -> nn.Module:
     return equalized
 
 
+def flow_of(model: nn.Module) -> str:
+    """"pt2e" for a model `pt2e` prepared or converted, else "fx"."""
+    return getattr(model, "quantray_flow", "fx")
+
+
 def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> nn.Module:
-    """`prepare_fx` on a copy of `model` (the FP32 model stays untouched), equalized first where
-    `quant` says so (`base_model`)."""
+    """`prepare_fx` (or, under flow = "pt2e", `pt2e.prepare`) on a copy of `model` (the FP32 model
+    stays untouched), equalized first where `quant` says so (`base_model`)."""
     quant = _quant(quant)
     set_engine(quant.backend)
     model = base_model(model, quant)
@@ -145,9 +150,14 @@ def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tens
             close = difflib.get_close_matches(name, list(modules), n=3)
             raise SpecError(f"[quantization] module_names.{name}: the model has no module {name!r}"
                             + (f"; close: {', '.join(close)}" if close else ""))
-    with warnings.catch_warnings(), without_stack_traces():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch points to torchao's PT2E flow
-        prepared = prepare_fx(copy.deepcopy(model).eval(), qconfig_mapping(quant), (example_inputs,))
+    if quant.flow == "pt2e":
+        from . import pt2e
+
+        prepared = pt2e.prepare(model, quant, example_inputs)
+    else:
+        with warnings.catch_warnings(), without_stack_traces():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch points to torchao's PT2E flow
+            prepared = _prepare_fx(model, quant, example_inputs)
     transform = getattr(model, "quantray_transform", None)
     if transform is not None:  # on the input nodes, whose meta copies of the graph keep (`sites` reads it)
         for node in prepared.graph.nodes:
@@ -156,8 +166,21 @@ def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tens
     return prepared
 
 
+def _prepare_fx(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor) -> nn.Module:
+    try:
+        return prepare_fx(copy.deepcopy(model).eval(), qconfig_mapping(quant), (example_inputs,))
+    except torch.fx.proxy.TraceError as e:  # symbolic tracing: data-dependent control flow
+        text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise SpecError(f"[model] cannot be traced by FX for flow = \"fx\": {type(e).__name__}: {text[:200]}; "
+                        "try flow = \"pt2e\" (torch.export traces it another way)") from None
+
+
 def convert(prepared: nn.Module) -> nn.Module:
-    """`convert_fx` on a copy: convert mutates the prepared model it is given."""
+    """`convert_fx` (or `pt2e.convert`) on a copy: convert mutates the prepared model it is given."""
+    if flow_of(prepared) == "pt2e":
+        from . import pt2e
+
+        return pt2e.convert(prepared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return convert_fx(copy.deepcopy(prepared)).eval()
@@ -165,7 +188,10 @@ def convert(prepared: nn.Module) -> nn.Module:
 
 def reference(prepared: nn.Module) -> nn.Module:
     """torch's reference quantized model of `prepared` (`convert_to_reference_fx`, on a copy): the same
-    scales and zero points, quantization simulated in float, no INT8 kernel involved."""
+    scales and zero points, quantization simulated in float, no INT8 kernel involved. Under PT2E,
+    convert_pt2e's program is that reference representation itself."""
+    if flow_of(prepared) == "pt2e":
+        return convert(prepared)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return convert_to_reference_fx(copy.deepcopy(prepared)).eval()

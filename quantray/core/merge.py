@@ -19,13 +19,13 @@ import warnings
 
 import torch
 from torch import nn
-from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, ObserverBase
+from torch.ao.quantization.observer import HistogramObserver, ObserverBase
 
 from ..digest import update_tensor
 from ..errors import CalibrationError
 from .probes import count_key
-from .ranges import RangeObserver
-from .sites import HISTOGRAM, MINMAX, STATELESS, Observed, find_observers, kind_of, observer_aliases
+from .ranges import RangeMethod
+from .sites import HISTOGRAM, MINMAX, STATELESS, Observed, find_observers, kind_of, observer_aliases, weight_observers
 
 __all__ = ["MissingStatistics", "needed_values", "calls_of", "global_range", "count_requests", "replay_requests",
            "sum_counts", "load_minmax", "load_exact", "load_replay", "load_fast", "sites_key", "qparam_rows", "range_method",
@@ -208,10 +208,11 @@ def _combine_shards(obs: HistogramObserver, states) -> None:
 
 
 def qparam_rows(model: nn.Module, counts: dict[str, int] | None = None) -> list[dict]:
-    """One row per observer with data state: name, aliases, class, min, max, scale, zero_point, count."""
-    rows, aliases = [], observer_aliases(model)
+    """One row per activation observer with data state: name, aliases, class, min, max, scale,
+    zero_point, count (PT2E's weight observers, in the graph, are left out as FX's are)."""
+    rows, aliases, weights = [], observer_aliases(model), weight_observers(model)
     for name, obs in find_observers(model).items():
-        if kind_of(name, obs) == STATELESS:
+        if kind_of(name, obs) == STATELESS or name in weights:
             continue
         seen = obs.min_val.numel() > 0 and bool(torch.isfinite(obs.min_val).all())
         with warnings.catch_warnings():  # an unseen observer warns and returns the default qparams
@@ -231,12 +232,12 @@ def qparam_rows(model: nn.Module, counts: dict[str, int] | None = None) -> list[
 
 
 def range_method(obs: ObserverBase) -> str:
-    """How an activation observer chooses its range (`quantray.core.ranges`)."""
-    if isinstance(obs, RangeObserver):
+    """How an activation observer chooses its range (`quantray.core.ranges`); torch's observer
+    classes and torchao's twins (PT2E) alike."""
+    if isinstance(obs, RangeMethod):
         return obs.range_method
-    if isinstance(obs, HistogramObserver):
-        return "l2"
-    return {MovingAverageMinMaxObserver: "moving_average", MinMaxObserver: "minmax"}.get(type(obs), type(obs).__name__)
+    names = {"HistogramObserver": "l2", "MovingAverageMinMaxObserver": "moving_average", "MinMaxObserver": "minmax"}
+    return names.get(type(obs).__name__, type(obs).__name__)
 
 
 def state_digest(model: nn.Module) -> str:
@@ -244,7 +245,7 @@ def state_digest(model: nn.Module) -> str:
     buffers: equal digests, equal INT8 qparams."""
     h = hashlib.sha256()
     for name, obs in sorted(find_observers(model).items()):
-        method = f"({obs.range_method})" if isinstance(obs, RangeObserver) else ""  # l2's digests stay as they were
+        method = f"({obs.range_method})" if isinstance(obs, RangeMethod) else ""  # l2's digests stay as they were
         h.update(f"{name}:{type(obs).__name__}{method};".encode())
         for key, buf in sorted(obs.state_dict().items()):
             h.update(f"{key}:".encode())

@@ -34,7 +34,7 @@ import math
 import torch
 from torch.ao.quantization.observer import HistogramObserver
 
-__all__ = ["METHODS", "RangeObserver", "percentile_range", "mse_range", "entropy_range"]
+__all__ = ["METHODS", "RangeMethod", "RangeObserver", "percentile_range", "mse_range", "entropy_range"]
 
 METHODS = ("l2", "minmax", "percentile", "mse", "entropy")
 _RANGES: dict[tuple, tuple[float, float]] = {}  # an observer state's range, by method: see clipping_range
@@ -141,8 +141,10 @@ def entropy_range(hist: torch.Tensor, lo: float, hi: float, quant_min: int, quan
     return lo + (upper - lower) * width, lo + upper * width
 
 
-class RangeObserver(HistogramObserver):
-    """torch's HistogramObserver (the same buffers and merge) whose range comes from `method`."""
+class RangeMethod:
+    """A histogram observer's range from `method`: mixed into torch's HistogramObserver here
+    (`RangeObserver`) and into torchao's for the PT2E flow (`pt2e.RangeObserverPT2E`), whose buffers
+    and arithmetic are the same."""
 
     def __init__(self, method: str = "mse", percentile: float = 99.99, **kwargs):
         super().__init__(**kwargs)
@@ -185,3 +187,7 @@ class RangeObserver(HistogramObserver):
 
     def extra_repr(self) -> str:
         return f"method={self.range_method}"
+
+
+class RangeObserver(RangeMethod, HistogramObserver):
+    """torch's HistogramObserver (the same buffers and merge) whose range comes from `method`."""

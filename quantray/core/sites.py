@@ -38,6 +38,7 @@ from ..errors import CalibrationError
 from .ranges import RangeObserver
 
 __all__ = ["Value", "Observed", "observed_values", "observer_calls", "find_observers", "kind_of", "reduction_of", "observer_aliases", "signature",
+           "register_observers", "is_observer", "weight_observers",
            "HISTOGRAM", "MINMAX", "STATELESS", "TENSOR"]
 
 HISTOGRAM, MINMAX, STATELESS = "histogram", "minmax", "stateless"
@@ -48,6 +49,21 @@ _KINDS = {HistogramObserver: HISTOGRAM, RangeObserver: HISTOGRAM, MinMaxObserver
           MovingAverageMinMaxObserver: MINMAX, MovingAveragePerChannelMinMaxObserver: MINMAX,
           FixedQParamsObserver: STATELESS, PlaceholderObserver: STATELESS, NoopObserver: STATELESS,
           ReuseInputObserver: STATELESS}
+_BASES: tuple[type, ...] = (ObserverBase,)
+_PER_CHANNEL: tuple[type, ...] = (PerChannelMinMaxObserver,)  # and its moving-average subclass
+
+
+def register_observers(base: type, kinds: dict[type, str], per_channel: type) -> None:
+    """Another library's observer classes (torchao's, for the PT2E flow: the same buffers and
+    arithmetic as torch's, separate classes), by exact type as above."""
+    global _BASES, _PER_CHANNEL
+    if base not in _BASES:
+        _BASES, _PER_CHANNEL = (*_BASES, base), (*_PER_CHANNEL, per_channel)
+    _KINDS.update(kinds)
+
+
+def is_observer(module) -> bool:
+    return isinstance(module, _BASES)
 
 
 @dataclass(frozen=True)
@@ -73,11 +89,11 @@ class Observed:
     values: tuple[Value, ...]
 
 
-def find_observers(model: nn.Module) -> dict[str, ObserverBase]:
+def find_observers(model: nn.Module) -> dict[str, nn.Module]:
     """Each observer instance once, under the first name it has (pooling reuses its input's observer)."""
     found, seen = {}, set()
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, ObserverBase) and id(module) not in seen:
+        if is_observer(module) and id(module) not in seen:
             seen.add(id(module))
             found[name] = module
     return found
@@ -87,7 +103,7 @@ def observer_aliases(model: nn.Module) -> dict[str, list[str]]:
     """For each observer's first name, the other names the same instance is reachable by."""
     first, aliases = {}, {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, ObserverBase):
+        if is_observer(module):
             if id(module) in first:
                 aliases[first[id(module)]].append(name)
             else:
@@ -105,8 +121,8 @@ def kind_of(name: str, observer: ObserverBase) -> str:
     return kind
 
 
-def reduction_of(observer: ObserverBase) -> str:
-    return f"channel:{observer.ch_axis}" if isinstance(observer, PerChannelMinMaxObserver) else TENSOR
+def reduction_of(observer) -> str:
+    return f"channel:{observer.ch_axis}" if isinstance(observer, _PER_CHANNEL) else TENSOR
 
 
 def observed_values(prepared: fx.GraphModule) -> dict[str, Observed]:
@@ -140,11 +156,18 @@ def signature(observed: dict[str, Observed]) -> list[tuple]:
     return [(o.name, o.cls, tuple(v.key for v in o.values)) for o in observed.values()]
 
 
-def _observer_at(model: fx.GraphModule, node: fx.Node) -> ObserverBase | None:
+def _observer_at(model: fx.GraphModule, node: fx.Node):
     if node.op != "call_module":
         return None
     module = model.get_submodule(node.target)
-    return module if isinstance(module, ObserverBase) else None
+    return module if is_observer(module) else None
+
+
+def weight_observers(model: fx.GraphModule) -> set[str]:
+    """The observers called on a constant of the graph (a weight), not on an activation: PT2E
+    observes weights in the graph, FX inside convert_fx (none here)."""
+    return {node.target for node in model.graph.nodes
+            if _observer_at(model, node) is not None and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"}
 
 
 def _values(model: fx.GraphModule) -> dict[fx.Node, Value]:
