@@ -73,7 +73,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
             with ctx.stage("calibrate"):
                 calibrated = pipeline.calibrate(ctx, job, prepared, pool, use_cache=use_cache)
             with ctx.stage("convert"):
-                quantized = pipeline.quantize(calibrated)
+                quantized = pipeline.quantize(calibrated, job.example)
             if quantized.bias_correction is not None and not quantized.bias_correction["layers"]:
                 ctx.console.print(f"[yellow]{spec.path}: [quantization] bias_correction = true: no quantized conv or "
                                   "linear layer to correct; no bias was changed[/]")
@@ -82,8 +82,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
         with ctx.stage("write"):
             pipeline.write_qparams(staged, quantized)
             staged.write_bytes("job.toml", spec.source())
-            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), len(quantized.state),
-                                             len(quantized.script))
+            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), quantized)
         manifest = pipeline.manifest(ctx, job, evaluation, qparams_digest=quantized.digest,
                                      input_shape=list(job.example.shape), calibrated=calibrated, pool=pool,
                                      quantized=quantized)
@@ -108,9 +107,14 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
     with ctx.stage("load"):
         files = RunFiles(run_dir)
         manifest = files.manifest
-        job_toml, int8_state, script = (files.read(n) for n in ("job.toml", "model_int8.pth", "model_int8.pt"))
+        job_toml = files.read("job.toml")
         job_path = Path(manifest["job"]["path"])
         spec = parse_spec(tomllib.loads(job_toml.decode()), job_path, manifest["job"]["base_dir"])
+        flow_name = spec.quantization.flow
+        shipped = pipeline.Quantized(b"", b"", flow=flow_name)
+        int8_files = {n: files.read(n) for n in shipped.files}
+        quantized = (pipeline.Quantized(b"", int8_files["model_int8.pt2"], flow="pt2e") if flow_name == "pt2e"
+                     else pipeline.Quantized(int8_files["model_int8.pth"], int8_files["model_int8.pt"]))
         test = load_test_section(data) if data is not None else spec.test
         if samples is not None:
             test = dataclasses.replace(test, samples=samples)
@@ -120,15 +124,15 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
             where = f"{data}: [test]" if data is not None else f"{job_path}: [test]"
             job = pipeline.load_for_evaluation(spec, manifest, where)
         with session.cluster(address), session.workers(job) as pool:
-            evaluation = pipeline.evaluate(ctx, job, pipeline.Quantized(int8_state, script), pool, use_cache)
+            evaluation = pipeline.evaluate(ctx, job, quantized, pool, use_cache)
         staged = session.staged
         with ctx.stage("write"):
-            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), len(int8_state), len(script))
+            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), quantized)
             if data is not None:
                 staged.write_bytes("data.toml", Path(data).read_bytes())
         evaluates = {"run_dir": str(files.location if is_uri(files.location) else Path(files.location).resolve()),
                      "created": manifest["created"],
-                     "files": {k: manifest["files"][k] for k in ("model_int8.pth", "model_int8.pt")}}
+                     "files": {k: manifest["files"][k] for k in int8_files}}
         summary = pipeline.manifest(ctx, job, evaluation, qparams_digest=manifest["qparams_digest"],
                                     input_shape=manifest["input_shape"], evaluates=evaluates, pool=pool)
         pipeline.write_html(staged, metrics, evaluation.layers, summary)
@@ -138,8 +142,14 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
 
 def load_quantized(run_dir: str | Path) -> torch.nn.Module:
     """The INT8 model of a run, rebuilt with the seed's recipe: FP32 model, prepare_fx, convert_fx,
-    load_state_dict(model_int8.pth). The FP32 model's factory or checkpoint must be reachable."""
+    load_state_dict(model_int8.pth). The FP32 model's factory or checkpoint must be reachable.
+    A PT2E run's model is its exported program (model_int8.pt2) as a module: the reference
+    representation; `torch.compile` it under inductor's freezing for INT8 speed (README)."""
     run = RunFiles(run_dir)
+    if run.manifest["spec"]["quantization"].get("flow", "fx") == "pt2e":
+        from .core import pt2e
+
+        return pt2e.load_program(run.read("model_int8.pt2"))
     try:
         weights = run.read("model_int8.pth")
     except SpecError as e:

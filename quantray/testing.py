@@ -298,3 +298,25 @@ def hostile_convs():
                 self.fc.bias.copy_(trained.fc.bias)
 
     return HostileConvs().eval()
+
+
+def data_dependent():
+    """A model with data-dependent control flow (its output depends on a branch on the input's
+    values): neither FX's symbolic tracing nor torch.export can take it."""
+    import torch
+    from torch import nn
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 10)
+
+        def forward(self, x):
+            y = self.conv(x)
+            if y.sum() > 0:
+                y = y.relu()
+            return self.fc(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    return DataDependent().eval()

@@ -73,6 +73,7 @@ class BatchScores:
     layers: LayerResult | None        # its per-layer signal and noise, when asked for
     engine: EngineResult | None = None  # the engine against the reference, when asked for
     engine_s: float = 0.0               # what that check took here
+    compile_s: float = 0.0              # PT2E: compiling the INT8 runtime for this batch's size (not in `seconds`)
 
 
 @dataclass
@@ -103,14 +104,27 @@ class Worker:
         self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
         self.build_s = round(time.perf_counter() - started, 4)
 
-    def load_int8(self, key: str, script: bytes, state: bytes) -> None:
-        """The INT8 model to evaluate (TorchScript) and to diagnose and time (eager, rebuilt from its
-        state_dict when first needed: a converted GraphModule does not pickle)."""
+    def load_int8(self, key: str, deployed: bytes, state: bytes) -> None:
+        """The INT8 model to evaluate and to diagnose and time. FX: the TorchScript file, and eager
+        INT8 rebuilt from its state_dict when first needed (a converted GraphModule does not pickle).
+        PT2E: the exported program (`pt2e.load_program`, the reference representation, as eager) and
+        its compiled runtime (`pt2e.Compiled`), compiled at each batch size's first call."""
         if key == self._int8_key:
             return
         flow.set_engine(self._quant.backend)
-        self._script = torch.jit.load(io.BytesIO(script))
         self._int8_key, self._state, self._eager, self._logger, self._engine = key, state, None, None, None
+        if self._quant.flow == "pt2e":
+            from ..core import pt2e
+
+            self._eager = pt2e.load_program(deployed)
+            self._script = pt2e.Compiled(self._eager)
+        else:
+            self._script = torch.jit.load(io.BytesIO(deployed))
+
+    @property
+    def _runtime(self) -> str:
+        """The deployed INT8 model's name in timings and speed (`pipeline.calibrate.runtime_name`)."""
+        return "int8_compiled" if self._quant.flow == "pt2e" else "int8_torchscript"
 
     def _int8_eager(self):
         if self._eager is None:
@@ -145,11 +159,16 @@ class Worker:
                 t = time.perf_counter()
                 logits = self._fp32(x)
                 seconds["fp32"] = time.perf_counter() - t
+            compile_s = 0.0
+            if hasattr(self._script, "compile_s"):  # PT2E: compiling for a new batch size is not latency
+                before = sum(self._script.compile_s.values())
+                self._script(x)
+                compile_s = sum(self._script.compile_s.values()) - before
             t = time.perf_counter()
             int8 = self._script(x)
-            seconds["int8_torchscript"] = time.perf_counter() - t
+            seconds[self._runtime] = time.perf_counter() - t
         return BatchScores(score_batch(indices, y, logits, int8), logits if stored is None else None, seconds, layer,
-                           checked, engine_s)
+                           checked, engine_s, compile_s)
 
     def trial(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]],
               logits: list[torch.Tensor], reference: bool = False) -> TrialScores:
@@ -233,10 +252,12 @@ class Worker:
               skip: tuple = ()) -> dict:
         """Latency at batch 1 (and throughput on `batch`) of FP32, INT8 eager and the INT8
         TorchScript model, in turn, leaving out the models in `skip` (figures known already)."""
-        models = {"fp32": self._fp32, "int8": self._int8_eager(), "int8_torchscript": self._script}
+        models = {"fp32": self._fp32, "int8": self._int8_eager(), self._runtime: self._script}
         speed = measure_speed({k: m for k, m in models.items() if k not in skip}, x, batch, warmup, iters, precision)
         speed["conditions"].update(host=platform.node(), processor=processor(), threads=self._threads,
                                    torch_threads=torch.get_num_threads(), engine=torch.backends.quantized.engine)
+        if hasattr(self._script, "compile_s"):  # in the warm-up, which latency leaves out
+            speed["conditions"]["compile_s"] = {str(n): s for n, s in sorted(self._script.compile_s.items())}
         return speed
 
 

@@ -120,6 +120,10 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         raise SpecError(f"--trials {trials}: at least 1")
     if score_with not in ("engine", "reference"):
         raise SpecError(f"--score-with {score_with}: engine or reference")
+    if spec.quantization.flow == "pt2e":
+        raise SpecError(f"{spec.path}: [quantization] flow = \"pt2e\": quantray tune searches the FX flow only (its "
+                        "engine check, layer ranking and bias-correction trials read FX's INT8 modules); tune with "
+                        "flow = \"fx\", then carry the chosen activation_range and FP32 modules over")
     selection = load_test_section(validation) if validation is not None else spec.test
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
     with (pipeline.session(ctx, out or Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,

@@ -185,7 +185,14 @@ def convert(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def save_program(int8: torch.fx.GraphModule, example_inputs: torch.Tensor) -> bytes:
     """The INT8 program as `torch.export.save` writes it, batch size dynamic: loadable with
-    `torch.export.load(path).module()` in a process that has only torch."""
+    `torch.export.load(path).module()` in a process that has torch and torchao. The FP32 weights
+    convert_pt2e leaves behind (unread: the graph reads their INT8 copies) are dropped first."""
+    int8 = copy.deepcopy(int8)
+    read = {node.target for node in int8.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*int8.named_parameters(), *int8.named_buffers()]:
+        if name not in read:
+            owner, _, leaf = name.rpartition(".")
+            delattr(int8.get_submodule(owner), leaf)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(int8, (_batch_of_two(example_inputs),), dynamic_shapes=_dynamic_batch(),
@@ -214,6 +221,7 @@ class Compiled:
     time at each batch size (compiling and one forward), which latency figures leave out."""
 
     def __init__(self, program: torch.fx.GraphModule):
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found"
         self.program = program
         self.compile_s: dict[int, float] = {}
         self._fn = torch.compile(program, dynamic=False)

@@ -108,19 +108,43 @@ def recalibrate(ctx, job: Job, pool: WorkerPool, quant) -> Calibrated:
 
 @dataclass
 class Quantized:
-    """The INT8 model as files (state_dict, TorchScript), its qparams rows and their digest."""
+    """The INT8 model as files, its qparams rows and their digest. FX: `state` is the INT8
+    state_dict (model_int8.pth), `deployed` its TorchScript (model_int8.pt). PT2E: `deployed` is the
+    exported INT8 program (model_int8.pt2), which holds its weights; there is no state_dict file."""
 
     state: bytes
-    script: bytes
+    deployed: bytes
     rows: list[dict] = field(default_factory=list)
     digest: str = ""
     bias_correction: dict | None = None  # what `bias.correct_biases` did, where it ran
+    flow: str = "fx"
+    export: str | None = None  # PT2E: "strict" or "non-strict", the torch.export call that worked
+
+    @property
+    def files(self) -> dict[str, bytes]:
+        """The INT8 model's files in the run directory, by name."""
+        if self.flow == "pt2e":
+            return {"model_int8.pt2": self.deployed}
+        return {"model_int8.pth": self.state, "model_int8.pt": self.deployed}
+
+    @property
+    def runtime(self) -> str:
+        return runtime_name(self.flow)
 
 
-def quantize(calibrated: Calibrated) -> Quantized:
+def runtime_name(flow_name: str) -> str:
+    """The deployed INT8 model's key in speed figures: TorchScript (FX) or the compiled program (PT2E)."""
+    return "int8_compiled" if flow_name == "pt2e" else "int8_torchscript"
+
+
+def quantize(calibrated: Calibrated, example: torch.Tensor) -> Quantized:
     int8 = flow.convert(calibrated.prepared)
+    rows, digest = merge.qparam_rows(calibrated.prepared, calibrated.counts), merge.state_digest(calibrated.prepared)
+    if flow.flow_of(int8) == "pt2e":
+        from ..core import pt2e
+
+        return Quantized(b"", pt2e.save_program(int8, example), rows, digest, None, "pt2e", pt2e.export_how(int8))
     corrected = correct_biases(int8, calibrated.prepared, calibrated.stats.bias) if calibrated.bias_correction else None
     script = io.BytesIO()
     torch.jit.save(torch.jit.script(int8), script)
-    return Quantized(state_dict_bytes(int8), script.getvalue(), merge.qparam_rows(calibrated.prepared, calibrated.counts),
-                     merge.state_digest(calibrated.prepared), corrected)
+    return Quantized(state_dict_bytes(int8), script.getvalue(), rows, digest, corrected)

@@ -53,13 +53,16 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
         n = min(pool.size, len(test_batches))
         layer_batches = first_batches(test_batches, run.layer_samples)  # the first k test batches
         layer_groups = [layer_batches[w::n] for w in range(n)]  # as handed out below: batch b to worker b % n
-        load = Call("int8", Worker.load_int8, (sha256_bytes(quantized.state), pool.share(quantized.script),
+        load = Call("int8", Worker.load_int8, (sha256_bytes(quantized.deployed), pool.share(quantized.deployed),
                                                pool.share(quantized.state)))
         calls = {w: [load] for w in range(n)}
+        fx = quantized.flow == "fx"  # per-layer SQNR (Numeric Suite) and the engine check read FX's INT8 modules
+        if not fx:
+            layer_batches, layer_groups = [], [[] for _ in range(n)]
         for b, batch in enumerate(test_batches):  # round-robin: every worker gets a share of every region
             upcoming = test_batches[b + n] if b + n < len(test_batches) else None  # the worker's next batch
             calls[b % n].append(Call(("batch", b), Worker.evaluate, (batch, stored[b], b < len(layer_batches), upcoming,
-                                                                     b == 0)))  # the engine check: batch 0
+                                                                     fx and b == 0)))  # the engine check: batch 0
         weight = {("batch", b): len(batch) for b, batch in enumerate(test_batches)}
         bar = ctx.progress.add_task("evaluate", total=sum(weight.values())) if ctx.progress is not None else None
 
@@ -81,11 +84,13 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
             ctx.console.print(f"reused stored FP32 outputs: {reused} of {len(test_batches)} test batches "
                               f"(from {memo.store.location})")
         layers = layer_rows(merge_layers(s.layers for s in scored if s.layers is not None))
-        merged_engine = merge_engine(s.engine for s in scored)
-        engine = engine_verdict(merged_engine, spec.quantization.backend)
-        _join_engine(layers, engine_rows(merged_engine))
-        if engine["ok"] is False:
-            ctx.console.print(f"[bold red]{engine['message']}[/]")
+        engine = None
+        if fx:
+            merged_engine = merge_engine(s.engine for s in scored)
+            engine = engine_verdict(merged_engine, spec.quantization.backend)
+            _join_engine(layers, engine_rows(merged_engine))
+            if engine["ok"] is False:
+                ctx.console.print(f"[bold red]{engine['message']}[/]")
         data_read = _data_read(job, pool)
     with ctx.stage("speed"):
         figures = speed.measure(ctx, job, quantized, pool, memo, scored, n)
@@ -93,9 +98,19 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
     plan = {"samples": len(job.test_idx), "batches": test_batches, "workers": {w: [b for b in range(len(test_batches))
                                                                                    if b % n == w] for w in range(n)},
             "fp32_batches_reused": reused, "layer_samples": sum(map(len, layer_batches)), "layer_workers": layer_groups}
-    plan["engine_samples"] = engine["samples"]
-    plan["engine_check_s"] = round(sum(s.engine_s for s in scored), 4)  # on the workers
+    if fx:
+        plan["engine_samples"] = engine["samples"]
+        plan["engine_check_s"] = round(sum(s.engine_s for s in scored), 4)  # on the workers
+    else:
+        plan["compile_s"] = round(sum(s.compile_s for s in scored), 4)  # the INT8 runtime, on every worker
+        plan["not_measured"] = {"layers": _NO_LAYERS, "engine_check": _NO_ENGINE}
     return Evaluation(merged, layers, figures, plan, identities, data_read, engine)
+
+
+_NO_LAYERS = ("per-layer SQNR is FX-only: Numeric Suite pairs FX's INT8 modules with their FP32 ones; a PT2E "
+              "program has no such modules (torchao's numeric debugger is the PT2E way, not wired in yet)")
+_NO_ENGINE = ("the engine check compares each FX INT8 node with its reference; the compiled PT2E program runs "
+              "fused kernels with no per-node outputs")
 
 
 def _join_engine(layers: list[dict], checked: list[dict]) -> None:

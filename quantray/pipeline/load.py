@@ -86,18 +86,23 @@ def load_for_evaluation(spec: JobSpec, manifest: dict, where: str) -> Job:
 
 
 def prepare(job: Job, console: Console | None = None) -> nn.Module:
-    """prepare_fx with the job's qconfig (after equalization, where it asks for it, recorded in
-    `job.transforms`); a model prepare_fx cannot take is the user's to fix (exit 2)."""
+    """prepare_fx (or PT2E's export and prepare_pt2e) with the job's config (after equalization,
+    where it asks for it, recorded in `job.transforms`); a model the flow cannot take is the user's
+    to fix (exit 2)."""
     try:
         if job.spec.quantization.equalize:
             _equalization(job, console)
+        if job.spec.quantization.flow == "fx" and console is not None:  # once per run, not per worker process
+            console.print("[dim]flow = \"fx\": torch's FX graph mode quantization is deprecated upstream; "
+                          "flow = \"pt2e\" is its successor (README, \"Choosing a flow\")[/]")
         return flow.prepare(job.fp32, job.spec.quantization, job.example)
     except SpecError as e:
         raise SpecError(f"{job.where}: {e}") from None
     except QuantrayError:
         raise
     except Exception as e:  # most often: the model is not symbolically traceable
-        raise SpecError(f"{job.where}: [model] prepare_fx failed: {type(e).__name__}: "
+        step = "prepare_pt2e" if job.spec.quantization.flow == "pt2e" else "prepare_fx"
+        raise SpecError(f"{job.where}: [model] {step} failed: {type(e).__name__}: "
                         f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 

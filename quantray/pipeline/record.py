@@ -22,8 +22,9 @@ from .workers import cpu_kinds, mixed_cpus
 __all__ = ["write_results", "write_qparams", "write_html", "manifest"]
 
 
-def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, int8_size: int, script_size: int) -> dict:
-    """predictions.parquet, layers.parquet and metrics.json into the staged run; returns the metrics."""
+def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, quantized: Quantized) -> dict:
+    """predictions.parquet, layers.parquet and metrics.json into the staged run; returns the metrics.
+    INT8 size: the state_dict's (FX) or the exported program's (PT2E)."""
     columns = PREDICTIONS_SCHEMA.names
     merged, speed = outcome.merged, outcome.speed
     run.write_parquet("predictions.parquet",
@@ -31,9 +32,16 @@ def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, int8_size
     run.write_parquet("layers.parquet", outcome.layers, LAYERS_SCHEMA)
     metrics = accuracy_metrics(merged)
     metrics["fp32"].update(latency_ms=speed["fp32"]["mean_ms"], size_mb=fp32_size / 1e6)
-    metrics["int8"].update(latency_ms=speed["int8"]["mean_ms"], size_mb=int8_size / 1e6,
-                           torchscript_latency_ms=speed["int8_torchscript"]["mean_ms"],
-                           torchscript_size_mb=script_size / 1e6)
+    if quantized.flow == "pt2e":  # the INT8 model is the compiled program; run uncompiled, it simulates INT8
+        metrics["int8"].update(latency_ms=speed["int8_compiled"]["mean_ms"], size_mb=len(quantized.deployed) / 1e6,
+                               compiled_latency_ms=speed["int8_compiled"]["mean_ms"],
+                               uncompiled_latency_ms=speed["int8"]["mean_ms"],
+                               compile_s=speed["conditions"].get("compile_s"),
+                               evaluation_compile_s=outcome.plan.get("compile_s"))
+    else:
+        metrics["int8"].update(latency_ms=speed["int8"]["mean_ms"], size_mb=len(quantized.state) / 1e6,
+                               torchscript_latency_ms=speed["int8_torchscript"]["mean_ms"],
+                               torchscript_size_mb=len(quantized.deployed) / 1e6)
     metrics["speed"] = speed
     sqnr = [r for r in outcome.layers if r["sqnr_db"] is not None and r["quantized"]]
     metrics["layers"] = {"count": sum(r["quantized"] for r in outcome.layers), "samples": outcome.plan["layer_samples"],
@@ -45,8 +53,8 @@ def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, int8_size
 
 
 def write_qparams(run: StagedDir, quantized: Quantized) -> None:
-    run.write_bytes("model_int8.pth", quantized.state)
-    run.write_bytes("model_int8.pt", quantized.script)
+    for name, payload in quantized.files.items():
+        run.write_bytes(name, payload)
     run.write_parquet("qparams.parquet", quantized.rows, QPARAMS_SCHEMA)
 
 
@@ -67,6 +75,11 @@ def manifest(ctx, job: Job, evaluation: Evaluation, *, qparams_digest: str, inpu
            "qparams_digest": qparams_digest, "fp32_state_sha256": sha256_bytes(job.fp32_bytes)}
     if job.transforms:  # equalization: the FP32 weights INT8 was made from are not the model's own
         out["transforms"] = job.transforms
+    if quantized is not None and quantized.flow == "pt2e":
+        out["pt2e"] = {"export": quantized.export, "quantizer": "torchao X86InductorQuantizer",
+                       "runtime": "torch.compile(dynamic=False) under inductor freezing, one compile per batch size",
+                       "compile_s_evaluation": evaluation.plan.get("compile_s"),
+                       "not_measured": evaluation.plan.get("not_measured")}
     if quantized is not None and quantized.bias_correction is not None:
         out["bias_correction"] = quantized.bias_correction
     if spec.model.checkpoint is None:  # the model's weights are what it was built with, under this seed

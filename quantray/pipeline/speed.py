@@ -1,5 +1,5 @@
-"""Speed: batch-1 latency of FP32, INT8 eager and the TorchScript artifact with nothing else
-running on the node, and throughput.
+"""Speed: batch-1 latency of FP32, INT8 eager and the deployed INT8 model (FX: TorchScript; PT2E:
+the compiled program, its compile time apart) with nothing else running on the node, and throughput.
 
 Latency is measured to [run] latency_precision on worker 0 when the pool holds its whole node (the
 other workers idle), else in a Ray task holding every CPU of a node. FP32 figures measured on the
@@ -46,7 +46,7 @@ def measure(ctx, job: Job, quantized: Quantized, pool: WorkerPool, memo: Fp32Mem
     else:  # the pool's work is done: its CPUs go to the task
         pool.stop()
         setup = WorkerSetup(job.fp32, job.example, job.spec.quantization, run.threads)
-        speed, node = on_whole_node(measure_alone, setup, quantized.script, quantized.state, args, ())
+        speed, node = on_whole_node(measure_alone, setup, quantized.deployed, quantized.state, args, ())
         speed["conditions"].update(node=node, where=f"one Ray task holding all {speed.pop('cpus')} CPUs of its node, "
                                                     "nothing else scheduled there")
     if known:
@@ -54,7 +54,7 @@ def measure(ctx, job: Job, quantized: Quantized, pool: WorkerPool, memo: Fp32Mem
     elif host:
         memo.keep_speed(host, conditions, {**speed["fp32"], "measured": ctx.now().isoformat()})
     if batch is None:  # throughput from the evaluation's own forward timings
-        seconds = {"fp32": 0.0, "int8_torchscript": 0.0}
+        seconds = {"fp32": 0.0, quantized.runtime: 0.0}
         samples = dict.fromkeys(seconds, 0)
         for s in scored:
             for model, t in s.seconds.items():

@@ -29,8 +29,15 @@ def comparison_table(metrics: dict) -> Table:
                   _ratio(fp32["size_mb"], int8["size_mb"], "smaller", "larger"))
     speed = metrics.get("speed")
     if speed:
-        table.add_row("latency p50/p90", *(f"{speed[m]['p50_ms']:.2f}/{speed[m]['p90_ms']:.2f} ms" for m in ("fp32", "int8")),
-                      f"script {speed['int8_torchscript']['p50_ms']:.2f} ms")
+        if "int8_compiled" in speed:  # PT2E: the INT8 column is the compiled program
+            compile_s = speed["conditions"].get("compile_s") or {}
+            table.add_row("latency p50/p90", *(f"{speed[m]['p50_ms']:.2f}/{speed[m]['p90_ms']:.2f} ms"
+                                               for m in ("fp32", "int8_compiled")),
+                          f"uncompiled {speed['int8']['p50_ms']:.2f} ms")
+            table.add_row("compile (not in latency)", "", ", ".join(f"{s:.1f} s at batch {n}" for n, s in compile_s.items()), "")
+        else:
+            table.add_row("latency p50/p90", *(f"{speed[m]['p50_ms']:.2f}/{speed[m]['p90_ms']:.2f} ms" for m in ("fp32", "int8")),
+                          f"script {speed['int8_torchscript']['p50_ms']:.2f} ms")
         row = throughput_row(speed)
         if row:
             label, fp32_rate, int8_rate = row
@@ -46,10 +53,12 @@ def comparison_table(metrics: dict) -> Table:
 def throughput_row(speed: dict) -> tuple[str, float, float] | None:
     """(label, FP32 rate, INT8 rate): INT8 eager where it was measured, else the TorchScript model
     (the evaluation's timings); None where no throughput was measured."""
-    int8 = "int8" if "throughput_per_s" in speed.get("int8", {}) else "int8_torchscript"
+    deployed = "int8_compiled" if "int8_compiled" in speed else "int8_torchscript"
+    int8 = "int8" if "throughput_per_s" in speed.get("int8", {}) and deployed == "int8_torchscript" else deployed
     if "throughput_per_s" not in speed.get("fp32", {}) or "throughput_per_s" not in speed.get(int8, {}):
         return None
-    source = "" if int8 == "int8" else ", INT8 TorchScript, in evaluation"
+    source = "" if int8 == "int8" else (", INT8 TorchScript, in evaluation" if deployed == "int8_torchscript"
+                                        else ", INT8 compiled")
     return (f"throughput, batch {speed['conditions']['throughput_batch_size']}{source}",
             speed["fp32"]["throughput_per_s"], speed[int8]["throughput_per_s"])
 

@@ -78,6 +78,11 @@ def _summary(metrics: dict) -> str:
         rows.append([label, _pct(fp32[key]) + ci[0], _pct(int8[key]) + ci[1], f"{(int8[key] - fp32[key]) * 100:+.2f} pt"])
     rows.append(["latency, batch 1 (mean)", f"{fp32['latency_ms']:.3f} ms", f"{int8['latency_ms']:.3f} ms",
                  _ratio(fp32["latency_ms"], int8["latency_ms"], "faster", "slower")])
+    if "uncompiled_latency_ms" in int8:  # PT2E: the INT8 column is the compiled program
+        rows.append(["latency, INT8 program uncompiled", "", f"{int8['uncompiled_latency_ms']:.3f} ms",
+                     _ratio(fp32["latency_ms"], int8["uncompiled_latency_ms"], "faster", "slower")])
+        compile_s = int8.get("compile_s") or {}
+        rows.append(["compile time (not in latency)", "", ", ".join(f"{v:.1f} s at batch {n}" for n, v in compile_s.items()), ""])
     if "torchscript_latency_ms" in int8:
         rows.append(["latency, INT8 TorchScript", "", f"{int8['torchscript_latency_ms']:.3f} ms",
                      _ratio(fp32["latency_ms"], int8["torchscript_latency_ms"], "faster", "slower")])
@@ -87,7 +92,8 @@ def _summary(metrics: dict) -> str:
         if row:
             label, fp32_rate, int8_rate = row
             rows.append([label, f"{fp32_rate:.0f}/s", f"{int8_rate:.0f}/s", _ratio(1 / fp32_rate, 1 / int8_rate, "faster", "slower")])
-    rows.append(["size (state_dict)", f"{fp32['size_mb']:.3f} MB", f"{int8['size_mb']:.3f} MB",
+    what = "state_dict; INT8: exported program" if "uncompiled_latency_ms" in int8 else "state_dict"
+    rows.append([f"size ({what})", f"{fp32['size_mb']:.3f} MB", f"{int8['size_mb']:.3f} MB",
                  _ratio(fp32["size_mb"], int8["size_mb"], "smaller", "larger")])
     if "torchscript_size_mb" in int8:
         rows.append(["size, INT8 TorchScript file", "", f"{int8['torchscript_size_mb']:.3f} MB",
@@ -209,8 +215,10 @@ def _class_plot(per_class: list[dict]) -> str:
 def _latency_plot(speed: dict | None) -> str:
     if not speed:
         return "<p class=muted>No speed figures.</p>"
-    models = [("fp32", "FP32 eager", COLORS["fp32"]), ("int8", "INT8 eager", COLORS["int8"]),
-              ("int8_torchscript", "INT8 TorchScript", COLORS["script"])]
+    eager = "INT8 uncompiled" if "int8_compiled" in speed else "INT8 eager"
+    models = [("fp32", "FP32 eager", COLORS["fp32"]), ("int8", eager, COLORS["int8"]),
+              ("int8_torchscript", "INT8 TorchScript", COLORS["script"]),
+              ("int8_compiled", "INT8 compiled", COLORS["script"])]
     models = [m for m in models if m[0] in speed]
     stats = [("mean_ms", "mean"), ("p50_ms", "p50"), ("p90_ms", "p90")]
     top = max(speed[m][s] for m, _, _ in models for s, _ in stats)

@@ -4,8 +4,10 @@ model is rebuilt by `api.load_quantized`).
 Layout (a contract other tools rely on):
     manifest.json        spec, versions, workers, shard map, stage timings, sha256 of every file
     job.toml             the job file as given
-    model_int8.pth       INT8 state_dict, loadable with the seed's prepare/convert/load_state_dict
-    model_int8.pt        TorchScript of the INT8 model (torch.jit.load, no quantray needed)
+    model_int8.pth       INT8 state_dict, loadable with the seed's prepare/convert/load_state_dict (FX)
+    model_int8.pt        TorchScript of the INT8 model (torch.jit.load, no quantray needed) (FX)
+    model_int8.pt2       flow = "pt2e" instead of the two above: the exported INT8 program, batch
+                         size dynamic (torch.export.load after `import torchao`, no quantray needed)
     qparams.parquet      one row per activation observer
     metrics.json         fp32/int8 top1, top5 (95% CIs), latency_ms, size_mb; agreement, logit SQNR,
                          per-class accuracy, INT8 confusion matrix, speed and its conditions, worst layers
@@ -86,4 +88,13 @@ def software_versions() -> dict:
     # Ray's version from its package metadata: reading a run needs no Ray import.
     return {"python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "ray": importlib.metadata.version("ray"), "pyarrow": pa.__version__,
-            "quantray": __version__, "machine": platform.machine()}
+            "torchao": _installed("torchao"), "quantray": __version__, "machine": platform.machine()}
+
+
+def _installed(name: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
