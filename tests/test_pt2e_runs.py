@@ -12,8 +12,7 @@ from helpers import DEMO_JOB, quiet
 import quantray
 from quantray.cli import main
 
-PT2E_DEMO = DEMO_JOB.read_text().replace('name = "digits"', 'name = "digits_pt2e"').replace(
-    'backend = "x86"', 'backend = "x86"\nflow = "pt2e"')
+PT2E_DEMO = (DEMO_JOB.parent / "digits_pt2e.toml").read_text()  # the shipped demo job under flow = "pt2e"
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +85,21 @@ def test_a_model_export_cannot_take_is_one_line_exit_2_and_nothing_written(capsy
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("quantray:")]
     assert code == 2 and len(err) == 1 and 'try flow = "pt2e"' in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+def test_nightly_refreshes_of_a_pt2e_job_promote_then_gate_against_the_promoted_model(ray_cluster, tmp_path):
+    import datetime
+
+    from quantray.commands.refresh import promoted_run, refresh
+    from quantray.spec import load_spec
+
+    job = tmp_path / "digits_pt2e.toml"
+    job.write_text(PT2E_DEMO)
+    nights = [datetime.datetime(2026, 11, d, 2, 30, tzinfo=datetime.timezone.utc) for d in (28, 29)]
+    rows = [refresh(load_spec(job), f"file://{tmp_path}/reg", workers=2, console=quiet(), now=lambda n=n: n)
+            for n in nights]
+    assert rows[0]["promoted"] and rows[0]["gate"] == "passed"
+    assert rows[1]["gate"] == "passed" and rows[1]["qparams_digest"] == rows[0]["qparams_digest"]
+    run = Path(promoted_run(f"file://{tmp_path}/reg").removeprefix("file://"))
+    assert (run / "model_int8.pt2").is_file() and not (run / "model_int8.pth").exists()
