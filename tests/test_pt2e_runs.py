@@ -103,3 +103,21 @@ def test_nightly_refreshes_of_a_pt2e_job_promote_then_gate_against_the_promoted_
     assert rows[1]["gate"] == "passed" and rows[1]["qparams_digest"] == rows[0]["qparams_digest"]
     run = Path(promoted_run(f"file://{tmp_path}/reg").removeprefix("file://"))
     assert (run / "model_int8.pt2").is_file() and not (run / "model_int8.pth").exists()
+
+
+@pytest.mark.ray
+def test_tune_cures_per_tensor_pt2e_with_equalization_and_its_best_run_rebuilds_the_trial(ray_cluster, tmp_path):
+    """jobs/digits_spread.toml under PT2E: every range method collapses with per-tensor weights;
+    equalization (no bias correction or FP32-layer search under PT2E) wins it back."""
+    from quantray.commands.tune import tune
+
+    job = tmp_path / "spread.toml"
+    job.write_text((DEMO_JOB.parent / "digits_spread.toml").read_text().replace(
+        'weight = "per_tensor"', 'weight = "per_tensor"\nflow = "pt2e"'))
+    result = tune(job, max_drop=0.003, workers=2, out=tmp_path / "tune", console=quiet())
+    assert result.met and result.best["equalize"] and not result.best["fp32_modules"]
+    assert not any(r["bias_correction"] for r in result.trials) and {r["phase"] for r in result.trials} == {"range", "cure"}
+    assert max(r["top1"] for r in result.trials if r["phase"] == "range") < 0.5
+    assert result.best_run.manifest["qparams_digest"] == result.best["qparams_digest"]
+    assert (Path(result.location) / "best-run" / "model_int8.pt2").is_file()
+    assert 'flow = "pt2e"' in (Path(result.location) / "best.toml").read_text()

@@ -22,6 +22,10 @@ forward pass) and scores it against the kept FP32 logits, trials dealt out round
    whole groups of one kind (all depthwise convolutions, all Linear, ...) tried before longer
    prefixes: the fewest FP32 layers that meet the budget.
 
+Under `flow = "pt2e"`: no engine check (the compiled program has no per-node outputs; trials score
+the INT8 program uncompiled), equalization is the only cure (bias correction is FX-only), and phase
+3 is not run (isolated errors read FX's INT8 modules): tune says so where it stops.
+
 It stops when the budget is met or the trials run out, and says which. Choices are made on the
 `--validation` file's [test] table; the best trial is then run as a job (`best.toml`) on the job's own
 test split, so its reported accuracy is held out. Without a validation table the test split chooses,
@@ -120,10 +124,6 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         raise SpecError(f"--trials {trials}: at least 1")
     if score_with not in ("engine", "reference"):
         raise SpecError(f"--score-with {score_with}: engine or reference")
-    if spec.quantization.flow == "pt2e":
-        raise SpecError(f"{spec.path}: [quantization] flow = \"pt2e\": quantray tune searches the FX flow only (its "
-                        "engine check, layer ranking and bias-correction trials read FX's INT8 modules); tune with "
-                        "flow = \"fx\", then carry the chosen activation_range and FP32 modules over")
     selection = load_test_section(validation) if validation is not None else spec.test
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
     with (pipeline.session(ctx, out or Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,
@@ -141,7 +141,8 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
             with session.workers(loaded, prepared, workers=workers) as pool:
                 with ctx.stage("calibrate"):
                     # with bias correction's sums: a cure the search may try, from this one calibration
-                    calibrated = pipeline.calibrate(ctx, loaded, prepared, pool, bias_sums=True)
+                    calibrated = pipeline.calibrate(ctx, loaded, prepared, pool,
+                                                    bias_sums=spec.quantization.flow == "fx")
                 search = _Search(ctx, loaded, calibrated, pool, max_drop, trials, rank_samples, score_with)
                 search.check_engine()
                 search.run()
@@ -161,7 +162,8 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
         rows = [s.row for s in search.scored]
         for r in rows:
             if r["trial"] == best.row["trial"]:
-                r["latency_ms"] = best_run.metrics["int8"]["torchscript_latency_ms"]
+                int8 = best_run.metrics["int8"]  # the deployed model's: TorchScript (FX), compiled (PT2E)
+                r["latency_ms"] = int8.get("torchscript_latency_ms", int8["latency_ms"])
         staged.write_parquet("trials.parquet", rows, TRIALS_SCHEMA)
         met = best.row["drop"] <= max_drop
         summary = {"job": str(original.path), "max_drop": max_drop, "met": met, "stopped": search.stopped,
@@ -196,9 +198,19 @@ class _Search:
         self.equalized: pipeline.Calibrated | None = None  # the equalized model's calibration, when tried
         self.fp32_logits = pipeline.fp32_logits(ctx, job, pool, self.batches)
 
+    @property
+    def pt2e(self) -> bool:
+        return self.job.spec.quantization.flow == "pt2e"
+
     def check_engine(self) -> None:
         """The job's own config, built from the calibration, its engine checked on the first batches
-        (64 samples): a fault ends the tune here (EngineFault), or, scoring with the reference, is said."""
+        (64 samples): a fault ends the tune here (EngineFault), or, scoring with the reference, is said.
+        Under PT2E there is no per-node check (the compiled program fuses its kernels): trials score
+        the INT8 program uncompiled, the reference representation."""
+        if self.pt2e:
+            self.ctx.console.print("tune: flow = \"pt2e\": trials score the INT8 program uncompiled (the reference "
+                                   "representation); no engine check, bias correction or FP32-layer search (FX-only)")
+            return
         self.engine = pipeline.check_engine(self.ctx, self.pool, self.job.spec.quantization, self.calibrated.stats,
                                             pipeline.first_batches(self.batches, 64))
         if self.engine["ok"] is not False:
@@ -226,15 +238,20 @@ class _Search:
             best = self.best().trial
             self.stopped = f"the budget was met by a cure ({best.cures()})"
             return
+        if self.pt2e:
+            self.stopped = ("no range method or cure met the budget, and the FP32-layer search reads FX's INT8 modules "
+                            "(flow = \"pt2e\"): tune with flow = \"fx\" to find the layers")
+            return
         self._layers()
 
     def _cures(self) -> bool:
         """Phase 2 on the best range trial: bias correction, equalization, both. False: trials ran out."""
         best = self.best().trial
-        wave = [dataclasses.replace(best, bias=True)]
+        wave = [] if self.pt2e else [dataclasses.replace(best, bias=True)]  # bias correction is FX-only
         pairs = equalize(self.job.fp32)[1]["pairs"]
         if pairs:
-            wave += [dataclasses.replace(best, equalize=True), dataclasses.replace(best, equalize=True, bias=True)]
+            wave += [dataclasses.replace(best, equalize=True)]
+            wave += [] if self.pt2e else [dataclasses.replace(best, equalize=True, bias=True)]
         else:
             self.ctx.console.print("tune: no conv/linear pair joined through ReLU-like steps: equalization not tried")
         if self._left() < len(wave):

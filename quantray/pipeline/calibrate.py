@@ -103,7 +103,7 @@ def recalibrate(ctx, job: Job, pool: WorkerPool, quant) -> Calibrated:
     shared = signature(observed_values(prepared))
     pool.run({w: [Call(w, CalibrationWorker.prepare_for, (quant, shared))] for w in range(pool.size)},
              names=CALIBRATION_NAMES, on=calibration_of)
-    return calibrate(ctx, other, prepared, pool, bias_sums=True)
+    return calibrate(ctx, other, prepared, pool, bias_sums=quant.flow == "fx")  # bias correction is FX-only
 
 
 @dataclass
