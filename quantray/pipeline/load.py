@@ -93,8 +93,7 @@ def prepare(job: Job, console: Console | None = None) -> nn.Module:
         if job.spec.quantization.equalize:
             _equalization(job, console)
         if job.spec.quantization.flow == "fx" and console is not None:  # once per run, not per worker process
-            console.print("[dim]flow = \"fx\": torch's FX graph mode quantization is deprecated upstream; "
-                          "flow = \"pt2e\" is its successor (README, \"Choosing a flow\")[/]")
+            console.print("[dim]note: torch deprecates FX quantization (flow = \"fx\"); see flow = \"pt2e\"[/]")
         return flow.prepare(job.fp32, job.spec.quantization, job.example)
     except SpecError as e:
         raise SpecError(f"{job.where}: {e}") from None

@@ -56,7 +56,9 @@ def test_qnnpack_relu6_on_x86_is_called_an_engine_fault_and_the_reference_is_tor
 
 
 @pytest.mark.skipif(not X86, reason="the shipped jobs' figures are for x86 CPUs")
-@pytest.mark.parametrize("job", [j for j in JOBS if "qnnpack_relu6" not in j.name], ids=lambda j: j.stem)
+@pytest.mark.parametrize("job", [j for j in JOBS if "qnnpack_relu6" not in j.name  # the engine check is FX's
+                                 and tomllib.loads(j.read_text()).get("quantization", {}).get("flow") != "pt2e"],
+                         ids=lambda j: j.stem)
 def test_every_shipped_jobs_kernels_agree_with_the_reference_within_one_step(job):
     table = tomllib.loads(job.read_text())
     quant = QuantSpec(**table.get("quantization", {}))
