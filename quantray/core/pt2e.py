@@ -226,6 +226,14 @@ class Compiled:
         self.compile_s: dict[int, float] = {}
         self._fn = torch.compile(program, dynamic=False)
 
+    def warm(self, x: torch.Tensor) -> float:
+        """Compile for `x`'s batch size if a call on it would (seconds spent; 0.0 if not)."""
+        n = x.shape[0]
+        if n in self.compile_s or (n > 1 and any(s > n for s in self.compile_s)):
+            return 0.0
+        self(x)
+        return self.compile_s[n]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         sizes = [s for s in self.compile_s if s > n and n > 1]

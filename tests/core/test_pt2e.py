@@ -106,6 +106,7 @@ def test_the_saved_program_loads_without_quantray_and_its_compiled_runtime_agree
     reference = int8(x)
     assert torch.equal(full, reference) and torch.equal(five, reference[:5])  # dynamic batch
     runtime = pt2e.Compiled(pt2e.load_program(path.read_bytes()))
+    assert runtime.warm(x) > 0 and runtime.warm(x) == 0.0 and runtime.warm(x[:7]) == 0.0
     compiled = runtime(x)
     assert set(runtime.compile_s) == {len(x)}
     partial = runtime(x[:7])  # padded to the compiled size: no second compile
