@@ -96,7 +96,9 @@ def test_nightly_refreshes_of_a_pt2e_job_promote_then_gate_against_the_promoted_
 
     job = tmp_path / "digits_pt2e.toml"
     job.write_text(PT2E_DEMO)
-    nights = [datetime.datetime(2026, 11, d, 2, 30, tzinfo=datetime.timezone.utc) for d in (28, 29)]
+    # Nights before the real clock's now (as in test_refresh: a fixed date would meet the clock one day)
+    today = datetime.datetime.now(datetime.timezone.utc).replace(hour=2, minute=30, second=0, microsecond=0)
+    nights = [today - datetime.timedelta(days=d) for d in (3, 2)]
     rows = [refresh(load_spec(job), f"file://{tmp_path}/reg", workers=2, console=quiet(), now=lambda n=n: n)
             for n in nights]
     assert rows[0]["promoted"] and rows[0]["gate"] == "passed"
