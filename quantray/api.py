@@ -110,11 +110,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
         job_toml = files.read("job.toml")
         job_path = Path(manifest["job"]["path"])
         spec = parse_spec(tomllib.loads(job_toml.decode()), job_path, manifest["job"]["base_dir"])
-        flow_name = spec.quantization.flow
-        shipped = pipeline.Quantized(b"", b"", flow=flow_name)
-        int8_files = {n: files.read(n) for n in shipped.files}
-        quantized = (pipeline.Quantized(b"", int8_files["model_int8.pt2"], flow="pt2e") if flow_name == "pt2e"
-                     else pipeline.Quantized(int8_files["model_int8.pth"], int8_files["model_int8.pt"]))
+        quantized = pipeline.Quantized.from_run(spec.quantization.flow, files.read)
         test = load_test_section(data) if data is not None else spec.test
         if samples is not None:
             test = dataclasses.replace(test, samples=samples)
@@ -132,7 +128,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
                 staged.write_bytes("data.toml", Path(data).read_bytes())
         evaluates = {"run_dir": str(files.location if is_uri(files.location) else Path(files.location).resolve()),
                      "created": manifest["created"],
-                     "files": {k: manifest["files"][k] for k in int8_files}}
+                     "files": {k: manifest["files"][k] for k in quantized.files}}
         summary = pipeline.manifest(ctx, job, evaluation, qparams_digest=manifest["qparams_digest"],
                                     input_shape=manifest["input_shape"], evaluates=evaluates, pool=pool)
         pipeline.write_html(staged, metrics, evaluation.layers, summary)

@@ -123,8 +123,7 @@ class Worker:
 
     @property
     def _runtime(self) -> str:
-        """The deployed INT8 model's name in timings and speed (`pipeline.calibrate.runtime_name`)."""
-        return "int8_compiled" if self._quant.flow == "pt2e" else "int8_torchscript"
+        return flow.runtime_name(self._quant.flow)
 
     def _int8_eager(self):
         if self._eager is None:

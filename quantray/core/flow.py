@@ -36,7 +36,7 @@ from ..spec import QuantSpec, suggest
 from .ranges import RangeObserver
 from .tracing import without_stack_traces
 
-__all__ = ["base_model", "flow_of", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
+__all__ = ["base_model", "flow_of", "runtime_name", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
            "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS",
            "quiet_torch_warnings", "without_stack_traces"]
 
@@ -131,6 +131,11 @@ def base_model(model: nn.Module, quant: QuantSpec | str) -> nn.Module:
     equalized, _ = equalize(model)
     equalized.quantray_transform = "equalize-v1"  # in every observed value's key (`sites`)
     return equalized
+
+
+def runtime_name(flow_name: str) -> str:
+    """The deployed INT8 model's key in timings and speed: TorchScript (FX) or the compiled program (PT2E)."""
+    return "int8_compiled" if flow_name == "pt2e" else "int8_torchscript"
 
 
 def flow_of(model: nn.Module) -> str:

@@ -129,12 +129,14 @@ class Quantized:
 
     @property
     def runtime(self) -> str:
-        return runtime_name(self.flow)
+        return flow.runtime_name(self.flow)
 
-
-def runtime_name(flow_name: str) -> str:
-    """The deployed INT8 model's key in speed figures: TorchScript (FX) or the compiled program (PT2E)."""
-    return "int8_compiled" if flow_name == "pt2e" else "int8_torchscript"
+    @classmethod
+    def from_run(cls, flow_name: str, read) -> Quantized:
+        """A finished run's INT8 files, read by name with `read` (`RunFiles.read`: sha256 checked)."""
+        if flow_name == "pt2e":
+            return cls(b"", read("model_int8.pt2"), flow="pt2e")
+        return cls(read("model_int8.pth"), read("model_int8.pt"))
 
 
 def quantize(calibrated: Calibrated, example: torch.Tensor) -> Quantized:
