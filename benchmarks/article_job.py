@@ -1,6 +1,6 @@
 """The article's job end to end: its script as written against `quantray run`, on the same data.
 
-    python -m benchmarks.article_job [--dir DIR] [--rounds 1] [--workers 2] [--s3]
+    python -m benchmarks.article_job [--dir DIR] [--rounds 1] [--workers 2] [--s3] [--pt2e]
 
 Data: a Flowers102-layout folder of real-size (500x375) JPEGs, 100 classes with 1 training and 10
 test images each (100 calibration images in batches of 10, 1,000 test images), and an untrained
@@ -14,6 +14,8 @@ separate processes timed from launch to exit (the results written):
 - `quantray run` warm: the same command again, with the statistics and FP32 outputs stored;
 - with `--s3`, `quantray run` cold on the same job packed (`quantray pack`) to Parquet shards on an
   S3 endpoint (moto's server on loopback, reached through the environment; its own empty store).
+- with `--pt2e`, `quantray run` cold on the same job with `flow = "pt2e"` (torch.export, torchao,
+  the INT8 program compiled; its own empty store).
 
 Ratios are the script's wall over quantray's (above 1: quantray is faster), per round, and their
 median. The FP32 top-1 of both sides is printed too: they decode the same images the same way.
@@ -129,6 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--s3", action="store_true", help="also run the job packed to shards on a loopback S3 endpoint")
+    parser.add_argument("--pt2e", action="store_true", help="also run the job cold with flow = \"pt2e\"")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         _rounds(args, stack)
@@ -145,7 +148,11 @@ def _rounds(args, stack: contextlib.ExitStack) -> None:
     script = base / "article.py"
     script.write_text(ARTICLE)
     packed = _packed_to_s3(job, base, stack) if args.s3 else None
-    rows, s3_rows = [], []
+    pt2e = None
+    if args.pt2e:
+        pt2e = base / "flowers102_resnet18_pt2e.toml"
+        pt2e.write_text(job.read_text().replace('backend = "x86"', 'backend = "x86"\nflow = "pt2e"', 1))
+    rows, s3_rows, pt2e_rows = [], [], []
     for r in range(args.rounds):
         work = base / "work"
         shutil.rmtree(work, ignore_errors=True)
@@ -160,6 +167,10 @@ def _rounds(args, stack: contextlib.ExitStack) -> None:
             s3_s, _ = _timed(_run_command(packed, args.workers) + ["--out", str(work / "s3")],
                              {**env, "QUANTRAY_CACHE": str(work / "cache-s3")})
             s3_rows.append((script_s, s3_s))
+        if pt2e is not None:
+            pt2e_s, _ = _timed(_run_command(pt2e, args.workers) + ["--out", str(work / "pt2e")],
+                               {**env, "QUANTRAY_CACHE": str(work / "cache-pt2e")})
+            pt2e_rows.append((script_s, pt2e_s))
         article = json.loads((work / "script" / "results.json").read_text())
         timings = {k: json.loads((work / k / "manifest.json").read_text())["timings_s"] for k in ("cold", "warm")}
         metrics = json.loads((work / "cold" / "metrics.json").read_text())
@@ -170,6 +181,13 @@ def _rounds(args, stack: contextlib.ExitStack) -> None:
         if packed is not None:
             timings["cold on S3 shards"] = json.loads((work / "s3" / "manifest.json").read_text())["timings_s"]
             print(f"  quantray cold on S3 shards {s3_s:.1f} s ({script_s / s3_s:.2f}x)")
+        if pt2e is not None:
+            timings["pt2e cold"] = json.loads((work / "pt2e" / "manifest.json").read_text())["timings_s"]
+            pm = json.loads((work / "pt2e" / "metrics.json").read_text())
+            print(f"  quantray cold, flow = pt2e: {pt2e_s:.1f} s ({script_s / pt2e_s:.2f}x); INT8 latency "
+                  f"{pm['int8']['latency_ms']:.2f} ms compiled (FX run: {metrics['int8']['torchscript_latency_ms']:.2f} ms "
+                  f"TorchScript, script's INT8 {article.get('int8_ms', float('nan')):.2f} ms), "
+                  f"agreement {100 * pm['agreement']:.1f}% (FX {100 * metrics['agreement']:.1f}%)")
         for k, v in timings.items():
             print(f"  quantray {k} stages (s): " + ", ".join(f"{s} {x:.1f}" for s, x in v.items()))
     if len(rows) > 1:
@@ -177,6 +195,9 @@ def _rounds(args, stack: contextlib.ExitStack) -> None:
         print(f"median of {len(rows)}: script {script_s:.1f} s, cold {cold_s:.1f} s "
               f"({statistics.median(a / b for a, b, _ in rows):.2f}x), warm {warm_s:.1f} s "
               f"({statistics.median(a / c for a, _, c in rows):.2f}x)")
+        if pt2e_rows:
+            print(f"  cold with flow = pt2e {statistics.median(b for _, b in pt2e_rows):.1f} s "
+                  f"({statistics.median(a / b for a, b in pt2e_rows):.2f}x)")
         if s3_rows:
             print(f"  cold on S3 shards {statistics.median(b for _, b in s3_rows):.1f} s "
                   f"({statistics.median(a / b for a, b in s3_rows):.2f}x)")
