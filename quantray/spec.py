@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import SpecError
 
-__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec", "FieldError", "load_spec",
+__all__ = ["JobSpec", "ModelSpec", "DataSpec", "QuantSpec", "RunSpec", "GateSpec", "FieldError", "TASKS", "load_spec",
            "parse_spec", "load_test_section", "to_toml", "suggest"]
 
 SOURCES = ("digits", "torchvision", "imagefolder", "factory", "parquet")
@@ -37,6 +37,7 @@ ACTIVATIONS = ("histogram", "minmax", "moving_average")      # core.flow.ACTIVAT
 RANGES = ("l2", "minmax", "percentile", "mse", "entropy")    # core.ranges.METHODS (a test pins them)
 WEIGHTS = ("per_channel", "per_tensor")                      # core.flow.WEIGHT_OBSERVERS (pinned too)
 DIGITS_SPLITS = ("train", "test", "all")
+TASKS = ("classification", "regression", "segmentation", "multilabel", "agreement")  # core.metrics.TASKS (pinned)
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
@@ -152,9 +153,17 @@ class DataSpec:
     samples: int | None = None
     seed: int = 0
     batch_size: int = 32
+    # [test] only: what the outputs are scored as (core.metrics). None: classification.
+    task: str | None = None
+    metric: str | None = None          # "package.module:Factory": the user's metric object instead of a task's
+    metric_kwargs: dict = field(default_factory=dict)
+    output: str | None = None          # which named output a built-in task scores (core.outputs); None: the first
+    threshold: float = 0.5             # multilabel: a label is on where sigmoid(output) >= threshold
+    ignore_index: int = 255            # segmentation: mask value left out of every figure
 
     def __post_init__(self):
         _check_types(self)
+        self._check_task()
         if self.source not in SOURCES:
             raise self._fail("source", f"= {self.source!r}: unknown source{suggest(self.source, SOURCES)}; "
                                        f"valid: {', '.join(SOURCES)}")
@@ -178,6 +187,35 @@ class DataSpec:
 
     def _fail(self, key: str, detail: str) -> FieldError:
         return FieldError(self._OWNER, key, detail)
+
+    @property
+    def task_name(self) -> str:
+        """What the section is scored as: its task, "custom" for a user's metric, else classification."""
+        return "custom" if self.metric is not None else self.task or "classification"
+
+    def scoring_keys(self) -> dict:
+        """The task keys given (not at their defaults): [calibration] must give none."""
+        defaults = {"task": None, "metric": None, "metric_kwargs": {}, "output": None, "threshold": 0.5, "ignore_index": 255}
+        return {k: getattr(self, k) for k, v in defaults.items() if getattr(self, k) != v}
+
+    def _check_task(self):
+        if self.task is not None and self.task not in TASKS:
+            raise self._fail("task", f"= {self.task!r}: unknown task{suggest(self.task, TASKS)}; valid: {', '.join(TASKS)}")
+        if self.metric is not None:
+            if not _FACTORY.match(self.metric):
+                raise self._fail("metric", f"= {self.metric!r}: expected \"package.module:Factory\" returning an object "
+                                           "with state(output, target), merge(a, b), value(state) and headline")
+            if self.task is not None:
+                raise self._fail("task", f"= {self.task!r} and metric = {self.metric!r}: give one (a metric is its own task)")
+        elif self.metric_kwargs:
+            raise self._fail("metric_kwargs", "is the arguments of [test] metric, which is not given")
+        task = self.task_name
+        if self.threshold != 0.5 and task != "multilabel":
+            raise self._fail("threshold", f"is used by task = \"multilabel\" only (this section's task: {task})")
+        if not 0 < self.threshold < 1:
+            raise self._fail("threshold", f"= {self.threshold}: a probability between 0 and 1 (exclusive)")
+        if self.ignore_index != 255 and task != "segmentation":
+            raise self._fail("ignore_index", f"is used by task = \"segmentation\" only (this section's task: {task})")
 
     def _check_digits(self):
         if self.split is not None and self.split not in DIGITS_SPLITS:
@@ -341,19 +379,58 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class GateSpec:
-    """What `quantray refresh` demands before promoting a run (accuracies as fractions, 0.01 = 1 pt)."""
+    """What `quantray refresh` demands before promoting a run, in its task's headline (core.metrics):
+    fractions for top-1, mIoU and F1 (0.01 = 1 pt), the target's unit for RMSE, dB for agreement."""
 
     _OWNER: typing.ClassVar[str] = "[gate]"
 
-    max_top1_drop: float = 0.01     # INT8 top-1 may trail FP32 top-1 by at most this
-    max_regression: float = 0.005   # and the promoted model's INT8 top-1 by at most this
+    max_top1_drop: float = 0.01          # classification: INT8 top-1 may trail FP32 top-1 by at most this
+    max_regression: float | None = None  # the headline may be worse than the promoted run's by at most this
+                                         # (None: 0.005 where the headline is a fraction, else not checked)
+    max_drop: float | None = None        # other tasks: INT8's headline worse than FP32's by at most this
+                                         # (None: 0.01 where it is a fraction; required for regression, a metric)
+    min_sqnr_db: float | None = None     # task = "agreement": INT8 vs FP32 output SQNR at least this (required)
 
     def __post_init__(self):
         _check_types(self)
-        for key in ("max_top1_drop", "max_regression"):
-            if not 0 <= getattr(self, key) <= 1:
-                raise FieldError(self._OWNER, key, f"= {getattr(self, key)}: a fraction of accuracy between 0 and 1 "
-                                                   "(0.01 = 1 point)")
+        if not 0 <= self.max_top1_drop <= 1:
+            raise FieldError(self._OWNER, "max_top1_drop", f"= {self.max_top1_drop}: a fraction of accuracy between 0 "
+                                                           "and 1 (0.01 = 1 point)")
+        for key in ("max_regression", "max_drop"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise FieldError(self._OWNER, key, f"= {getattr(self, key)}: must be at least 0 (in the task's headline unit)")
+
+    def limits(self, task: str, fraction: bool) -> dict:
+        """The limits that apply to `task` (its headline a fraction or not): drop (INT8 vs FP32),
+        regression (vs the promoted run), min_sqnr_db; a FieldError naming a key the task needs or
+        cannot take."""
+        if task == "classification":
+            if self.max_drop is not None or self.min_sqnr_db is not None:
+                key = "max_drop" if self.max_drop is not None else "min_sqnr_db"
+                raise FieldError(self._OWNER, key, "is for other tasks; classification's is max_top1_drop")
+            drop = self.max_top1_drop
+        else:
+            if self.max_top1_drop != 0.01:
+                raise FieldError(self._OWNER, "max_top1_drop", f"is for classification; task = {task!r} uses max_drop")
+            if task == "agreement":
+                if self.min_sqnr_db is None:
+                    raise FieldError(self._OWNER, "min_sqnr_db", "is required for task = \"agreement\" (the INT8 vs "
+                                                                 "FP32 output SQNR a run must reach, in dB, e.g. 25)")
+                if self.max_drop is not None:
+                    raise FieldError(self._OWNER, "max_drop", "is not used by task = \"agreement\" (FP32 is its reference); "
+                                                              "use min_sqnr_db")
+            elif self.min_sqnr_db is not None:
+                raise FieldError(self._OWNER, "min_sqnr_db", f"is for task = \"agreement\"; task = {task!r} uses max_drop")
+            elif self.max_drop is None and not fraction:
+                raise FieldError(self._OWNER, "max_drop", f"is required for task = {task!r}: how much worse INT8's "
+                                                          "headline may be than FP32's, in its unit")
+            drop = None if task == "agreement" else self.max_drop if self.max_drop is not None else 0.01
+        regression = self.max_regression if self.max_regression is not None else 0.005 if fraction else None
+        if fraction:
+            for key, value in (("max_drop", drop), ("max_regression", regression)):
+                if value is not None and value > 1:
+                    raise FieldError(self._OWNER, key, f"= {value}: the headline is a fraction; give one between 0 and 1")
+        return {"drop": drop, "regression": regression, "min_sqnr_db": self.min_sqnr_db}
 
 
 @dataclass(frozen=True)
@@ -380,6 +457,10 @@ class JobSpec:
                 raise FieldError("", section, f"= {getattr(self, section)!r}: expected a {cls.__name__}")
         for section in ("calibration", "test"):
             object.__setattr__(self, section, getattr(self, section).for_section(section))
+        given = self.calibration.scoring_keys()
+        if given:
+            raise FieldError("[calibration]", next(iter(given)), "is a [test] key: calibration scores nothing; "
+                                                                  "move it to [test]")
 
     def to_dict(self) -> dict:
         """JSON-ready form (paths as strings), as recorded in the manifest."""
@@ -456,7 +537,7 @@ class _Context:
 
             def __exit__(self, kind, error, tb):
                 if isinstance(error, FieldError):
-                    ctx.fail(section, error.key, error.detail)
+                    ctx.fail(section or error.owner.strip("[]") or None, error.key, error.detail)
 
         return _Reraise()
 

@@ -163,10 +163,49 @@ def test_the_spec_s_choices_are_the_ones_the_code_implements():
     import torch
 
     from quantray import spec
-    from quantray.core import flow, modes, ranges
+    from quantray.core import flow, metrics, modes, ranges
     from quantray.inputs import transforms
 
     assert spec.MODES == tuple(modes.MODES) and spec.RANGES == ranges.METHODS
     assert spec.ACTIVATIONS == tuple(flow.ACTIVATION_OBSERVERS) and spec.WEIGHTS == tuple(flow.WEIGHT_OBSERVERS)
-    assert spec.TRANSFORMS == transforms.PRESETS
+    assert spec.TRANSFORMS == transforms.PRESETS and spec.TASKS == metrics.TASKS
     assert set(spec.BACKENDS) <= set(torch.backends.quantized.supported_engines)
+
+
+@pytest.mark.parametrize("test_keys, gate, expected", [
+    ('task = "segmantation"', "", "[test] task = 'segmantation': unknown task (did you mean 'segmentation'?); valid: "
+                                  "classification, regression, segmentation, multilabel, agreement"),
+    ('metric = "not a factory"', "", "[test] metric = 'not a factory': expected \"package.module:Factory\""),
+    ('task = "regression"\nmetric = "a.b:C"', "", "[test] task = 'regression' and metric = 'a.b:C': give one"),
+    ("metric_kwargs = { a = 1 }", "", "[test] metric_kwargs is the arguments of [test] metric, which is not given"),
+    ('task = "regression"\nthreshold = 0.3', "", "[test] threshold is used by task = \"multilabel\" only (this "
+                                                 "section's task: regression)"),
+    ('task = "multilabel"\nthreshold = 1.5', "", "[test] threshold = 1.5: a probability between 0 and 1"),
+    ("ignore_index = 0", "", "[test] ignore_index is used by task = \"segmentation\" only"),
+])
+def test_task_keys_are_checked_with_one_line(tmp_path, test_keys, gate, expected):
+    assert expected in _error(tmp_path, MINIMAL + test_keys + "\n" + gate)
+
+
+def test_task_keys_belong_to_the_test_section(tmp_path):
+    message = _error(tmp_path, MINIMAL.replace("samples = 64", 'samples = 64\ntask = "regression"'))
+    assert message.endswith("[calibration] task is a [test] key: calibration scores nothing; move it to [test]")
+
+
+def test_gate_limits_are_the_tasks_own():
+    assert GateSpec().limits("classification", True) == {"drop": 0.01, "regression": 0.005, "min_sqnr_db": None}
+    assert GateSpec().limits("segmentation", True) == {"drop": 0.01, "regression": 0.005, "min_sqnr_db": None}
+    assert GateSpec(max_drop=2.5).limits("regression", False) == {"drop": 2.5, "regression": None, "min_sqnr_db": None}
+    assert GateSpec(min_sqnr_db=25).limits("agreement", False) == {"drop": None, "regression": None, "min_sqnr_db": 25}
+    for gate, task, fraction, expected in [
+        (GateSpec(), "regression", False, "[gate] max_drop is required for task = 'regression': how much worse INT8's"),
+        (GateSpec(), "agreement", False, "[gate] min_sqnr_db is required for task = \"agreement\""),
+        (GateSpec(max_drop=1.0), "classification", True, "[gate] max_drop is for other tasks; classification's is "
+                                                         "max_top1_drop"),
+        (GateSpec(max_top1_drop=0.02), "regression", False, "[gate] max_top1_drop is for classification"),
+        (GateSpec(min_sqnr_db=30, max_drop=1.0), "agreement", False, "[gate] max_drop is not used by task = \"agreement\""),
+        (GateSpec(max_drop=2.0), "multilabel", True, "[gate] max_drop = 2.0: the headline is a fraction"),
+    ]:
+        with pytest.raises(SpecError) as e:
+            gate.limits(task, fraction)
+        assert str(e.value).startswith(expected), (str(e.value), expected)

@@ -22,7 +22,7 @@ from ..errors import DataError, SpecError, first_line
 from ..spec import DataSpec, suggest
 from .transforms import make_transform
 
-__all__ = ["build_dataset", "check_data", "digits", "sample_indices", "draw_indices", "make_batches", "assign_shards",
+__all__ = ["build_dataset", "check_data", "digits", "sklearn_file", "sample_indices", "draw_indices", "make_batches", "assign_shards",
            "load_batch", "sample_file", "batch_identities"]
 
 DIGITS_TEST_FRACTION = 0.2
@@ -79,15 +79,21 @@ def _digits_table():
     """The file sklearn.datasets.load_digits reads (pixels, then the label, per row), read the same
     way without importing scikit-learn: 1.4 s less in every worker process that loads digits."""
     import gzip
-    import importlib.util
 
     import numpy as np
 
+    with gzip.open(sklearn_file("digits.csv.gz", "the digits source"), "rt") as f:
+        return np.loadtxt(f, delimiter=",")
+
+
+def sklearn_file(name: str, who: str, folder: str = "data") -> Path:
+    """A data file scikit-learn ships (sklearn/datasets/FOLDER/NAME), found without importing it."""
+    import importlib.util
+
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
-        raise SpecError("the digits source needs scikit-learn's data file: pip install scikit-learn")
-    with gzip.open(Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz", "rt") as f:
-        return np.loadtxt(f, delimiter=",")
+        raise SpecError(f"{who} needs scikit-learn's data file {name}: pip install scikit-learn")
+    return Path(spec.origin).parent / "datasets" / folder / name
 
 
 def sample_indices(n: int, samples: int | None, seed: int) -> list[int]:
@@ -128,24 +134,54 @@ def assign_shards(n_batches: int, workers: int) -> list[list[int]]:
     return shards
 
 
-def load_batch(dataset: Dataset, indices: list[int], upcoming: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples `indices` into (inputs, labels); a sample that fails names its index and file.
-    `upcoming`: the samples the caller loads next, which a source that can (Parquet shards) starts
-    reading in the background while this batch is decoded."""
+def load_batch(dataset: Dataset, indices: list[int], upcoming: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack samples `indices` into (inputs, targets); a sample that fails names its index and file.
+    A sample is (input, target) or, label-free, an input alone (a tensor, `(input,)` or
+    `(input, None)`): targets are then None. Integer labels stack into an int64 vector, as
+    classification reads them; any other target (a tensor of any shape, a float) is stacked as a
+    tensor. `upcoming`: the samples the caller loads next, which a source that can (Parquet
+    shards) starts reading in the background while this batch is decoded."""
     if upcoming is not None and callable(getattr(dataset, "prefetch", None)):
         dataset.prefetch(indices)
         dataset.prefetch(upcoming)
     xs, ys = [], []
     for i in indices:
         try:
-            x, y = dataset[i]
+            x, y = _split(dataset[i])
         except Exception as e:
             path = sample_file(dataset, i)
             raise DataError(f"sample {i}{f' ({path})' if path else ''} failed to load: "
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         xs.append(x)
-        ys.append(int(y))
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+        ys.append(y)
+    return torch.stack(xs), _stack_targets(ys, indices)
+
+
+def _split(sample):
+    if isinstance(sample, torch.Tensor):
+        return sample, None
+    if isinstance(sample, (tuple, list)) and len(sample) in (1, 2):
+        return sample[0], sample[1] if len(sample) == 2 else None
+    raise TypeError(f"a sample is (input, target) or an input alone; got {type(sample).__name__}"
+                    f"{f' of {len(sample)} items' if isinstance(sample, (tuple, list)) else ''}")
+
+
+def _stack_targets(ys: list, indices: list[int]) -> torch.Tensor | None:
+    absent = [y is None for y in ys]
+    if all(absent):
+        return None
+    if any(absent):
+        raise DataError(f"sample {indices[absent.index(True)]} has no target but sample "
+                        f"{indices[absent.index(False)]} has one: a split is labelled throughout or not at all")
+    if all(isinstance(y, int) or isinstance(y, torch.Tensor) and y.dim() == 0 and not y.dtype.is_floating_point
+           for y in ys):
+        return torch.tensor([int(y) for y in ys], dtype=torch.int64)  # class labels, as they always were
+    tensors = [torch.as_tensor(y) for y in ys]
+    for i, t in zip(indices, tensors):
+        if t.shape != tensors[0].shape:
+            raise DataError(f"sample {i}'s target has shape {tuple(t.shape)}, sample {indices[0]}'s "
+                            f"{tuple(tensors[0].shape)}: targets of one split must have one shape")
+    return torch.stack(tensors)
 
 
 def sample_file(dataset, i: int) -> str | None:
