@@ -82,7 +82,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
         with ctx.stage("write"):
             pipeline.write_qparams(staged, quantized)
             staged.write_bytes("job.toml", spec.source())
-            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), quantized)
+            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), quantized, job.scorer)
         manifest = pipeline.manifest(ctx, job, evaluation, qparams_digest=quantized.digest,
                                      input_shape=list(job.example.shape), calibrated=calibrated, pool=pool,
                                      quantized=quantized)
@@ -123,7 +123,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
             evaluation = pipeline.evaluate(ctx, job, quantized, pool, use_cache)
         staged = session.staged
         with ctx.stage("write"):
-            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), quantized)
+            metrics = pipeline.write_results(staged, evaluation, len(job.fp32_bytes), quantized, job.scorer)
             if data is not None:
                 staged.write_bytes("data.toml", Path(data).read_bytes())
         evaluates = {"run_dir": str(files.location if is_uri(files.location) else Path(files.location).resolve()),

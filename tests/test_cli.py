@@ -52,12 +52,36 @@ def _one_line_error(capsys, code_expected, *args) -> str:
      "[model] factory = 'quantray.testing:fails' raised ValueError: no good: 3; fix the factory or its kwargs"),
     (('source = "digits"\nsplit = "train"', 'source = "factory"\nfactory = "quantray.testing:fails"\nkwargs = { x = 4 }'),
      "[calibration] factory = 'quantray.testing:fails' raised ValueError: no good: 4; fix the factory or its kwargs"),
+    (('split = "test"', 'split = "test"\nmetric = "quantray.testing:fails"\nmetric_kwargs = { x = 5 }'),
+     "[test] metric = 'quantray.testing:fails' raised ValueError: no good: 5; fix the factory or its kwargs"),
+    (('split = "test"', 'split = "test"\nmetric = "quantray.testing:returns_list"'),
+     "[test] metric = 'quantray.testing:returns_list' returned list, which lacks state(), merge(), value(), headline "
+     "(a str: the key of value() to gate on); expected an object with state(output, target), merge(a, b), value(state) "
+     "and headline"),
+    (('split = "test"', 'split = "test"\nmetric = "quantray.testing:mean_abs_metric"'),
+     "[test] metric = 'quantray.testing:mean_abs_metric': scoring the first test samples raised RuntimeError: The size "
+     "of tensor a (10) must match the size of tensor b (2)"),
+    (('split = "test"', 'split = "test"\ntask = "segmentation"'),
+     "[test] task = 'segmentation': targets of shape (2,) (torch.int64) do not fit outputs of shape (2, 10); "
+     "task = \"segmentation\" expects outputs (N, C, H, W) and integer class masks (N, H, W)"),
+    (('split = "test"', 'split = "test"\ntask = "regression"'),
+     "[test] task = 'regression': targets of shape (2,) do not fit outputs of shape (2, 10); task = \"regression\" "
+     "expects one target value per output value"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(capsys, tmp_path, edit, expected):
     job = _job(tmp_path, DEMO.replace(*edit))
     message = _one_line_error(capsys, 2, "run", job, "--out", tmp_path / "runs" / "r")
     assert message.startswith(f"{job}: ") and expected in message
     assert not (tmp_path / "runs" / "r").exists() and not any((tmp_path / "runs").glob(".*"))
+
+
+def test_label_free_data_needs_a_label_free_task(capsys, tmp_path):
+    photos = (ROOT / "jobs" / "photos_agreement.toml").read_text()
+    job = _job(tmp_path, photos.replace('task = "agreement"', ""))
+    message = _one_line_error(capsys, 2, "run", job, "--out", tmp_path / "r")
+    assert message == (f"{job}: [test] task = 'classification' expects one integer class label per sample, the data "
+                       "gives no targets (label-free data); for label-free data use task = \"agreement\"")
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("what", ["whole model", "with other objects"])

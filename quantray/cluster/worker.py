@@ -39,6 +39,7 @@ from ..core.evaluation import (
     state_dict_bytes,
 )
 from ..core.layers import LayerLogger, LayerResult, isolated_errors
+from ..core.metrics import TaskScores, build_scorer
 from ..core.modes import MergedStats
 from ..errors import CalibrationError
 from ..inputs import data as data_mod
@@ -67,8 +68,8 @@ class WorkerSetup:
 class BatchScores:
     """One test batch through FP32 and INT8."""
 
-    scores: ShardResult
-    fp32_logits: torch.Tensor | None  # computed here (None: the stored ones were given)
+    scores: ShardResult | TaskScores  # classification's counts and rows, or another task's states (core.metrics)
+    fp32_logits: object | None        # FP32's output, as the model returns it, computed here (None: stored ones given)
     seconds: dict[str, float]         # each plain forward's time, by model, where one ran
     layers: LayerResult | None        # its per-layer signal and noise, when asked for
     engine: EngineResult | None = None  # the engine against the reference, when asked for
@@ -99,6 +100,7 @@ class Worker:
             self.calibration = CalibrationWorker(setup.model, setup.example, setup.quant, setup.calibration,
                                                  setup.threads, setup.signature, setup.memory_bytes)
         self._test = data_mod.build_dataset(setup.test, where="[test]") if setup.test is not None else None
+        self._scorer = build_scorer(setup.test) if setup.test is not None else None
         self._int8_key, self._script, self._state, self._eager, self._logger = None, None, None, None, None
         self._engine = None
         self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
@@ -144,7 +146,7 @@ class Worker:
             t = time.perf_counter()
             if self._engine is None:
                 self._engine = EngineCheck(int8_eager)
-            checked = self._engine.run(x, indices, y)
+            checked = self._engine.run(x, indices, y if self._scorer.task == "classification" else None)
             engine_s = time.perf_counter() - t
         with torch.inference_mode():
             if layers:
@@ -163,8 +165,8 @@ class Worker:
             t = time.perf_counter()
             int8 = self._script(x)
             seconds[self._runtime] = time.perf_counter() - t
-        return BatchScores(score_batch(indices, y, logits, int8), logits if stored is None else None, seconds, layer,
-                           checked, engine_s, compile_s)
+        return BatchScores(self._scorer.score(indices, y, logits, int8), logits if stored is None else None, seconds,
+                           layer, checked, engine_s, compile_s)
 
     def trial(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]],
               logits: list[torch.Tensor], reference: bool = False) -> TrialScores:

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import QuantrayError
+from ..core.metrics import headline, worsening
+from ..errors import QuantrayError, SpecError
 from ..spec import JobSpec
 from ..storage.store import Store, failpoint, json_bytes, sweep_staging
 
@@ -42,13 +43,17 @@ HISTORY_SCHEMA = pa.schema([
     ("qparams_digest", pa.string()), ("fp32_top1", pa.float64()), ("int8_top1", pa.float64()),
     ("fp32_top5", pa.float64()), ("int8_top5", pa.float64()), ("agreement", pa.float64()),
     ("gate", pa.string()), ("reason", pa.string()), ("promoted", pa.bool_()),
+    # any task: its headline (top1, rmse, miou, micro_f1, sqnr_db, a metric's) and the INT8 vs FP32 output SQNR
+    ("task", pa.string()), ("headline", pa.string()), ("fp32_headline", pa.float64()), ("int8_headline", pa.float64()),
+    ("output_sqnr_db", pa.float64()),
 ])
 DRIFT_SCHEMA = pa.schema([
     ("name", pa.string()), ("min_change", pa.float64()), ("max_change", pa.float64()),
     ("scale_change", pa.float64()), ("promoted_scale", pa.float64()), ("scale", pa.float64()),
 ])
 STALE_UPLOAD = datetime.timedelta(days=1)  # an unfinished run upload older than this is a killed refresh's
-_FIGURES = ("data_digest", "qparams_digest", "fp32_top1", "int8_top1", "fp32_top5", "int8_top5", "agreement")
+_FIGURES = ("data_digest", "qparams_digest", "fp32_top1", "int8_top1", "fp32_top5", "int8_top5", "agreement", "task",
+            "headline", "fp32_headline", "int8_headline", "output_sqnr_db")
 
 
 def _utc_now() -> datetime.datetime:
@@ -69,6 +74,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     from ..api import run
 
     console = console or Console(stderr=True)
+    check_gate(spec)
     reg = Store(registry, "--registry")
     reg.check_writable()
     tidy(reg, console, now)
@@ -100,8 +106,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     result.print(console)
     metrics = result.metrics
     row.update(data_digest=result.manifest["data_digest"], qparams_digest=result.manifest["qparams_digest"],
-               fp32_top1=metrics["fp32"]["top1"], int8_top1=metrics["int8"]["top1"], fp32_top5=metrics["fp32"]["top5"],
-               int8_top5=metrics["int8"]["top5"], agreement=metrics["agreement"])
+               **_figures(spec, metrics))
     reasons = gate(spec, metrics, previous_metrics)
     row.update(gate="failed" if reasons else "passed", reason="; ".join(reasons))
     write_gate(reg, row)
@@ -116,19 +121,67 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     return row
 
 
+def _figures(spec: JobSpec, metrics: dict) -> dict:
+    """A run's row in history.parquet: classification's own columns, and any task's headline."""
+    h = headline(metrics)
+    out = {"task": spec.test.task_name, "headline": h["key"], "fp32_headline": h["fp32"], "int8_headline": h["int8"]}
+    if "output_agreement" in metrics:
+        out["output_sqnr_db"] = metrics["output_agreement"]["sqnr_db"]
+    else:
+        out.update(fp32_top1=metrics["fp32"]["top1"], int8_top1=metrics["int8"]["top1"], fp32_top5=metrics["fp32"]["top5"],
+                   int8_top5=metrics["int8"]["top5"], agreement=metrics["agreement"], output_sqnr_db=metrics["logit_sqnr_db"])
+    return out
+
+
 def gate(spec: JobSpec, metrics: dict, previous: dict | None) -> list[str]:
-    """Why a run may not be promoted (none: it passes): its INT8 top-1 against its FP32 top-1 and
-    against the promoted run's INT8 top-1, by the job's [gate] limits."""
+    """Why a run may not be promoted (none: it passes): its task's headline (top-1, RMSE, mIoU, F1,
+    output SQNR) INT8 against FP32 and against the promoted run's INT8, by the job's [gate] limits
+    (`GateSpec.limits`), in the headline's unit and direction."""
+    h = headline(metrics)
+    limits = _limits(spec, h)
+    fmt = _formatter(h)
+    name = "top-1" if h["key"] == "top1" else h["label"]
     reasons = []
-    drop = metrics["fp32"]["top1"] - metrics["int8"]["top1"]
-    if drop > spec.gate.max_top1_drop + 1e-12:
-        reasons.append(f"INT8 top-1 trails FP32 by {drop * 100:.2f} pt > max_top1_drop {spec.gate.max_top1_drop * 100:.2f} pt")
-    if previous is not None:
-        regression = previous["int8"]["top1"] - metrics["int8"]["top1"]
-        if regression > spec.gate.max_regression + 1e-12:
-            reasons.append(f"INT8 top-1 is {regression * 100:.2f} pt below the promoted model's "
-                           f"> max_regression {spec.gate.max_regression * 100:.2f} pt")
+    drop = worsening(h, h["fp32"], h["int8"])
+    if limits["drop"] is not None and drop is not None and drop > limits["drop"] + 1e-12:
+        key = "max_top1_drop" if h["key"] == "top1" else "max_drop"
+        verb = "trails" if h["higher_is_better"] else "exceeds"
+        reasons.append(f"INT8 {name} {verb} FP32 by {fmt(drop)} > {key} {fmt(limits['drop'])}")
+    if limits["min_sqnr_db"] is not None and h["int8"] is not None and h["int8"] < limits["min_sqnr_db"] - 1e-12:
+        reasons.append(f"INT8 vs FP32 output SQNR {h['int8']:.2f} dB < min_sqnr_db {limits['min_sqnr_db']:.2f} dB")
+    before = headline(previous) if previous is not None else None
+    if before is not None and before["key"] == h["key"] and limits["regression"] is not None:
+        regression = worsening(h, before["int8"], h["int8"])
+        if regression is not None and regression > limits["regression"] + 1e-12:
+            where = "below" if h["higher_is_better"] else "above"
+            reasons.append(f"INT8 {name} is {fmt(regression)} {where} the promoted model's "
+                           f"> max_regression {fmt(limits['regression'])}")
     return reasons
+
+
+def _limits(spec: JobSpec, h: dict) -> dict:
+    try:
+        return spec.gate.limits(spec.test.task_name, h["unit"] == "fraction")
+    except SpecError as e:
+        raise SpecError(f"{spec.path}: {e}") from None
+
+
+def check_gate(spec: JobSpec) -> None:
+    """The [gate] limits the job's task needs, checked before a refresh does any work."""
+    task = spec.test.task_name
+    fraction = task in ("classification", "segmentation", "multilabel")
+    try:
+        spec.gate.limits(task, fraction)
+    except SpecError as e:
+        raise SpecError(f"{spec.path}: {e}") from None
+
+
+def _formatter(h: dict):
+    if h["unit"] == "fraction":
+        return lambda v: f"{v * 100:.2f} pt"
+    if h["unit"] == "dB":
+        return lambda v: f"{v:.2f} dB"
+    return lambda v: f"{v:.4g}"
 
 
 def drift(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:

@@ -125,6 +125,10 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
     if score_with not in ("engine", "reference"):
         raise SpecError(f"--score-with {score_with}: engine or reference")
     selection = load_test_section(validation) if validation is not None else spec.test
+    for section, name in ((spec.test, "[test]"), (selection, "--validation's [test]")):
+        if section.task_name != "classification":
+            raise SpecError(f"{spec.path}: {name} task = {section.task_name!r}: quantray tune scores its trials by top-1 "
+                            "and searches classification jobs only (other tasks: run with [quantization] settings by hand)")
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
     with (pipeline.session(ctx, out or Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,
           contextlib.ExitStack() as cleanup):

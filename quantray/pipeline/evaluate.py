@@ -15,7 +15,8 @@ from ..cluster.runner import Names, WorkerPool
 from ..cluster.worker import Worker
 from ..core.calls import Call
 from ..core.engine import engine_rows, engine_verdict, merge_engine
-from ..core.evaluation import ShardResult, merge_results
+from ..core.evaluation import ShardResult
+from ..core.metrics import TaskScores
 from ..core.layers import layer_rows, merge_layers
 from ..digest import sha256_bytes
 from ..inputs.data import batch_identities, make_batches
@@ -32,7 +33,7 @@ class Evaluation:
     """What the evaluation stage found: merged predictions, per-layer rows, speed, and the plan
     (batches, workers) and sample identities for the manifest."""
 
-    merged: ShardResult
+    merged: ShardResult | TaskScores  # merged in batch order (`Scorer.merge`)
     layers: list[dict]
     speed: dict
     plan: dict
@@ -75,7 +76,7 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
                                            if isinstance(key, tuple) else f"evaluate: worker {w}"))
         results = pool.run(calls, advance, names=names)
         scored = [results[("batch", b)] for b in range(len(test_batches))]
-        merged = merge_results(s.scores for s in scored)
+        merged = job.scorer.merge(s.scores for s in scored)
         for identity, s in zip(identities, scored):
             if s.fp32_logits is not None:
                 memo.keep_logits(identity, s.fp32_logits)

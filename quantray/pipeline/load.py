@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core import flow
 from ..core.evaluation import state_dict_bytes
+from ..core.metrics import Scorer, build_scorer
 from ..digest import sha256_bytes
 from ..errors import QuantrayError, SpecError
 from ..inputs.data import build_dataset, check_data, draw_indices, load_batch
@@ -24,7 +25,7 @@ from ..spec import JobSpec
 from ..storage.stats import StatsStore, default_location
 from ..storage.store import Store
 
-__all__ = ["Job", "check", "load", "load_for_evaluation", "prepare", "check_stats_location", "open_stats",
+__all__ = ["Job", "check", "load", "load_for_evaluation", "check_scoring", "prepare", "check_stats_location", "open_stats",
            "warn_unwritable"]
 
 
@@ -43,6 +44,7 @@ class Job:
     calib_idx: list[int] | None = None
     stats: StatsStore | None = field(default=None, repr=False)  # opened once, by the first stage that needs it
     transforms: dict = field(default_factory=dict)  # what was done to the FP32 weights before prepare_fx
+    scorer: Scorer | None = None  # what the test outputs are scored as ([test] task or metric)
 
     @property
     def where(self) -> str:
@@ -70,7 +72,9 @@ def load(spec: JobSpec) -> Job:
                              "the calibration split is empty: nothing to calibrate on")
     test_idx = draw_indices(test_ds, spec.test, f"{spec.path}: [test]", "the test split is empty: nothing to evaluate on")
     example = load_batch(calib_ds, calib_idx[:1])[0]
-    return Job(spec, fp32, state_dict_bytes(fp32), test_ds, test_idx, example, calib_ds, calib_idx)
+    job = Job(spec, fp32, state_dict_bytes(fp32), test_ds, test_idx, example, calib_ds, calib_idx)
+    job.scorer = check_scoring(job, f"{spec.path}: [test]")
+    return job
 
 
 def load_for_evaluation(spec: JobSpec, manifest: dict, where: str) -> Job:
@@ -82,7 +86,32 @@ def load_for_evaluation(spec: JobSpec, manifest: dict, where: str) -> Job:
                         "sha256 differs from the run's manifest); restore its checkpoint or run the job again")
     test_ds = build_dataset(spec.test, where)
     test_idx = draw_indices(test_ds, spec.test, where, "the test split is empty: nothing to evaluate on")
-    return Job(spec, fp32, fp32_bytes, test_ds, test_idx, torch.zeros(manifest["input_shape"]))
+    job = Job(spec, fp32, fp32_bytes, test_ds, test_idx, torch.zeros(manifest["input_shape"]))
+    job.scorer = check_scoring(job, where)
+    return job
+
+
+def check_scoring(job: Job, where: str) -> Scorer:
+    """The job's Scorer, tried on the FP32 model's outputs for the first two test samples before
+    any work: a target that does not fit the task, or a user's metric that raises or gives no
+    number for its headline, is one SpecError naming the key (exit 2), with nothing written."""
+    test = job.spec.test
+    key = f"metric = {test.metric!r}" if test.metric else f"task = {test.task_name!r}"
+    scorer = build_scorer(test, where)
+    indices = job.test_idx[:2]
+    x, y = load_batch(job.test_ds, indices)
+    try:
+        with torch.inference_mode():
+            out = job.fp32(x)
+        scorer.metrics(scorer.merge([scorer.score(indices, y, out, out)]))
+    except SpecError as e:  # a message that names the task already is not prefixed with it again
+        raise SpecError(f"{where} {e}" if str(e).startswith("task = ") else f"{where} {key}: {e}") from None
+    except Exception as e:  # the user's metric code
+        if not scorer.user:
+            raise
+        raise SpecError(f"{where} {key}: scoring the first test samples raised {type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}; fix the metric") from None
+    return scorer
 
 
 def prepare(job: Job, console: Console | None = None) -> nn.Module:

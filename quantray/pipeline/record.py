@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 from ..cluster.runner import WorkerPool
-from ..core.evaluation import accuracy_metrics, cpu_kind
+from ..core.evaluation import cpu_kind
+from ..core.metrics import Scorer
 from ..digest import sha256_bytes
 from ..report.html import render
 from ..storage.artifacts import LAYERS_SCHEMA, PREDICTIONS_SCHEMA, QPARAMS_SCHEMA, software_versions
@@ -22,15 +23,17 @@ from .workers import cpu_kinds, mixed_cpus
 __all__ = ["write_results", "write_qparams", "write_html", "manifest"]
 
 
-def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, quantized: Quantized) -> dict:
-    """predictions.parquet, layers.parquet and metrics.json into the staged run; returns the metrics.
-    INT8 size: the state_dict's (FX) or the exported program's (PT2E)."""
-    columns = PREDICTIONS_SCHEMA.names
+def write_results(run: StagedDir, outcome: Evaluation, fp32_size: int, quantized: Quantized, scorer: Scorer) -> dict:
+    """predictions.parquet (classification: one row per sample), layers.parquet and metrics.json
+    (the task's figures, `Scorer.metrics`) into the staged run; returns the metrics. INT8 size: the
+    state_dict's (FX) or the exported program's (PT2E)."""
     merged, speed = outcome.merged, outcome.speed
-    run.write_parquet("predictions.parquet",
-                      [dict(zip(columns, row)) for row in zip(*(merged.rows[c] for c in columns))], PREDICTIONS_SCHEMA)
+    if scorer.task == "classification":
+        columns = PREDICTIONS_SCHEMA.names
+        run.write_parquet("predictions.parquet",
+                          [dict(zip(columns, row)) for row in zip(*(merged.rows[c] for c in columns))], PREDICTIONS_SCHEMA)
     run.write_parquet("layers.parquet", outcome.layers, LAYERS_SCHEMA)
-    metrics = accuracy_metrics(merged)
+    metrics = scorer.metrics(merged)
     metrics["fp32"].update(latency_ms=speed["fp32"]["mean_ms"], size_mb=fp32_size / 1e6)
     if quantized.flow == "pt2e":  # the INT8 model is the compiled program; run uncompiled, it simulates INT8
         metrics["int8"].update(latency_ms=speed["int8_compiled"]["mean_ms"], size_mb=len(quantized.deployed) / 1e6,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..cluster.runner import Names, WorkerPool, on_whole_node
 from ..cluster.worker import BatchScores, Worker, WorkerSetup, measure_alone
 from ..core.calls import Call
+from ..core.metrics import TaskScores
 from ..inputs.data import load_batch
 from .calibrate import Quantized
 from .fp32 import Fp32Memo
@@ -59,7 +60,7 @@ def measure(ctx, job: Job, quantized: Quantized, pool: WorkerPool, memo: Fp32Mem
         for s in scored:
             for model, t in s.seconds.items():
                 seconds[model] += t
-                samples[model] += s.scores.counts["n"]
+                samples[model] += s.scores.n if isinstance(s.scores, TaskScores) else s.scores.counts["n"]
         for model in seconds:
             if seconds[model] > 0:
                 speed[model]["throughput_per_s"] = samples[model] / seconds[model]

@@ -6,6 +6,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .figures import agreement_rows, figure_rows
+
 __all__ = ["make_progress", "comparison_table", "throughput_row", "class_table", "layer_table", "print_summary"]
 
 
@@ -21,8 +23,14 @@ def comparison_table(metrics: dict) -> Table:
     table.add_column("FP32", justify="right")
     table.add_column("INT8", justify="right")
     table.add_column("INT8 vs FP32", justify="right")
-    for key, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy")):
-        table.add_row(label, f"{fp32[key]:.2%}", f"{int8[key]:.2%}", f"{(int8[key] - fp32[key]) * 100:+.2f} pt")
+    task = metrics.get("task")
+    if task is not None:
+        table.title = f"FP32 vs INT8, task {task} ({metrics['samples']} test samples)"
+        for row in figure_rows(metrics):
+            table.add_row(*row)
+    else:
+        for key, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy")):
+            table.add_row(label, f"{fp32[key]:.2%}", f"{int8[key]:.2%}", f"{(int8[key] - fp32[key]) * 100:+.2f} pt")
     table.add_row("latency, batch 1", f"{fp32['latency_ms']:.3f} ms", f"{int8['latency_ms']:.3f} ms",
                   _ratio(fp32["latency_ms"], int8["latency_ms"], "faster", "slower"))
     table.add_row("size", f"{fp32['size_mb']:.3f} MB", f"{int8['size_mb']:.3f} MB",
@@ -42,6 +50,10 @@ def comparison_table(metrics: dict) -> Table:
         if row:
             label, fp32_rate, int8_rate = row
             table.add_row(label, f"{fp32_rate:.0f}/s", f"{int8_rate:.0f}/s", _ratio(1 / fp32_rate, 1 / int8_rate, "faster", "slower"))
+    if task is not None:
+        for row in agreement_rows(metrics):
+            table.add_row(*row)
+        return table
     if "top1_ci95" in fp32:
         table.add_row("top-1 95% CI", _interval(fp32["top1_ci95"]), _interval(int8["top1_ci95"]), "")
     table.add_row("top-1 agreement", "", f"{metrics['agreement']:.2%}", "")

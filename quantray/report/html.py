@@ -14,6 +14,7 @@ import html
 import math
 
 from .console import throughput_row
+from .figures import agreement_rows, figure_rows
 
 __all__ = ["render", "render_tune", "COLORS"]
 
@@ -39,12 +40,25 @@ def render(metrics: dict, layers: list[dict], manifest: dict) -> str:
              _summary(metrics), _engine_line(metrics.get("engine_check")),
              "<h2>Per-layer SQNR (INT8 output vs FP32, higher is better)</h2>", _layers_plot(layers),
              _worst_layers(layers),
-             "<h2>Per-class top-1 change (INT8 minus FP32)</h2>", _class_plot(metrics.get("per_class", [])),
+             *(_per_class(metrics) if "task" in metrics else
+               ["<h2>Per-class top-1 change (INT8 minus FP32)</h2>", _class_plot(metrics.get("per_class", []))]),
              "<h2>Latency at batch 1</h2>", _latency_plot(metrics.get("speed")),
-             "<h2>INT8 confusion matrix (rows: true class, columns: predicted)</h2>",
-             _confusion_plot(metrics.get("confusion_int8")),
+             *(["<h2>INT8 confusion matrix (rows: true class, columns: predicted)</h2>",
+                _confusion_plot(metrics.get("confusion_int8"))] if "task" not in metrics else []),
              "<h2>Conditions</h2>", _conditions(metrics, manifest)]
     return _page(f"{job}: quantray report", parts)
+
+
+def _per_class(metrics: dict) -> list[str]:
+    """Segmentation's IoU per class, multilabel's F1 per label: FP32, INT8 and the change."""
+    for key, title in (("per_class_iou", "IoU per class"), ("per_label_f1", "F1 per label")):
+        fp32, int8 = metrics["fp32"].get(key), metrics["int8"].get(key)
+        if fp32 is not None and int8 is not None:
+            rows = [[k, *(_pct(v) if v is not None else "-" for v in (a, b)),
+                     f"{(b - a) * 100:+.2f} pt" if a is not None and b is not None else ""]
+                    for k, (a, b) in enumerate(zip(fp32, int8))]
+            return [f"<h2>{title}</h2>", _table(["class" if "class" in key else "label", "FP32", "INT8", "change"], rows)]
+    return []
 
 
 def _page(title: str, parts: list[str]) -> str:
@@ -72,8 +86,9 @@ def _pct(x) -> str:
 
 def _summary(metrics: dict) -> str:
     fp32, int8 = metrics["fp32"], metrics["int8"]
-    rows = []
-    for key, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy")):
+    task = metrics.get("task")
+    rows = figure_rows(metrics) if task is not None else []
+    for key, label in (("top1", "top-1 accuracy"), ("top5", "top-5 accuracy")) if task is None else ():
         ci = [f" ({m[key + '_ci95'][0]:.1%}-{m[key + '_ci95'][1]:.1%})" if key + "_ci95" in m else "" for m in (fp32, int8)]
         rows.append([label, _pct(fp32[key]) + ci[0], _pct(int8[key]) + ci[1], f"{(int8[key] - fp32[key]) * 100:+.2f} pt"])
     rows.append(["latency, batch 1 (mean)", f"{fp32['latency_ms']:.3f} ms", f"{int8['latency_ms']:.3f} ms",
@@ -98,6 +113,9 @@ def _summary(metrics: dict) -> str:
     if "torchscript_size_mb" in int8:
         rows.append(["size, INT8 TorchScript file", "", f"{int8['torchscript_size_mb']:.3f} MB",
                      _ratio(fp32["size_mb"], int8["torchscript_size_mb"], "smaller", "larger")])
+    if task is not None:
+        return "<h2>Summary</h2>" + _table(["metric", "FP32 (95% CI)", "INT8 (95% CI)", "INT8 vs FP32"],
+                                           rows + agreement_rows(metrics))
     rows.append(["top-1 agreement", "", _pct(metrics["agreement"]), ""])
     if metrics.get("logit_sqnr_db") is not None:
         rows.append(["logit SQNR", "", f"{metrics['logit_sqnr_db']:.1f} dB", ""])
