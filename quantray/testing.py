@@ -320,3 +320,47 @@ def data_dependent():
 
     torch.manual_seed(0)
     return DataDependent().eval()
+
+
+class MeanAbsMetric:
+    """A user's metric (`[test] metric`), as core.metrics documents the protocol: the mean absolute
+    error of the output named `output` (of the model's own structure) against float targets."""
+
+    headline, higher_is_better = "mean_abs", False
+
+    def __init__(self, output: str | None = None):
+        self.output = output
+
+    def state(self, output, target):
+        from fractions import Fraction
+
+        value = output[self.output] if self.output else output
+        rows = (value.double() - target.double()).abs().reshape(len(target), -1).sum(dim=1).tolist()
+        return [sum(map(Fraction, rows), Fraction(0)), target.numel()]
+
+    def merge(self, a, b):
+        return [a[0] + b[0], a[1] + b[1]]
+
+    def value(self, s):
+        return {"mean_abs": float(s[0] / s[1]), "values": s[1]}
+
+
+def mean_abs_metric(output: str | None = None) -> MeanAbsMetric:
+    """The factory `[test] metric = "quantray.testing:mean_abs_metric"` names."""
+    return MeanAbsMetric(output)
+
+
+def returns_list(**kwargs) -> list:
+    """A metric factory that returns the wrong type (tests of its error message)."""
+    return []
+
+
+def dim_photo_patches(split: str = "train", factor: float = 0.1):
+    """The photo patches (quantray.examples) darkened by `factor`: a night whose calibration data
+    went wrong (an exposure fault), so activation ranges come out too narrow and INT8 clips the
+    real test patches (tests of the label-free gate)."""
+    from .examples import photo_patches
+
+    patches = photo_patches(split)
+    patches.x = patches.x * factor
+    return patches

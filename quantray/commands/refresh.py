@@ -141,6 +141,7 @@ def gate(spec: JobSpec, metrics: dict, previous: dict | None) -> list[str]:
     limits = _limits(spec, h)
     fmt = _formatter(h)
     name = "top-1" if h["key"] == "top1" else h["label"]
+    subject = name if name.startswith("INT8") else f"INT8 {name}"
     reasons = []
     drop = worsening(h, h["fp32"], h["int8"])
     if limits["drop"] is not None and drop is not None and drop > limits["drop"] + 1e-12:
@@ -154,7 +155,7 @@ def gate(spec: JobSpec, metrics: dict, previous: dict | None) -> list[str]:
         regression = worsening(h, before["int8"], h["int8"])
         if regression is not None and regression > limits["regression"] + 1e-12:
             where = "below" if h["higher_is_better"] else "above"
-            reasons.append(f"INT8 {name} is {fmt(regression)} {where} the promoted model's "
+            reasons.append(f"{subject} is {fmt(regression)} {where} the promoted model's "
                            f"> max_regression {fmt(limits['regression'])}")
     return reasons
 

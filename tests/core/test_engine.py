@@ -66,10 +66,15 @@ def test_every_shipped_jobs_kernels_agree_with_the_reference_within_one_step(job
         torch.manual_seed(0)
         model = getattr(torchvision.models, table["model"]["arch"])(num_classes=table["model"]["num_classes"]).eval()
         calib, x, y = torch.randn(8, 3, 224, 224), torch.randn(4, 3, 224, 224), torch.zeros(4, dtype=torch.long)
-    else:
+    elif table["calibration"].get("source", "digits") == "digits":
         model = build_model(load_spec(job).model, job)
         calib, _ = _digits("train", 64)
         x, y = _digits("test", 64)
+    else:  # the examples' own data (quantray.examples); targets are not class labels
+        spec = load_spec(job)
+        model = build_model(spec.model, job)
+        calib = data.load_batch(data.build_dataset(spec.calibration, "[calibration]"), list(range(64)))[0]
+        x, y = data.load_batch(data.build_dataset(spec.test, "[test]"), list(range(64)))[0], None
     _, int8 = _int8(model, quant, list(calib.split(32)))
     rows = engine_rows(merge_engine([EngineCheck(int8).run(x, list(range(len(x))), y)]))
     assert rows and all(r["max_steps"] < FAULT_STEPS for r in rows), [r for r in rows if r["max_steps"] >= FAULT_STEPS]

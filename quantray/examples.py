@@ -1,0 +1,225 @@
+"""Shipped models and real data for the tasks beyond classification, their checkpoints shipped as
+the demo's are (quantray/demo.py): nothing is downloaded, every number is reproducible.
+
+    python -m quantray.examples                       # check the shipped checkpoints, print their figures
+    python -m quantray.examples --train OUT.pth --model diabetes_mlp   # train one again here
+
+`diabetes_mlp()` is `jobs/diabetes_regression.toml`'s model: an MLP (10 -> 64 -> 64 -> 1) on
+scikit-learn's diabetes data (442 patients, 10 measurements, disease progression a year on), the
+output in the target's own unit. `photo_autoencoder()` is `jobs/photos_agreement.toml`'s: a small
+convolutional autoencoder over 32x32 patches of scikit-learn's two sample photos, returning a dict
+{"image": reconstruction, "code": bottleneck}; its test set has no labels (the label-free,
+INT8-against-FP32 case a nightly refresh on production samples is). Both read scikit-learn's own
+data files without importing scikit-learn, and both checkpoints are checked against their sha256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from .digest import sha256_bytes
+from .errors import QuantrayError
+from .inputs.data import sklearn_file
+
+__all__ = ["diabetes", "photo_patches", "DiabetesMLP", "PhotoAutoencoder", "diabetes_mlp", "photo_autoencoder",
+           "train", "CHECKPOINTS"]
+
+SPLIT_SEED, TEST_FRACTION = 0, 0.2
+PATCH = 32
+
+# factory name -> (shipped checkpoint, its sha256)
+CHECKPOINTS = {
+    "diabetes_mlp": ("diabetes_mlp-v1.pth", "1186b445281fcfadf34e7d49d1ec40acce4ffc03967dd8256fddfa67e56f795e"),
+    "photo_autoencoder": ("photo_autoencoder-v1.pth", "2f32ef4054bfdaea53edf5cfcbff19b051a91052ffc037314aba3700e17809df"),
+}
+
+
+def _split(n: int, split: str) -> torch.Tensor:
+    """A fixed split of range(n): 20% test, the rest train, ascending."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test = round(n * TEST_FRACTION)
+    return {"test": order[:n_test], "train": order[n_test:], "all": order}[split].sort().values
+
+
+@functools.lru_cache(maxsize=1)
+def _diabetes_raw() -> tuple[torch.Tensor, torch.Tensor]:
+    import gzip
+
+    import numpy as np
+
+    with gzip.open(sklearn_file("diabetes_data_raw.csv.gz", "the diabetes source"), "rt") as f:
+        x = np.loadtxt(f)
+    with gzip.open(sklearn_file("diabetes_target.csv.gz", "the diabetes source"), "rt") as f:
+        y = np.loadtxt(f)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32).unsqueeze(1)
+
+
+def diabetes(split: str = "all") -> TensorDataset:
+    """scikit-learn's diabetes data (what `load_diabetes(scaled=False)` reads): 10 measurements per
+    patient, standardized with the train split's mean and deviation, and the target (disease
+    progression, 25-346) as a (1,) float tensor; 20% test (88 patients) by a fixed seed."""
+    x, y = _diabetes_raw()
+    train = x[_split(len(x), "train")]
+    x = (x - train.mean(0)) / train.std(0)
+    chosen = _split(len(x), split)
+    return TensorDataset(x[chosen], y[chosen])
+
+
+@functools.lru_cache(maxsize=1)
+def _patches() -> torch.Tensor:
+    from PIL import Image
+
+    tiles = []
+    for name in ("china.jpg", "flower.jpg"):
+        with Image.open(sklearn_file(name, "the photos source", folder="images")) as image:
+            pixels = torch.frombuffer(bytearray(image.convert("RGB").tobytes()), dtype=torch.uint8)
+            hwc = pixels.reshape(image.height, image.width, 3)
+        rows, cols = image.height // PATCH, image.width // PATCH
+        grid = hwc[:rows * PATCH, :cols * PATCH].reshape(rows, PATCH, cols, PATCH, 3)
+        tiles.append(grid.permute(0, 2, 4, 1, 3).reshape(rows * cols, 3, PATCH, PATCH))
+    return torch.cat(tiles).float() / 255.0
+
+
+class _Inputs(torch.utils.data.Dataset):
+    """Inputs alone: samples are tensors with no target (label-free data)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.x[i]
+
+
+def photo_patches(split: str = "all") -> _Inputs:
+    """32x32 RGB patches (values in [0, 1]) of scikit-learn's two sample photos (china.jpg and
+    flower.jpg, 427x640 each): 520 patches, 20% test (104) by a fixed seed. No labels."""
+    x = _patches()
+    return _Inputs(x[_split(len(x), split)])
+
+
+class DiabetesMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class PhotoAutoencoder(nn.Module):
+    """3x32x32 -> a 32x8x8 code -> 3x32x32; returns {"image": reconstruction, "code": code}."""
+
+    def __init__(self):
+        super().__init__()
+        self.encode = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                    nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.decode = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(),
+                                    nn.Upsample(scale_factor=2), nn.Conv2d(16, 3, 3, padding=1), nn.Sigmoid())
+
+    def forward(self, x):
+        code = self.encode(x)
+        return {"image": self.decode(code), "code": code}
+
+
+_ARCHITECTURES = {"diabetes_mlp": DiabetesMLP, "photo_autoencoder": PhotoAutoencoder}
+
+
+def _shipped(name: str) -> nn.Module:
+    file, sha256 = CHECKPOINTS[name]
+    payload = resources.files("quantray").joinpath("assets", file).read_bytes()
+    if sha256_bytes(payload) != sha256:
+        raise QuantrayError(f"quantray/assets/{file}: sha256 differs from the one quantray ships; reinstall quantray")
+    model = _ARCHITECTURES[name]()
+    model.load_state_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
+    return model.eval()
+
+
+def diabetes_mlp() -> DiabetesMLP:
+    """The trained diabetes regressor (module docstring), from its shipped checkpoint."""
+    return _shipped("diabetes_mlp")
+
+
+def photo_autoencoder() -> PhotoAutoencoder:
+    """The trained photo-patch autoencoder (module docstring), from its shipped checkpoint."""
+    return _shipped("photo_autoencoder")
+
+
+EPOCHS = {"diabetes_mlp": 10, "photo_autoencoder": 40}  # the diabetes MLP overfits past ~10 (test RMSE 57.7 at 10, 64.1 at 40)
+
+
+def train(name: str, epochs: int | None = None, seed: int = 0) -> tuple[dict, dict]:
+    """Train one model on its train split (Adam 3e-3, batches of 32, MSE, one thread, EPOCHS); return the
+    state_dict and its figures on the test split. The regressor learns the standardized target and
+    its last layer is then rescaled, so that it outputs the target's own unit."""
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    model = _ARCHITECTURES[name]()
+    generator = torch.Generator().manual_seed(seed)
+    epochs = EPOCHS[name] if epochs is None else epochs
+    if name == "diabetes_mlp":
+        x, y = diabetes("train").tensors
+        mean, std = y.mean(), y.std()
+        target = (y - mean) / std
+    else:
+        x = target = photo_patches("train").x
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=generator).split(32):
+            optimizer.zero_grad()
+            out = model(x[batch])
+            out = out["image"] if isinstance(out, dict) else out
+            nn.functional.mse_loss(out, target[batch]).backward()
+            optimizer.step()
+    model.eval()
+    if name == "diabetes_mlp":
+        with torch.no_grad():
+            last = model.net[-1]
+            last.weight.mul_(std)
+            last.bias.mul_(std).add_(mean)
+    return model.state_dict(), _figures(name, model)
+
+
+def _figures(name: str, model: nn.Module) -> dict:
+    with torch.inference_mode():
+        if name == "diabetes_mlp":
+            x, y = diabetes("test").tensors
+            error = model(x) - y
+            return {"test_rmse": error.pow(2).mean().sqrt().item(), "test_mae": error.abs().mean().item()}
+        x = photo_patches("test").x
+        return {"test_rmse": (model(x)["image"] - x).pow(2).mean().sqrt().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", metavar="OUT", help="train the model here and save its state_dict to OUT")
+    parser.add_argument("--model", choices=list(CHECKPOINTS), default="diabetes_mlp")
+    parser.add_argument("--epochs", type=int, default=None)
+    args = parser.parse_args()
+    if args.train:
+        from .storage.store import Store
+
+        state, figures = train(args.model, **({"epochs": args.epochs} if args.epochs else {}))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        out = Path(args.train).absolute()
+        Store(out.parent, "--train").write(buffer.getvalue(), out.name)
+        print(f"trained {out}: {figures}, sha256 {sha256_bytes(buffer.getvalue())}")
+        return
+    for name, (file, sha256) in CHECKPOINTS.items():
+        print(f"shipped {file} (sha256 {sha256[:16]}...): {_figures(name, _shipped(name))}")
+
+
+if __name__ == "__main__":
+    main()
