@@ -155,3 +155,15 @@ def test_a_refresh_refuses_a_gate_its_task_cannot_use_before_any_work(tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"quantray: error: {job}: [gate] max_top1_drop is for classification; task = 'agreement' uses max_drop"]
     assert not (tmp_path / "registry").exists()
+
+
+@pytest.mark.ray
+def test_the_pt2e_flow_scores_dict_outputs_too(ray_cluster, tmp_path):
+    """PT2E's compiled runtime pads the last, smaller test batch (104 = 3 x 32 + 8) and drops the
+    padding's rows from every output of the dict, not only from a tensor."""
+    job = tmp_path / "photos_pt2e.toml"
+    job.write_text(JOBS["agreement"].read_text().replace('backend = "x86"', 'backend = "x86"\nflow = "pt2e"')
+                   .replace('mapping = "default"', "# mapping: FX only"))
+    metrics = quantray.run(job, workers=2, console=quiet(), out=tmp_path / "run").metrics
+    assert metrics["samples"] == 104 and set(metrics["output_agreement"]["outputs_sqnr_db"]) == {"image", "code"}
+    assert metrics["headline"]["int8"] > 20

@@ -29,6 +29,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from ..errors import QuantrayError, SpecError
 from ..spec import QuantSpec
@@ -234,13 +235,14 @@ class Compiled:
         self(x)
         return self.compile_s[n]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor):
         n = x.shape[0]
         sizes = [s for s in self.compile_s if s > n and n > 1]
         if n not in self.compile_s and sizes:
             pad = min(sizes)
             filler = x[:1].expand(pad - n, *x.shape[1:])
-            return self(torch.cat([x, filler]))[:n]
+            # every output's first n rows, whatever the structure (a tensor, or a dict or tuple of them)
+            return tree_map_only(torch.Tensor, lambda t: t[:n], self(torch.cat([x, filler])))
         with torch.no_grad(), torch._inductor.config.patch(freezing=True), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if n in self.compile_s:
