@@ -13,6 +13,7 @@ the tune's budget not met, or an INT8 engine fault found before tune's trials).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import warnings
 
@@ -67,7 +68,8 @@ def _dispatch(args, out) -> int:
     if args.command == "tune":
         from .commands.tune import tune
 
-        result = tune(spec, max_drop=args.max_drop / 100, validation=args.validation, trials=args.trials,
+        points = spec.test.headline_is_fraction  # top-1, mIoU, F1: given in points; others in their unit
+        result = tune(spec, max_drop=args.max_drop / 100 if points else args.max_drop, validation=args.validation, trials=args.trials,
                       workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache,
                       rank_samples=args.rank_samples, score_with=args.score_with, console=out)
         return 0 if result.met else GATED_OUT
@@ -102,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "within an accuracy budget (exit 0 met, 3 not met)")
     tune.add_argument("job", help="job spec (TOML)")
     tune.add_argument("--max-drop", type=_points, required=True, metavar="PTS",
-                      help="top-1 the INT8 model may lose against FP32, in points (0.3 = 0.3 pt)")
+                      help="how much worse the INT8 model's headline may be than FP32's: points of top-1, mIoU or "
+                           "F1 (0.3 = 0.3 pt); the target's unit for RMSE (a rise); a [test] metric's own unit")
     tune.add_argument("--validation", metavar="FILE.toml",
                       help="a TOML file whose [test] table (keys as in a job's) is the set choices are made on "
                            "(default: the job's test split; its accuracy is then optimistic)")
@@ -139,9 +142,9 @@ def _points(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected points of top-1, e.g. 0.3, got {text!r}") from None
-    if not 0 <= value < 100:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 100 points, got {value:g}")
+        raise argparse.ArgumentTypeError(f"expected points of top-1 (or the headline's unit), e.g. 0.3, got {text!r}") from None
+    if not 0 <= value < math.inf:  # at most 100 points where the headline is a fraction: tune() checks
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value:g}")
     return value
 
 

@@ -38,6 +38,7 @@ RANGES = ("l2", "minmax", "percentile", "mse", "entropy")    # core.ranges.METHO
 WEIGHTS = ("per_channel", "per_tensor")                      # core.flow.WEIGHT_OBSERVERS (pinned too)
 DIGITS_SPLITS = ("train", "test", "all")
 TASKS = ("classification", "regression", "segmentation", "multilabel", "agreement")  # core.metrics.TASKS (pinned)
+FRACTION_TASKS = ("classification", "segmentation", "multilabel")  # headline a fraction: top-1, mIoU, F1 (pinned)
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _URI = re.compile(r"^[a-z][a-z0-9+.-]*://")
 
@@ -192,6 +193,11 @@ class DataSpec:
     def task_name(self) -> str:
         """What the section is scored as: its task, "custom" for a user's metric, else classification."""
         return "custom" if self.metric is not None else self.task or "classification"
+
+    @property
+    def headline_is_fraction(self) -> bool:
+        """Whether the task's headline is a fraction (limits then in points on the command line)."""
+        return self.task_name in FRACTION_TASKS
 
     def scoring_keys(self) -> dict:
         """The task keys given (not at their defaults): [calibration] must give none."""

@@ -168,14 +168,24 @@ def test_evaluate_refuses_what_it_cannot_trust_with_one_line(capsys, demo_runs, 
     refused(copy, expected="model_int8.pth: missing or changed since the run")
 
 
+def test_a_test_sample_that_fails_to_load_is_found_before_calibrating(capsys, tmp_path):
+    """The first two test samples are scored on the driver before any work (the task check)."""
+    job = _job(tmp_path, DEMO.replace('[test]\nsource = "digits"\nsplit = "test"',
+                                      '[test]\nsource = "factory"\nfactory = "quantray.testing:digits_failing"\n'
+                                      'kwargs = { split = "test", fail_at = 1 }'))
+    message = _one_line_error(capsys, 1, "run", job, "--out", tmp_path / "r")
+    assert message == f"{job}: [test] sample 1 failed to load: ValueError: cannot decode sample 1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml"]
+
+
 @pytest.mark.ray
 def test_a_failure_at_run_time_exits_1_with_one_line(capsys, ray_cluster, tmp_path):
     job = _job(tmp_path, DEMO.replace('[test]\nsource = "digits"\nsplit = "test"',
                                       '[test]\nsource = "factory"\nfactory = "quantray.testing:digits_failing"\n'
-                                      'kwargs = { split = "test", fail_at = 0 }'))
+                                      'kwargs = { split = "test", fail_at = 2 }'))  # 0 and 1 are checked first
     code, _, err = _main(capsys, "run", job, "--out", tmp_path / "r")
-    assert code == 1 and err[-1] == ("quantray: error: evaluate: test batch 0 of 6: sample 0 failed to load: "
-                                     "ValueError: cannot decode sample 0")
+    assert code == 1 and err[-1] == ("quantray: error: evaluate: test batch 0 of 6: sample 2 failed to load: "
+                                     "ValueError: cannot decode sample 2")
     assert err[0] == 'note: torch deprecates FX quantization (flow = "fx"); see flow = "pt2e"'  # once per run
     assert all(line.startswith(("calibrate: pass", "evaluate ")) for line in err[1:-1])  # progress, then the error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml", "quantray-home"]  # no run, no staging folder

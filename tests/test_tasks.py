@@ -167,3 +167,32 @@ def test_the_pt2e_flow_scores_dict_outputs_too(ray_cluster, tmp_path):
     metrics = quantray.run(job, workers=2, console=quiet(), out=tmp_path / "run").metrics
     assert metrics["samples"] == 104 and set(metrics["output_agreement"]["outputs_sqnr_db"]) == {"image", "code"}
     assert metrics["headline"]["int8"] > 20
+
+
+@pytest.mark.ray
+def test_tune_searches_a_regression_job_by_rmse_in_its_unit(ray_cluster, tmp_path):
+    """--max-drop is RMSE's unit and direction (a rise is a drop); trials are scored by the task's
+    merged states, and the best trial run as a job gives the RMSE its trial had (the same split)."""
+    from quantray.commands.tune import tune
+
+    import pyarrow.parquet as pq
+
+    result = tune(JOBS["regression"], max_drop=0.05, trials=10, workers=2, out=tmp_path / "tune", console=quiet())
+    rows = pq.read_table(tmp_path / "tune" / "trials.parquet").to_pylist()
+    assert len(rows) == 10 and {r["headline"] for r in rows} == {"rmse"} and all(r["top1"] is None for r in rows)
+    for r in rows:
+        assert r["drop"] == pytest.approx(r["int8_headline"] - r["fp32_headline"], abs=1e-12)   # lower is better
+    assert result.met and result.best["drop"] <= 0.05
+    assert result.best["drop"] == min(r["drop"] for r in rows if not r["fp32_modules"])
+    best_run = result.best_run.metrics["headline"]
+    assert best_run["int8"] == pytest.approx(result.best["int8_headline"], rel=1e-9)
+    summary = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert summary["headline"]["key"] == "rmse" and summary["best_run"]["test_headline"] == best_run["int8"]
+    assert "RMSE against the number of FP32 layers" in (tmp_path / "tune" / "report.html").read_text()
+
+
+def test_tune_refuses_label_free_data_before_any_work(tmp_path, capsys):
+    assert main(["tune", str(JOBS["agreement"]), "--max-drop", "1", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[test] task = 'agreement': quantray tune trades INT8 against FP32 on a headline" in err[0]
+    assert not (tmp_path / "t").exists()

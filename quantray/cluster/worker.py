@@ -33,9 +33,7 @@ from ..core.evaluation import (
     ShardResult,
     cpu_kind,
     measure_speed,
-    merge_results,
     processor,
-    score_batch,
     state_dict_bytes,
 )
 from ..core.layers import LayerLogger, LayerResult, isolated_errors
@@ -81,7 +79,7 @@ class BatchScores:
 class TrialScores:
     """One tune trial's INT8 model, scored against the FP32 logits."""
 
-    scores: ShardResult
+    scores: ShardResult | TaskScores  # classification's counts, or the task's merged states (core.metrics)
     qparams_digest: str
     int8_bytes: int  # the INT8 state_dict's size
 
@@ -180,8 +178,8 @@ class Worker:
         with torch.inference_mode():
             for batch, fp32 in zip(batches, logits):
                 x, y = self._decoded_batch(batch)
-                results.append(score_batch(batch, y, fp32, int8(x)))
-        return TrialScores(merge_results(results), merge.state_digest(prepared), len(state_dict_bytes(int8)))
+                results.append(self._scorer.score(batch, y, fp32, int8(x)))
+        return TrialScores(self._scorer.merge(results), merge.state_digest(prepared), len(state_dict_bytes(int8)))
 
     def engine_check(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]]) -> EngineResult:
         """`quant`'s INT8 model built from the merged statistics, its engine checked on `batches`."""

@@ -169,10 +169,8 @@ def _limits(spec: JobSpec, h: dict) -> dict:
 
 def check_gate(spec: JobSpec) -> None:
     """The [gate] limits the job's task needs, checked before a refresh does any work."""
-    task = spec.test.task_name
-    fraction = task in ("classification", "segmentation", "multilabel")
     try:
-        spec.gate.limits(task, fraction)
+        spec.gate.limits(spec.test.task_name, spec.test.headline_is_fraction)
     except SpecError as e:
         raise SpecError(f"{spec.path}: {e}") from None
 

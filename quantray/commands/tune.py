@@ -50,6 +50,7 @@ from .. import api, pipeline
 from ..core import flow
 from ..core.equalize import equalize
 from ..core.evaluation import wilson
+from ..core.metrics import headline, worsening
 from ..core.ranges import METHODS
 from ..errors import EngineFault, SpecError
 from ..inputs.data import make_batches
@@ -65,6 +66,8 @@ TRIALS_SCHEMA = pa.schema([
     ("top1_ci95_high", pa.float64()), ("fp32_top1", pa.float64()), ("drop", pa.float64()), ("agreement", pa.float64()),
     ("logit_sqnr_db", pa.float64()), ("int8_size_bytes", pa.int64()), ("latency_ms", pa.float64()),
     ("wall_s", pa.float64()), ("qparams_digest", pa.string()),
+    # any task: its headline (top1, rmse, miou, micro_f1, a metric's), FP32's and INT8's; `drop` is in its unit
+    ("headline", pa.string()), ("fp32_headline", pa.float64()), ("int8_headline", pa.float64()),
 ])
 
 
@@ -115,20 +118,28 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
          workers: int | None = None, out: str | Path | None = None, address: str | None = None,
          use_cache: bool = True, rank_samples: int = 256, score_with: str = "engine",
          console: Console | None = None, context: pipeline.Context | None = None) -> TuneResult:
-    """Search for the configuration with the fewest FP32 layers whose top-1 drop (a fraction: 0.003 is
-    0.3 pt) on the selection set is within `max_drop`; write the tune directory (module docstring)."""
+    """Search for the configuration with the fewest FP32 layers whose headline drop on the selection
+    set is within `max_drop`, in the headline's unit and direction (top-1, mIoU, F1: a fraction, 0.003
+    is 0.3 pt; RMSE: a rise in the target's unit; a [test] metric: its own); write the tune directory
+    (module docstring)."""
     spec = original = job if isinstance(job, JobSpec) else load_spec(job)
-    if not 0 <= max_drop < 1:
-        raise SpecError(f"--max-drop {max_drop * 100:g}: points of top-1 between 0 and 100")
+    if spec.test.headline_is_fraction and not 0 <= max_drop < 1:
+        raise SpecError(f"--max-drop {max_drop * 100:g}: points of {spec.test.task_name}'s headline between 0 and 100")
+    if not 0 <= max_drop < math.inf:
+        raise SpecError(f"--max-drop {max_drop:g}: at least 0, in the headline's unit")
     if trials < 1:
         raise SpecError(f"--trials {trials}: at least 1")
     if score_with not in ("engine", "reference"):
         raise SpecError(f"--score-with {score_with}: engine or reference")
     selection = load_test_section(validation) if validation is not None else spec.test
-    for section, name in ((spec.test, "[test]"), (selection, "--validation's [test]")):
-        if section.task_name != "classification":
-            raise SpecError(f"{spec.path}: {name} task = {section.task_name!r}: quantray tune scores its trials by top-1 "
-                            "and searches classification jobs only (other tasks: run with [quantization] settings by hand)")
+    if spec.test.task_name == "agreement":
+        raise SpecError(f"{spec.path}: [test] task = 'agreement': quantray tune trades INT8 against FP32 on a headline "
+                        "both models have (top-1, RMSE, mIoU, F1, a metric's); label-free data has none: tune on a "
+                        "labelled --validation set of the same task, or set [quantization] by hand")
+    if (selection.task_name, selection.metric) != (spec.test.task_name, spec.test.metric):
+        raise SpecError(f"{validation}: [test] task = {selection.task_name!r} differs from the job's "
+                        f"({spec.test.task_name!r}): tune chooses by one headline; give the validation set the job's "
+                        "task (or metric)")
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
     with (pipeline.session(ctx, out or Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,
           contextlib.ExitStack() as cleanup):
@@ -170,12 +181,17 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
                 r["latency_ms"] = int8.get("torchscript_latency_ms", int8["latency_ms"])
         staged.write_parquet("trials.parquet", rows, TRIALS_SCHEMA)
         met = best.row["drop"] <= max_drop
+        head = {k: v for k, v in headline(best_run.metrics).items() if k not in ("fp32", "int8")}
         summary = {"job": str(original.path), "max_drop": max_drop, "met": met, "stopped": search.stopped,
+                   "headline": head,
                    "scored_with": score_with, "engine_check": search.engine,
                    "selection": str(validation) if validation is not None else "[test] of the job (optimistic)",
                    "trials": len(rows), "trial_limit": trials, "best_trial": best.row["trial"],
                    "sensitivity": search.sensitivity, "groups": search.groups, "timings_s": ctx.timings, "wall_s": round(ctx.wall_s(), 3),
-                   "best_run": {"test_top1": best_run.metrics["int8"]["top1"], "fp32_top1": best_run.metrics["fp32"]["top1"],
+                   "best_run": {**({"test_top1": best_run.metrics["int8"]["top1"], "fp32_top1": best_run.metrics["fp32"]["top1"]}
+                                   if head["key"] == "top1" and "task" not in best_run.metrics else {}),
+                                "test_headline": headline(best_run.metrics)["int8"],
+                                "fp32_headline": headline(best_run.metrics)["fp32"],
                                 "qparams_digest": best_run.manifest["qparams_digest"]}}
         staged.write_json("tune.json", summary)
         staged.write_bytes("report.html", render_tune(summary, rows, best_run.metrics).encode())
@@ -318,12 +334,12 @@ class _Search:
         return any(s.row["drop"] <= self.max_drop for s in self.scored)
 
     def best(self) -> _Scored:
-        """Within the budget: the fewest FP32 layers, then the best top-1; else the best top-1. Ties go
-        to the earlier trial."""
+        """Within the budget: the fewest FP32 layers, then the best headline (the smallest drop: FP32's
+        is the same for every trial); else the best headline. Ties go to the earlier trial."""
         within = [s for s in self.scored if s.row["drop"] <= self.max_drop]
         if within:
-            return min(within, key=lambda s: (len(s.trial.fp32), -s.row["top1"], s.row["trial"]))
-        return min(self.scored, key=lambda s: (-s.row["top1"], len(s.trial.fp32), s.row["trial"]))
+            return min(within, key=lambda s: (len(s.trial.fp32), s.row["drop"], s.row["trial"]))
+        return min(self.scored, key=lambda s: (s.row["drop"], len(s.trial.fp32), s.row["trial"]))
 
     def _wave(self, wave: list[Trial], phase: str, batches: list[list[int]]) -> list[_Scored]:
         """Evaluate `wave` on `batches` (the first of the selection set's): each worker builds its
@@ -345,6 +361,8 @@ class _Search:
         return [self._record(trial, phase, results[trial], per_trial) for trial in wave]
 
     def _record(self, trial: Trial, phase: str, scored: pipeline.TrialScores, wall: float) -> _Scored:
+        if self.job.scorer.task != "classification":
+            return self._record_task(trial, phase, scored, wall)
         merged, digest, size = scored.scores, scored.qparams_digest, scored.int8_bytes
         c, n = merged.counts, merged.counts["n"]
         signal, noise = sum(merged.rows["signal"]), sum(merged.rows["noise"])
@@ -355,11 +373,35 @@ class _Search:
                "top1": c["int8_top1"] / n, "top1_ci95_low": low,
                "top1_ci95_high": high, "fp32_top1": c["fp32_top1"] / n, "drop": (c["fp32_top1"] - c["int8_top1"]) / n,
                "agreement": c["agree"] / n, "logit_sqnr_db": sqnr if noise > 0 else None, "int8_size_bytes": size,
-               "latency_ms": None, "wall_s": round(wall, 4), "qparams_digest": digest}
+               "latency_ms": None, "wall_s": round(wall, 4), "qparams_digest": digest,
+               "headline": "top1", "fp32_headline": c["fp32_top1"] / n, "int8_headline": c["int8_top1"] / n}
         self.ctx.console.print(f"trial {row['trial']:>3} \\[{phase}] {trial.method:<10} {trial.weight:<11} "
                                f"{trial.cures():<13} FP32 layers {len(trial.fp32):>2}: top-1 {row['top1']:.4f} "
                                f"(drop {row['drop'] * 100:+.2f} pt) on {n} samples")
-        scored = _Scored(trial, phase, row, sqnr, merged)
+        return self._keep(_Scored(trial, phase, row, sqnr, merged))
+
+    def _record_task(self, trial: Trial, phase: str, scored: pipeline.TrialScores, wall: float) -> _Scored:
+        """A trial of any other task: its headline from the task's merged states (core.metrics)."""
+        merged = scored.scores
+        metrics = self.job.scorer.metrics(merged)
+        h, agreement = metrics["headline"], metrics["output_agreement"]
+        row = {"trial": len(self.scored), "phase": phase, "range_method": trial.method, "fp32_modules": list(trial.fp32),
+               "weight": trial.weight, "equalize": trial.equalize, "bias_correction": trial.bias, "samples": merged.n,
+               "top1": None, "top1_ci95_low": None, "top1_ci95_high": None, "fp32_top1": None,
+               "drop": worsening(h, h["fp32"], h["int8"]), "agreement": agreement["argmax_agreement"],
+               "logit_sqnr_db": agreement["sqnr_db"], "int8_size_bytes": scored.int8_bytes, "latency_ms": None,
+               "wall_s": round(wall, 4), "qparams_digest": scored.qparams_digest,
+               "headline": h["key"], "fp32_headline": h["fp32"], "int8_headline": h["int8"]}
+        if row["drop"] is None:
+            raise SpecError(f"{self.job.spec.path}: [test] the headline {h['key']!r} is None for a trial (FP32 "
+                            f"{h['fp32']}, INT8 {h['int8']}): tune needs a number for both")
+        fmt = _unit_formatter(h)
+        self.ctx.console.print(f"trial {row['trial']:>3} \\[{phase}] {trial.method:<10} {trial.weight:<11} "
+                               f"{trial.cures():<13} FP32 layers {len(trial.fp32):>2}: {h['label']} "
+                               f"{fmt(h['int8'])} (drop {fmt(row['drop'], sign=True)}) on {merged.n} samples")
+        return self._keep(_Scored(trial, phase, row, agreement["sqnr_db"], merged))
+
+    def _keep(self, scored: _Scored) -> _Scored:
         self.scored.append(scored)
         return scored
 
@@ -390,6 +432,8 @@ def _cures(row: dict) -> str:
 def print_tune(console: Console, result: TuneResult) -> None:
     """The summary table: the default, the best range method, and the chosen trial."""
     rows = result.trials
+    if result.best["headline"] != "top1":
+        return _print_task_tune(console, result)
     table = Table(title=f"quantray tune: {result.location}")
     for column in ("trial", "phase", "range", "weights", "cures", "FP32 layers", "top-1", "drop (pt)", "agreement"):
         table.add_column(column, justify="right" if column not in ("phase", "range", "weights", "cures") else "left")
@@ -399,14 +443,55 @@ def print_tune(console: Console, result: TuneResult) -> None:
                       f"{r['top1']:.4f} [{r['top1_ci95_low']:.3f}, {r['top1_ci95_high']:.3f}]",
                       f"{r['drop'] * 100:+.2f}", f"{r['agreement']:.4f}")
     console.print(table)
-    best, run = result.best, result.best_run
+    _print_outcome(console, result)
+    if result.best_run is not None:
+        m = result.best_run.metrics
+        console.print(f"on the job's \\[test]: FP32 {m['fp32']['top1']:.4f}, tuned INT8 {m['int8']['top1']:.4f} "
+                      f"(drop {(m['fp32']['top1'] - m['int8']['top1']) * 100:+.2f} pt); its run: "
+                      f"{join(result.location, 'best-run')}")
+    _print_warnings(console, result)
+
+
+def _unit_formatter(h: dict):
+    """Values of a headline as text: points for a fraction, else 4 significant digits."""
+    def fmt(value, sign: bool = False):
+        if h["unit"] == "fraction":
+            return f"{value * 100:+.2f} pt" if sign else f"{value:.4f}"
+        return f"{value:+.4g}" if sign else f"{value:.4g}"
+    return fmt
+
+
+def _print_task_tune(console: Console, result: TuneResult) -> None:
+    """print_tune for a task other than classification: its headline in place of top-1."""
+    best_run = result.best_run
+    h = headline(best_run.metrics) if best_run is not None else {"label": result.best["headline"], "unit": ""}
+    fmt = _unit_formatter(h)
+    table = Table(title=f"quantray tune: {result.location}")
+    for column in ("trial", "phase", "range", "weights", "cures", "FP32 layers", h["label"], "drop", "output SQNR"):
+        table.add_column(column, justify="right" if column not in ("phase", "range", "weights", "cures") else "left")
+    for r in result.trials:
+        mark = " *" if r["trial"] == result.best["trial"] else ""
+        table.add_row(f"{r['trial']}{mark}", r["phase"], r["range_method"], r["weight"], _cures(r), str(len(r["fp32_modules"])),
+                      fmt(r["int8_headline"]), fmt(r["drop"], sign=True),
+                      "-" if r["logit_sqnr_db"] is None else f"{r['logit_sqnr_db']:.2f} dB")
+    console.print(table)
+    _print_outcome(console, result)
+    if best_run is not None:
+        console.print(f"on the job's \\[test]: {h['label']} FP32 {fmt(h['fp32'])}, tuned INT8 {fmt(h['int8'])} "
+                      f"(drop {fmt(worsening(h, h['fp32'], h['int8']), sign=True)}); its run: "
+                      f"{join(result.location, 'best-run')}")
+    _print_warnings(console, result)
+
+
+def _print_outcome(console: Console, result: TuneResult) -> None:
+    rows = result.trials
+    best = result.best
     console.print(f"{'budget met' if result.met else 'budget NOT met'}: {result.stopped}; {len(rows)} trials")
     console.print(f"best: trial {best['trial']} ({best['range_method']}, {best['weight']}, cures {_cures(best)}, "
                   f"{len(best['fp32_modules'])} FP32 layer(s): {', '.join(best['fp32_modules']) or 'none'})")
-    if run is not None:
-        m = run.metrics
-        console.print(f"on the job's \\[test]: FP32 {m['fp32']['top1']:.4f}, tuned INT8 {m['int8']['top1']:.4f} "
-                      f"(drop {(m['fp32']['top1'] - m['int8']['top1']) * 100:+.2f} pt); its run: {join(result.location, 'best-run')}")
+
+
+def _print_warnings(console: Console, result: TuneResult) -> None:
     if result.scored_with == "reference":
         console.print("[yellow]trial figures are torch's reference quantized model's, not the "
                       f"{result.engine_check['engine'] if result.engine_check else ''} engine's "

@@ -18,7 +18,7 @@ from ..core import flow
 from ..core.evaluation import state_dict_bytes
 from ..core.metrics import Scorer, build_scorer
 from ..digest import sha256_bytes
-from ..errors import QuantrayError, SpecError
+from ..errors import DataError, QuantrayError, SpecError
 from ..inputs.data import build_dataset, check_data, draw_indices, load_batch
 from ..inputs.models import build_model, check_model
 from ..spec import JobSpec
@@ -99,7 +99,10 @@ def check_scoring(job: Job, where: str) -> Scorer:
     key = f"metric = {test.metric!r}" if test.metric else f"task = {test.task_name!r}"
     scorer = build_scorer(test, where)
     indices = job.test_idx[:2]
-    x, y = load_batch(job.test_ds, indices)
+    try:
+        x, y = load_batch(job.test_ds, indices)
+    except DataError as e:  # found here, before calibrating, rather than by the first test batch
+        raise DataError(f"{where} {e}") from None
     try:
         with torch.inference_mode():
             out = job.fp32(x)

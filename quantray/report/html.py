@@ -300,14 +300,34 @@ def render_tune(summary: dict, trials: list[dict], best_metrics: dict) -> str:
     """The tune directory's report.html: outcome, top-1 against FP32 layers, layer sensitivity, trials."""
     full = trials
     best = next(t for t in trials if t["trial"] == summary["best_trial"])
+    head = summary.get("headline") or {"key": "top1", "label": "top-1", "unit": "fraction", "higher_is_better": True}
+    fraction = head["unit"] == "fraction"
+    value = _pct if fraction else (lambda v: "-" if v is None else f"{v:.4g}")
+    test = best_metrics.get("headline") or {"fp32": best_metrics["fp32"]["top1"], "int8": best_metrics["int8"]["top1"]}
     outcome = (f"<p><b>{'Budget met' if summary['met'] else 'Budget not met'}</b>: {_e(summary['stopped'])}. "
                f"{summary['trials']} trials (limit {summary['trial_limit']}), chosen on {_e(summary['selection'])}; "
-               f"max drop {summary['max_drop'] * 100:g} pt.</p>"
+               + (f"max drop {summary['max_drop'] * 100:g} pt.</p>" if fraction else
+                  f"max drop of {_e(head['label'])} {summary['max_drop']:g}"
+                  f" ({'lower' if head['higher_is_better'] else 'higher'} is worse).</p>") +
                f"<p>Best: trial {best['trial']}, range {_e(best['range_method'])}, weights {_e(best['weight'])}, "
                f"cures {_e(_cures(best))}, "
                f"{len(best['fp32_modules'])} FP32 layer(s) ({_e(', '.join(best['fp32_modules']) or 'none')}). "
-               f"On the job's [test]: FP32 {_pct(best_metrics['fp32']['top1'])}, "
-               f"tuned INT8 {_pct(best_metrics['int8']['top1'])} (best-run/report.html).</p>")
+               f"On the job's [test]: {'' if head['key'] == 'top1' else _e(head['label']) + ' '}FP32 {value(test['fp32'])}, "
+               f"tuned INT8 {value(test['int8'])} (best-run/report.html).</p>")
+    if head["key"] != "top1":
+        table = _table(["trial", "phase", "range", "weights", "cures", "FP32 layers", "samples", head["label"], "drop",
+                        "output SQNR (dB)", "INT8 KB", "FP32 modules"],
+                       [[t["trial"], t["phase"], t["range_method"], t["weight"], _cures(t), len(t["fp32_modules"]),
+                         t["samples"], value(t["int8_headline"]),
+                         f"{t['drop'] * 100:+.2f} pt" if fraction else f"{t['drop']:+.4g}",
+                         "-" if t["logit_sqnr_db"] is None else f"{t['logit_sqnr_db']:.2f}",
+                         f"{t['int8_size_bytes'] / 1e3:.1f}", ", ".join(t["fp32_modules"])] for t in trials], numeric_from=5)
+        return _page("quantray tune", [
+            f"<h1>quantray tune</h1><p class=muted>{_e(summary['job'])}</p>", outcome,
+            f"<h2>{_e(head['label'])} against the number of FP32 layers</h2>",
+            _fp32_layers_plot(full, summary["max_drop"], head),
+            "<h2>Layer sensitivity (each layer's INT8 error alone, lower is worse)</h2>",
+            _sensitivity_plot(summary["sensitivity"]), "<h2>Trials</h2>", table])
     table = _table(["trial", "phase", "range", "weights", "cures", "FP32 layers", "samples", "top-1", "95% interval",
                     "drop (pt)", "agreement", "INT8 KB", "FP32 modules"],
                    [[t["trial"], t["phase"], t["range_method"], t["weight"], _cures(t), len(t["fp32_modules"]), t["samples"],
@@ -325,14 +345,19 @@ def _cures(trial: dict) -> str:
     return "+".join(n for n, on in (("equalize", trial.get("equalize")), ("bias", trial.get("bias_correction"))) if on) or "-"
 
 
-def _fp32_layers_plot(trials: list[dict], max_drop: float) -> str:
-    """One dot per trial on the whole selection set; the dashed line is FP32 top-1 minus the budget."""
+def _fp32_layers_plot(trials: list[dict], max_drop: float, head: dict | None = None) -> str:
+    """One dot per trial on the whole selection set; the dashed line is FP32's headline (top-1 unless
+    `head` says otherwise) worsened by the budget."""
     if not trials:
         return "<p class=muted>No trial was evaluated.</p>"
+    head = head or {"key": "top1", "label": "top-1", "unit": "fraction", "higher_is_better": True}
+    key, fp32_key = ("top1", "fp32_top1") if head["key"] == "top1" else ("int8_headline", "fp32_headline")
+    show = _pct if head["unit"] == "fraction" else (lambda v: f"{v:.4g}")
     left, width, height, top_pad = 60, 560, 220, 10
     most = max(1, max(len(t["fp32_modules"]) for t in trials))
-    fp32 = trials[0]["fp32_top1"]
-    values = [t["top1"] for t in trials] + [fp32, fp32 - max_drop]
+    fp32 = trials[0][fp32_key]
+    budget = fp32 - max_drop if head["higher_is_better"] else fp32 + max_drop
+    values = [t[key] for t in trials] + [fp32, budget]
     low, high = min(values), max(values)
     span = (high - low) or 1e-3
     low, high = low - 0.1 * span, high + 0.1 * span
@@ -341,23 +366,23 @@ def _fp32_layers_plot(trials: list[dict], max_drop: float) -> str:
         return top_pad + (high - v) / (high - low) * height
 
     body = []
-    for v, label, dash in ((fp32, "FP32", ""), (fp32 - max_drop, "budget", " stroke-dasharray=\"4 3\"")):
+    for v, label, dash in ((fp32, "FP32", ""), (budget, "budget", " stroke-dasharray=\"4 3\"")):
         body.append(f"<line x1=\"{left}\" y1=\"{y(v):.1f}\" x2=\"{left + width}\" y2=\"{y(v):.1f}\" "
                     f"stroke=\"{COLORS['fp32']}\"{dash}/>")
-        body.append(_text(left + width + 4, y(v) + 4, f"{label} {_pct(v)}"))
+        body.append(_text(left + width + 4, y(v) + 4, f"{label} {show(v)}"))
     for t in trials:
         x = left + len(t["fp32_modules"]) / most * width
         color = COLORS["good"] if t["drop"] <= max_drop else COLORS["int8"]
-        body.append(f"<circle cx=\"{x:.1f}\" cy=\"{y(t['top1']):.1f}\" r=\"4\" fill=\"{color}\"><title>"
+        body.append(f"<circle cx=\"{x:.1f}\" cy=\"{y(t[key]):.1f}\" r=\"4\" fill=\"{color}\"><title>"
                     f"trial {t['trial']}: {_e(t['range_method'])}, "
-                    f"{_e(t['weight'])}, {len(t['fp32_modules'])} FP32 layers, top-1 {_pct(t['top1'])}</title></circle>")
+                    f"{_e(t['weight'])}, {len(t['fp32_modules'])} FP32 layers, {_e(head['label'])} {show(t[key])}</title></circle>")
     for i in range(5):
         v = low + (high - low) * i / 4
-        body.append(_text(left - 6, y(v) + 4, _pct(v), "end"))
+        body.append(_text(left - 6, y(v) + 4, show(v), "end"))
     axis_y = top_pad + height + 16
     body += [_text(left + width * i / 4, axis_y, f"{most * i / 4:.3g}", "middle") for i in range(5)]
     body.append(_text(left + width / 2, axis_y + 16, "layers kept in FP32", "middle"))
-    return _svg(left + width + 110, axis_y + 24, body, "top-1 against the number of FP32 layers")
+    return _svg(left + width + 110, axis_y + 24, body, f"{head['label']} against the number of FP32 layers")
 
 
 def _sensitivity_plot(sensitivity: list[dict]) -> str:

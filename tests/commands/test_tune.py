@@ -119,8 +119,8 @@ def test_best_toml_is_a_job_file_with_the_trials_choices(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-drop", "-1"], "argument --max-drop: must be between 0 and 100 points, got -1"),
-    (["--max-drop", "x"], "argument --max-drop: expected points of top-1, e.g. 0.3, got 'x'"),
+    (["--max-drop", "-1"], "argument --max-drop: must be at least 0, got -1"),
+    (["--max-drop", "x"], "argument --max-drop: expected points of top-1 (or the headline's unit), e.g. 0.3, got 'x'"),
 ])
 def test_bad_tune_arguments_exit_2(capsys, args, message):
     with pytest.raises(SystemExit) as e:
