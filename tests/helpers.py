@@ -6,6 +6,7 @@ calibration the parallel ones are compared with, loopback Ray nodes, image folde
 
 import io
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,9 @@ from quantray.spec import QuantSpec
 from quantray.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # renders the HTML pages in tests/report
+# CI installs chromium and sets this, so there a missing browser fails the test instead of skipping it.
+CHROMIUM_REQUIRED = os.environ.get("QUANTRAY_REQUIRE_CHROMIUM") == "1"
 DEMO_JOB = ROOT / "jobs" / "digits.toml"
 
 

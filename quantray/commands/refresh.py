@@ -46,6 +46,9 @@ HISTORY_SCHEMA = pa.schema([
     # any task: its headline (top1, rmse, miou, micro_f1, sqnr_db, a metric's) and the INT8 vs FP32 output SQNR
     ("task", pa.string()), ("headline", pa.string()), ("fp32_headline", pa.float64()), ("int8_headline", pa.float64()),
     ("output_sqnr_db", pa.float64()),
+    # INT8's headline interval (95%, where the task gives one) and the largest relative scale change
+    # against the run promoted that night (None: nothing promoted yet)
+    ("int8_headline_low", pa.float64()), ("int8_headline_high", pa.float64()), ("max_scale_drift", pa.float64()),
 ])
 DRIFT_SCHEMA = pa.schema([
     ("name", pa.string()), ("min_change", pa.float64()), ("max_change", pa.float64()),
@@ -53,7 +56,8 @@ DRIFT_SCHEMA = pa.schema([
 ])
 STALE_UPLOAD = datetime.timedelta(days=1)  # an unfinished run upload older than this is a killed refresh's
 _FIGURES = ("data_digest", "qparams_digest", "fp32_top1", "int8_top1", "fp32_top5", "int8_top5", "agreement", "task",
-            "headline", "fp32_headline", "int8_headline", "output_sqnr_db")
+            "headline", "fp32_headline", "int8_headline", "output_sqnr_db", "int8_headline_low", "int8_headline_high",
+            "max_scale_drift")
 
 
 def _utc_now() -> datetime.datetime:
@@ -83,6 +87,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     pointer = reg.read("PROMOTED")
     previous = json.loads(pointer)["run_id"] if pointer else None
     previous_metrics = json.loads(reg.read("runs", previous, "metrics.json") or b"null") if previous else None
+    largest = {}
 
     def add_drift(staged, manifest):
         if previous is not None:
@@ -92,6 +97,8 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
                              pq.read_table(staged.path("qparams.parquet")).to_pylist())
                 staged.write_parquet("drift.parquet", rows, DRIFT_SCHEMA)
                 _print_drift(console, rows, previous)
+                changes = [abs(r["scale_change"]) for r in rows if r["scale_change"] is not None]
+                largest["max_scale_drift"] = max(changes) if changes else None
         failpoint("staged")
 
     row = {"run_id": run_id, "time": started, **dict.fromkeys(_FIGURES), "promoted": False}
@@ -101,12 +108,12 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     except Exception as e:  # the night is recorded whatever stopped the run
         row.update(gate="error", reason=str(e) if isinstance(e, QuantrayError) else f"{type(e).__name__}: {e}")
         write_gate(reg, row)
-        rebuild_history(reg)
+        write_history_page(reg, rebuild_history(reg))
         raise
     result.print(console)
     metrics = result.metrics
     row.update(data_digest=result.manifest["data_digest"], qparams_digest=result.manifest["qparams_digest"],
-               **_figures(spec, metrics))
+               **_figures(spec, metrics), **largest)
     reasons = gate(spec, metrics, previous_metrics)
     row.update(gate="failed" if reasons else "passed", reason="; ".join(reasons))
     write_gate(reg, row)
@@ -115,7 +122,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
                               "promoted_at": now().isoformat()}), "PROMOTED")
         reg.write(b"", "promotions", run_id)  # a kill before this line: the next refresh's tidy writes it
         row["promoted"] = True
-    rebuild_history(reg)
+    write_history_page(reg, rebuild_history(reg))
     verdict = "promoted" if row["promoted"] else f"not promoted: {row['reason']}"
     console.print(f"run {run_id}: gate {row['gate']}, {verdict}")
     return row
@@ -124,7 +131,9 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
 def _figures(spec: JobSpec, metrics: dict) -> dict:
     """A run's row in history.parquet: classification's own columns, and any task's headline."""
     h = headline(metrics)
-    out = {"task": spec.test.task_name, "headline": h["key"], "fp32_headline": h["fp32"], "int8_headline": h["int8"]}
+    interval = metrics["int8"].get(f"{h['key']}_ci95") or [None, None]
+    out = {"task": spec.test.task_name, "headline": h["key"], "fp32_headline": h["fp32"], "int8_headline": h["int8"],
+           "int8_headline_low": interval[0], "int8_headline_high": interval[1]}
     if "output_agreement" in metrics:
         out["output_sqnr_db"] = metrics["output_agreement"]["sqnr_db"]
     else:
@@ -197,6 +206,23 @@ def drift(old_rows: list[dict], new_rows: list[dict]) -> list[dict]:
              "promoted_scale": old[r["name"]]["scale"], "scale": r["scale"]}
             for r in new_rows if r["name"] in old]
     return sorted(rows, key=lambda r: -(r["scale_change"] or 0))
+
+
+def write_history_page(reg: Store, rows: list[dict], most: int = 20) -> None:
+    """history.html from the settled history rows, written whole (atomically, as every registry file).
+    A refresh that settled the history before another one's row landed would leave a page without
+    it: the page is rewritten until the rows it shows are the history's."""
+    from ..report.history import render_history
+
+    for _ in range(most):
+        pointer = reg.read("PROMOTED")
+        promoted = json.loads(pointer)["run_id"] if pointer else None
+        reg.write(render_history(rows, promoted, str(reg.where())).encode(), "history.html")
+        settled = rebuild_history(reg)
+        if [r["run_id"] for r in settled] == [r["run_id"] for r in rows] and \
+                [r["promoted"] for r in settled] == [r["promoted"] for r in rows]:
+            return
+        rows = settled
 
 
 def rebuild_history(reg: Store, most: int = 50) -> list[dict]:

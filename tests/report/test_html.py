@@ -1,6 +1,5 @@
 """report.html: self-contained, and it renders in a real headless browser (Debian's chromium)."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -9,11 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from quantray.report.html import COLORS, render
+from helpers import CHROMIUM
+from helpers import CHROMIUM_REQUIRED as REQUIRED
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# CI installs chromium and sets this, so there a missing browser fails the test instead of skipping it.
-REQUIRED = os.environ.get("QUANTRAY_REQUIRE_CHROMIUM") == "1"
+from quantray.report.html import COLORS, render
 
 
 def _synthetic():
