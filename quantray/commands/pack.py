@@ -7,7 +7,9 @@
 Each split goes to OUT/calibration/ and OUT/test/ (layout in `quantray.inputs.shards`): the whole split, in
 index order, so the packed job draws the same samples, cut into the same batches, as the job. Image
 files are stored as they are on disk and decoded by the workers; anything else (digits, a factory's
-tensors) as the dataset's own tensors. Before packing a split, the first sample is decoded from its
+tensors) as the dataset's own tensors. Targets are integer labels, tensors of any shape (a
+regression target, a segmentation mask: stored as .npy) or absent (label-free samples), as the
+first sample has them; every sample must have the same kind. Before packing a split, the first sample is decoded from its
 stored form and compared with what the dataset returns: equal tensors, or the split is stored as
 tensors instead.
 
@@ -34,7 +36,7 @@ from rich.console import Console
 from ..digest import digest, sha256_bytes
 from ..errors import SpecError
 from ..inputs.data import build_dataset, sample_file
-from ..inputs.shards import FORMAT, INDEX_SCHEMA, SHARD_SCHEMA, decode
+from ..inputs.shards import FORMAT, FORMAT_TARGETS, INDEX_SCHEMA, SHARD_SCHEMA, TARGET_SCHEMA, decode
 from ..inputs.transforms import make_transform
 from ..report.console import make_progress
 from ..spec import DataSpec, JobSpec, load_spec, to_toml
@@ -89,7 +91,7 @@ def pack(job: str | Path | JobSpec, out: str | Path, *, rows_per_shard: int = 10
             splits.append(split)
             packed[section] = DataSpec(source="parquet", root=split.location,
                                        transform=d.transform if split.kind == "encoded" else None,
-                                       samples=d.samples, seed=d.seed, batch_size=d.batch_size)
+                                       samples=d.samples, seed=d.seed, batch_size=d.batch_size, **d.scoring_keys())
     packed_spec = dataclasses.replace(spec, **packed)
     text = to_toml(packed_spec, header=f"Written by `quantray pack` from {spec.path.name}: its [calibration] and "
                                        f"[test] as Parquet shards under {root.location}.",
@@ -105,6 +107,7 @@ def _pack_split(d: DataSpec, where: str, store: Store, rows_per_shard: int, prog
     if n == 0:
         raise SpecError(f"{where} the split is empty: nothing to pack")
     kind, read = _reader(dataset, d, where)
+    targets = _target_kind(dataset[0] if kind == "tensor" else (None, 0))
     _sweep_partial(store)
     present = store.sizes()  # shards written before, by this pack's input or a killed pack's
     per_group = min(ROWS_PER_GROUP, rows_per_shard)
@@ -113,17 +116,23 @@ def _pack_split(d: DataSpec, where: str, store: Store, rows_per_shard: int, prog
     for start in range(0, n, rows_per_shard):
         rows = []
         for i in range(start, min(n, start + rows_per_shard)):
-            sample_id, label, payload = read(i)
-            rows.append({"index": i, "id": sample_id, "label": label, "image": payload, "sha256": sha256_bytes(payload)})
+            sample_id, label, payload = read(i) if targets == "label" else _read_target(dataset, i, targets, where)
+            row = {"index": i, "id": sample_id, "label": label, "image": payload, "sha256": sha256_bytes(payload)}
+            if targets == "label":
+                labels[label] = labels.get(label, 0) + 1
+            else:  # the target's bytes go into the digests through sha256: a changed target rewrites its shard
+                row["target"] = label
+                row["label"] = None
+                row["sha256"] = sha256_bytes(payload + (label or b""))
+            rows.append(row)
             source_bytes += len(payload)
-            labels[label] = labels.get(label, 0) + 1
             progress.advance(bar)
         k = len(shards)
         index += [{"index": r["index"], "id": r["id"], "label": r["label"], "shard": k, "row": j, "sha256": r["sha256"]}
                   for j, r in enumerate(rows)]
         name = f"part-{k:05d}-{_rows_digest(kind, per_group, rows)}.parquet"  # the name says what it holds
         if name not in present:
-            payload = _parquet(rows, SHARD_SCHEMA, per_group, kind)
+            payload = _parquet(rows, SHARD_SCHEMA if targets == "label" else TARGET_SCHEMA, per_group, kind)
             store.write(payload, name)
             present[name] = len(payload)
             written += 1
@@ -131,7 +140,9 @@ def _pack_split(d: DataSpec, where: str, store: Store, rows_per_shard: int, prog
     index_name = f"index-{digest([FORMAT, [s['name'] for s in shards]])[:16]}.parquet"  # the shards decide it
     if index_name not in present:
         store.write(_parquet(index, INDEX_SCHEMA, 1 << 20, kind), index_name)
-    manifest = {"format": FORMAT, "kind": kind, "transform": d.transform if kind == "encoded" else "none",
+    manifest = {"format": FORMAT if targets == "label" else FORMAT_TARGETS, "kind": kind,
+                **({} if targets == "label" else {"targets": targets}),
+                "transform": d.transform if kind == "encoded" else "none",
                 "rows": n, "rows_per_group": per_group, "labels": {str(k): v for k, v in sorted(labels.items())},
                 "classes": [str(c) for c in getattr(dataset, "classes", None) or []],
                 "digest": digest([kind, [(r["index"], r["id"], r["label"], r["sha256"]) for r in index]]),
@@ -170,11 +181,40 @@ def _reader(dataset, d: DataSpec, where: str):
         if not isinstance(x, torch.Tensor):
             raise SpecError(f"{where} sample {i} is a {type(x).__name__}, not a tensor: give the split a transform "
                             "(e.g. transform = \"to_tensor\") so it can be packed")
-        buffer = io.BytesIO()
-        np.save(buffer, x.detach().cpu().contiguous().numpy(), allow_pickle=False)
-        return str(i), int(y), buffer.getvalue()
+        return str(i), int(y), _npy(x)
 
     return "tensor", read_tensor
+
+
+def _target_kind(sample) -> str:
+    """"label" (an integer class), "tensor" or "none", as the first sample has its target."""
+    if isinstance(sample, torch.Tensor) or (isinstance(sample, (tuple, list)) and (len(sample) == 1 or sample[1] is None)):
+        return "none"
+    y = sample[1]
+    if isinstance(y, torch.Tensor) and (y.dim() > 0 or y.dtype.is_floating_point):
+        return "tensor"
+    return "label"
+
+
+def _read_target(dataset, i: int, targets: str, where: str) -> tuple[str, bytes | None, bytes]:
+    """Sample i of a split whose targets are tensors or absent: (id, target .npy bytes or None, input .npy bytes)."""
+    sample = dataset[i]
+    x = sample if isinstance(sample, torch.Tensor) else sample[0]
+    y = None if isinstance(sample, torch.Tensor) or len(sample) == 1 else sample[1]
+    if not isinstance(x, torch.Tensor):
+        raise SpecError(f"{where} sample {i} is a {type(x).__name__}, not a tensor: give the split a transform "
+                        "(e.g. transform = \"to_tensor\") so it can be packed")
+    if (targets == "none") != (y is None) or (y is not None and not isinstance(y, torch.Tensor)):
+        found = "no target" if y is None else f"a {type(y).__name__} target"
+        raise SpecError(f"{where} sample {i} has {found}, where sample 0's target is "
+                        f"{'absent' if targets == 'none' else 'a tensor'}: every sample of a split needs the same kind")
+    return str(i), None if y is None else _npy(y), _npy(x)
+
+
+def _npy(t: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, t.detach().cpu().contiguous().numpy(), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _labels(dataset) -> list[int] | None:

@@ -9,13 +9,18 @@ A split is a folder written by `quantray pack` (`quantray.commands.pack`):
     manifest.json             counts, labels, the shards in order, the index file; written last
     index-DIGEST.parquet      one row per sample: index, id, label, shard, row, sha256 (the driver's
                               sample identities, without reading any image)
-    part-NNNNN-DIGEST.parquet the samples in index order: index, id, label, image, sha256
+    part-NNNNN-DIGEST.parquet the samples in index order: index, id, label, image, sha256 (and
+                              target, where the targets are tensors)
 
 `kind` says what `image` holds: "encoded", the bytes of the original file (JPEG, PNG, ...), decoded
 here exactly as torchvision's loaders do (PIL, then RGB) and put through the `transform` preset, so
 the tensors equal the folder's; or "tensor", the dataset's own output as a .npy array (digits, a
-factory's tensors, a torchvision dataset without image files), taken as is. Readers fetch only the
-row groups of the samples asked for: a worker reads its own batches, never the whole split.
+factory's tensors, a torchvision dataset without image files), taken as is. `targets` says what
+each sample's target is: "label", an integer class in `label` (format quantray-shards/1, what
+image classification packs); "tensor", any tensor (a regression target, a mask) as a .npy array in
+`target`; "none", no target at all (label-free data: samples are inputs alone). Both of the
+latter are format quantray-shards/2. Readers fetch only the row groups of the samples asked for: a
+worker reads its own batches, never the whole split.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from ..errors import SpecError
 from ..storage.store import Store
 from .transforms import make_transform
 
-__all__ = ["ShardedImages", "FORMAT", "SHARD_SCHEMA", "INDEX_SCHEMA", "decode"]
+__all__ = ["ShardedImages", "FORMAT", "FORMAT_TARGETS", "SHARD_SCHEMA", "TARGET_SCHEMA", "INDEX_SCHEMA", "decode"]
 
-FORMAT = "quantray-shards/1"
+FORMAT = "quantray-shards/1"          # integer labels (as every pack before targets of any kind)
+FORMAT_TARGETS = "quantray-shards/2"  # tensor targets, or none
 SHARD_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("label", pa.int64()),
                           ("image", pa.binary()), ("sha256", pa.string())])
+TARGET_SCHEMA = SHARD_SCHEMA.append(pa.field("target", pa.binary()))  # label null; target: .npy bytes or null
 INDEX_SCHEMA = pa.schema([("index", pa.int64()), ("id", pa.string()), ("label", pa.int64()),
                           ("shard", pa.int32()), ("row", pa.int32()), ("sha256", pa.string())])
 _KEPT_BYTES = 64 << 20  # row groups a reader keeps: batches that share a group read it once
@@ -69,10 +76,11 @@ class ShardedImages(Dataset):
                             "`quantray pack JOB.toml --out URI` and point root at URI/calibration or URI/test")
         self.bytes_read = len(payload)
         manifest = json.loads(payload)
-        if manifest.get("format") != FORMAT:
-            raise SpecError(f"{what} = {self.location!r}: manifest.json is not {FORMAT} "
+        if manifest.get("format") not in (FORMAT, FORMAT_TARGETS):
+            raise SpecError(f"{what} = {self.location!r}: manifest.json is not {FORMAT} or {FORMAT_TARGETS} "
                             f"(format {manifest.get('format')!r}); pack the data again with this quantray")
         self.manifest, self.kind = manifest, manifest["kind"]
+        self.targets = manifest.get("targets", "label")
         if self.kind == "tensor" and transform not in (None, "none"):
             raise SpecError(f"{what} = {self.location!r}: these shards hold tensors the source had already "
                             f"transformed; transform = {transform!r} cannot apply: leave transform out")
@@ -92,8 +100,12 @@ class ShardedImages(Dataset):
 
     def __getitem__(self, i: int):
         table, row = self._row(i)
-        image = table.column("image")[row].as_py()
-        return decode(image, self.kind, self._transform), int(table.column("label")[row].as_py())
+        x = decode(table.column("image")[row].as_py(), self.kind, self._transform)
+        if self.targets == "none":
+            return x
+        if self.targets == "tensor":
+            return x, decode(table.column("target")[row].as_py(), "tensor", None)
+        return x, int(table.column("label")[row].as_py())
 
     def locate(self, i: int) -> tuple[int, int]:
         """(shard, row) of sample `i`."""
@@ -160,7 +172,8 @@ class ShardedImages(Dataset):
             self._files[shard] = pq.ParquetFile(pa.PythonFile(_Counted(self.store.open_input_file(name), self), mode="r"),
                                                 pre_buffer=True)
         self.groups_read += 1
-        return self._files[shard].read_row_group(group, columns=["label", "image"])
+        columns = ["label", "image"] + (["target"] if self.targets == "tensor" else [])
+        return self._files[shard].read_row_group(group, columns=columns)
 
 
 class _Counted:

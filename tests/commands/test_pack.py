@@ -116,3 +116,39 @@ def test_pack_on_the_command_line(tmp_path):
     bad = subprocess.run([str(exe), "pack", str(job), "--out", str(tmp_path / "s"), "--rows-per-shard", "0"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--rows-per-shard: must be at least 1, got 0" in bad.stderr
+
+
+@pytest.mark.parametrize("job, targets", [("diabetes_regression", "tensor"), ("scenes_segmentation", "tensor"),
+                                          ("photos_agreement", "none")])
+def test_tensor_targets_and_label_free_samples_are_packed_as_the_dataset_gives_them(tmp_path, job, targets):
+    """A regression target, a segmentation mask (int64), no target at all: read back bit for bit, and
+    the packed job keeps its [test] task keys."""
+    from helpers import ROOT
+
+    spec = load_spec(ROOT / "jobs" / f"{job}.toml")
+    result = pack(spec, tmp_path / "shards", rows_per_shard=40, job_out=tmp_path / "packed.toml", console=quiet())
+    packed = load_spec(tmp_path / "packed.toml")
+    assert packed.test.task == spec.test.task and packed.test.scoring_keys() == spec.test.scoring_keys()
+    for section in ("calibration", "test"):
+        manifest = json.loads((tmp_path / "shards" / section / "manifest.json").read_text())
+        assert (manifest["format"], manifest["targets"]) == ("quantray-shards/2", targets)
+        original = data.build_dataset(getattr(spec, section), section)
+        shards = ShardedImages(str(tmp_path / "shards" / section))
+        assert len(shards) == len(original)
+        for i in (0, 1, len(original) - 1):
+            mine, theirs = shards[i], original[i]
+            if targets == "none":
+                assert isinstance(mine, torch.Tensor) and torch.equal(mine, theirs)
+            else:
+                assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+                assert mine[1].dtype == theirs[1].dtype
+    assert [s.kind for s in result.splits] == ["tensor", "tensor"]
+
+
+def test_a_split_whose_samples_mix_target_kinds_is_refused_in_one_line(tmp_path):
+    job = tiny_job(tmp_path, 'source = "digits"\nsplit = "train"\nsamples = 64',
+                   'source = "factory"\nfactory = "quantray.testing:mixed_targets"\ntask = "regression"')
+    with pytest.raises(SpecError) as e:
+        pack(job, tmp_path / "shards", console=quiet())
+    assert str(e.value).endswith("[test] sample 2 has no target, where sample 0's target is a tensor: every sample "
+                                 "of a split needs the same kind")
