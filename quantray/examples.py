@@ -9,8 +9,14 @@ scikit-learn's diabetes data (442 patients, 10 measurements, disease progression
 output in the target's own unit. `photo_autoencoder()` is `jobs/photos_agreement.toml`'s: a small
 convolutional autoencoder over 32x32 patches of scikit-learn's two sample photos, returning a dict
 {"image": reconstruction, "code": bottleneck}; its test set has no labels (the label-free,
-INT8-against-FP32 case a nightly refresh on production samples is). Both read scikit-learn's own
-data files without importing scikit-learn, and both checkpoints are checked against their sha256.
+INT8-against-FP32 case a nightly refresh on production samples is). `scene_segmenter()` and
+`scene_tagger()` are `jobs/scenes_segmentation.toml`'s and `jobs/scenes_multilabel.toml`'s: scenes
+of one to three of the shipped digits (`digit_scenes`), segmented per pixel by torchvision's LR-ASPP
+on a width-0.5 mobilenet_v3_large (it returns {"out": ...}, as torchvision's segmentation models
+do), and tagged with the digits they hold by a small CNN. All read scikit-learn's own data files
+without importing scikit-learn; every checkpoint is checked against its sha256. As for the demo,
+training is not bit-reproducible across CPUs: the result of one training on the project's 2-core
+x86-64 machine is shipped (recipes in `train`, EPOCHS).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ PATCH = 32
 CHECKPOINTS = {
     "diabetes_mlp": ("diabetes_mlp-v1.pth", "1186b445281fcfadf34e7d49d1ec40acce4ffc03967dd8256fddfa67e56f795e"),
     "photo_autoencoder": ("photo_autoencoder-v1.pth", "2f32ef4054bfdaea53edf5cfcbff19b051a91052ffc037314aba3700e17809df"),
+    "scene_segmenter": ("scene_segmenter-v1.pth", "38c33e03209807f0bf8ac0bc2d402d714eb2f213bdcde01e3a633ef948d0ce0b"),
+    "scene_tagger": ("scene_tagger-v1.pth", "0c5c5f4ee854c9abc36d186a924d802d54007cee220701ab8d4de7d06de96d05"),
 }
 
 
@@ -108,6 +116,110 @@ def photo_patches(split: str = "all") -> _Inputs:
     return _Inputs(x[_split(len(x), split)])
 
 
+SCENE_CELL, SCENE_GRID = 16, 3          # a scene: a 3x3 grid of 16x16 cells, 48x48 pixels
+SCENES = {"train": 1200, "test": 300}   # drawn from the digits train and test splits respectively
+INK, BACKGROUND, IGNORE = 0.3, 0, 255   # mask: digit d is class d + 1 where the pixel is above INK
+
+
+class _Scenes(torch.utils.data.Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i], self.y[i]
+
+
+@functools.lru_cache(maxsize=2)
+def _scenes(split: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images (N, 1, 48, 48), masks (N, 48, 48) int64, present (N, 10) float) for `split`."""
+    from .inputs.data import digits
+
+    x, y = digits(split).tensors
+    g = torch.Generator().manual_seed(SPLIT_SEED + (split == "test"))
+    n, side = SCENES[split], SCENE_CELL * SCENE_GRID
+    images = torch.zeros(n, 1, side, side)
+    masks = torch.full((n, side, side), BACKGROUND, dtype=torch.int64)
+    present = torch.zeros(n, 10)
+    for k in range(n):
+        count = int(torch.randint(1, 4, (1,), generator=g))
+        cells = torch.randperm(SCENE_GRID * SCENE_GRID, generator=g)[:count].tolist()
+        picks = torch.randint(0, len(y), (count,), generator=g).tolist()
+        for cell, pick in zip(cells, picks):
+            digit = x[pick, 0].repeat_interleave(2, 0).repeat_interleave(2, 1)   # 8x8 -> 16x16
+            r, c = cell // SCENE_GRID * SCENE_CELL, cell % SCENE_GRID * SCENE_CELL
+            images[k, 0, r:r + SCENE_CELL, c:c + SCENE_CELL] = digit
+            label = int(y[pick])
+            cell_mask = masks[k, r:r + SCENE_CELL, c:c + SCENE_CELL]
+            cell_mask[digit > INK] = label + 1
+            cell_mask[(digit > 0) & (digit <= INK)] = IGNORE   # faint edges: neither ink nor background
+            present[k, label] = 1.0
+    return images, masks, present
+
+
+def digit_scenes(split: str = "train", target: str = "mask") -> _Scenes:
+    """Scenes of one to three of scikit-learn's real digits (each 2x upscaled to 16x16, in random cells
+    of a 3x3 grid, 48x48 in all), drawn from the digits train split (1,200 scenes) or test split (300),
+    a fixed seed each. `target = "mask"`: per-pixel classes (0 background, d + 1 for digit d where
+    its ink is above 0.3, 255 at fainter edge pixels); `target = "labels"`: which digits are in the
+    scene, as ten 0/1 values."""
+    if target not in ("mask", "labels"):
+        raise ValueError(f"target = {target!r}: mask or labels")
+    images, masks, present = _scenes(split)
+    return _Scenes(images, masks if target == "mask" else present)
+
+
+class _Stages(nn.Module):
+    """A MobileNetV3's feature blocks up to `high`, returning {"low": block `low`'s output, "high": the last}."""
+
+    def __init__(self, features: nn.Sequential, low: int, high: int):
+        super().__init__()
+        self.blocks, self.low = features[:high + 1], low
+
+    def forward(self, x):
+        out = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == self.low:
+                out["low"] = x
+        out["high"] = x
+        return out
+
+
+def _scene_segmenter() -> nn.Module:
+    """torchvision's LR-ASPP (`models.segmentation.LRASPP`, the head of lraspp_mobilenet_v3_large) on
+    a mobilenet_v3_large backbone at width 0.5, dilated as torchvision builds it, with a one-channel,
+    stride-1 stem for 48x48 scenes; 11 classes (background and ten digits). It returns a dict {"out": ...}."""
+    import torchvision
+    from torchvision.models.segmentation import LRASPP
+
+    features = torchvision.models.mobilenet_v3_large(width_mult=0.5, dilated=True).features
+    stem = features[0][0]
+    features[0][0] = nn.Conv2d(1, stem.out_channels, stem.kernel_size, stride=1, padding=stem.padding, bias=False)
+    stages = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
+    low, high = stages[-4], stages[-1]   # torchvision's choice: C2 (output stride 8 there, 4 here) and C5
+    return LRASPP(_Stages(features, low, high), features[low].out_channels, features[high].out_channels, 11)
+
+
+class SceneTagger(nn.Module):
+    """Which digits are in a 48x48 scene: a small CNN whose features are pooled to the 3x3 grid of
+    cells, ten digit logits per cell (a 1x1 convolution), the largest over the cells per digit: ten
+    logits, a label on where sigmoid >= 0.5."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4))
+        self.cells = nn.Conv2d(64, 10, 1)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+
+    def forward(self, x):
+        return torch.flatten(self.pool(self.cells(self.features(x))), 1)
+
+
 class DiabetesMLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -132,7 +244,8 @@ class PhotoAutoencoder(nn.Module):
         return {"image": self.decode(code), "code": code}
 
 
-_ARCHITECTURES = {"diabetes_mlp": DiabetesMLP, "photo_autoencoder": PhotoAutoencoder}
+_ARCHITECTURES = {"diabetes_mlp": DiabetesMLP, "photo_autoencoder": PhotoAutoencoder,
+                  "scene_segmenter": _scene_segmenter, "scene_tagger": SceneTagger}
 
 
 def _shipped(name: str) -> nn.Module:
@@ -155,7 +268,17 @@ def photo_autoencoder() -> PhotoAutoencoder:
     return _shipped("photo_autoencoder")
 
 
-EPOCHS = {"diabetes_mlp": 10, "photo_autoencoder": 40}  # the diabetes MLP overfits past ~10 (test RMSE 57.7 at 10, 64.1 at 40)
+def scene_segmenter() -> nn.Module:
+    """The trained digit-scene LR-ASPP segmenter (`_scene_segmenter`), from its shipped checkpoint."""
+    return _shipped("scene_segmenter")
+
+
+def scene_tagger() -> SceneTagger:
+    """The trained digit-scene tagger (multi-label), from its shipped checkpoint."""
+    return _shipped("scene_tagger")
+
+
+EPOCHS = {"diabetes_mlp": 10, "photo_autoencoder": 40, "scene_segmenter": 40, "scene_tagger": 15}  # the diabetes MLP overfits past ~10 (test RMSE 57.7 at 10, 64.1 at 40)
 
 
 def train(name: str, epochs: int | None = None, seed: int = 0) -> tuple[dict, dict]:
@@ -171,16 +294,24 @@ def train(name: str, epochs: int | None = None, seed: int = 0) -> tuple[dict, di
         x, y = diabetes("train").tensors
         mean, std = y.mean(), y.std()
         target = (y - mean) / std
-    else:
+    elif name == "photo_autoencoder":
         x = target = photo_patches("train").x
+    else:
+        scenes = digit_scenes("train", "mask" if name == "scene_segmenter" else "labels")
+        x, target = scenes.x, scenes.y
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=generator).split(32):
             optimizer.zero_grad()
             out = model(x[batch])
-            out = out["image"] if isinstance(out, dict) else out
-            nn.functional.mse_loss(out, target[batch]).backward()
+            if name == "scene_segmenter":
+                loss = nn.functional.cross_entropy(out["out"], target[batch], ignore_index=IGNORE)
+            elif name == "scene_tagger":
+                loss = nn.functional.binary_cross_entropy_with_logits(out, target[batch])
+            else:
+                loss = nn.functional.mse_loss(out["image"] if isinstance(out, dict) else out, target[batch])
+            loss.backward()
             optimizer.step()
     model.eval()
     if name == "diabetes_mlp":
@@ -193,6 +324,19 @@ def train(name: str, epochs: int | None = None, seed: int = 0) -> tuple[dict, di
 
 def _figures(name: str, model: nn.Module) -> dict:
     with torch.inference_mode():
+        if name == "scene_segmenter":
+            scenes = digit_scenes("test", "mask")
+            keep = scenes.y != IGNORE
+            predicted = torch.cat([model(x)["out"].argmax(1) for x in scenes.x.split(100)])
+            p, t = predicted[keep], scenes.y[keep]
+            iou = [((p == c) & (t == c)).sum().item() / ((p == c) | (t == c)).sum().item() for c in range(11)]
+            return {"test_miou": sum(iou) / 11, "test_pixel_accuracy": (p == t).double().mean().item()}
+        if name == "scene_tagger":
+            scenes = digit_scenes("test", "labels")
+            on = model(scenes.x).sigmoid() >= 0.5
+            y = scenes.y.bool()
+            tp, fp, fn = (on & y).sum().item(), (on & ~y).sum().item(), (~on & y).sum().item()
+            return {"test_micro_f1": 2 * tp / (2 * tp + fp + fn)}
         if name == "diabetes_mlp":
             x, y = diabetes("test").tensors
             error = model(x) - y
@@ -204,7 +348,7 @@ def _figures(name: str, model: nn.Module) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", metavar="OUT", help="train the model here and save its state_dict to OUT")
-    parser.add_argument("--model", choices=list(CHECKPOINTS), default="diabetes_mlp")
+    parser.add_argument("--model", choices=list(_ARCHITECTURES), default="diabetes_mlp")
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
     if args.train:

@@ -364,3 +364,17 @@ def dim_photo_patches(split: str = "train", factor: float = 0.1):
     patches = photo_patches(split)
     patches.x = patches.x * factor
     return patches
+
+
+def mixed_targets(n: int = 4):
+    """Samples with a tensor target, but sample 2 with none (tests of pack's target check)."""
+    import torch
+
+    class Mixed(torch.utils.data.Dataset):
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 8, 8) if i == 2 else (torch.zeros(1, 8, 8), torch.ones(2))
+
+    return Mixed()

@@ -34,7 +34,7 @@ ALLOWED = {
                           "quantray.core", "quantray.inputs", "quantray.storage", "quantray.report"},
     "quantray.demo": {"quantray.errors", "quantray.digest", "quantray.inputs", "quantray.storage.store"},
     "quantray.examples": {"quantray.errors", "quantray.digest", "quantray.inputs", "quantray.storage.store"},
-    "quantray.testing": {"quantray.inputs", "quantray.demo"},
+    "quantray.testing": {"quantray.inputs", "quantray.demo", "quantray.examples"},
 }
 
 
