@@ -273,3 +273,21 @@ def test_a_rerun_reuses_stored_dict_outputs_with_the_same_figures(ray_cluster, t
     assert (cold.manifest["evaluation"]["fp32_batches_reused"], warm.manifest["evaluation"]["fp32_batches_reused"]) == \
         (0, batches)
     assert _without_timings(warm.metrics) == _without_timings(cold.metrics)
+
+
+@pytest.mark.ray
+def test_a_users_metric_runs_end_to_end_and_gates_a_refresh(task_runs, tmp_path):
+    """[test] metric: the user's object scores FP32 and INT8 on the workers, merged in batch order;
+    its mean absolute error is the regression task's MAE on the same data, and a refresh gates on
+    it (max_drop in its unit)."""
+    job = tmp_path / "custom.toml"
+    job.write_text(JOBS["regression"].read_text().replace('task = "regression"  # headline: RMSE, lower is better',
+                                                          'metric = "quantray.testing:mean_abs_metric"'))
+    result = quantray.run(job, workers=2, console=quiet(), out=tmp_path / "run")
+    mae = task_runs[("regression", 1)].metrics
+    assert result.metrics["task"] == "custom" and result.metrics["headline"]["key"] == "mean_abs"
+    for model in ("fp32", "int8"):
+        assert result.metrics[model]["mean_abs"] == pytest.approx(mae[model]["mae"], rel=1e-12)
+        assert result.metrics[model]["values"] == 88
+    row = refresh(load_spec(job), str(tmp_path / "registry"), workers=2, console=quiet())
+    assert row["gate"] == "passed" and row["task"] == "custom" and row["int8_headline"] == result.metrics["int8"]["mean_abs"]
