@@ -27,7 +27,8 @@ from torch import nn
 from .digest import sha256_bytes
 from .errors import QuantrayError
 
-__all__ = ["DigitsCNN", "digits_cnn", "digits_cnn_relu6", "digits_cnn_spread", "digits_mobilenet", "train", "CHECKPOINTS"]
+__all__ = ["DigitsCNN", "digits_cnn", "digits_cnn_relu6", "digits_cnn_spread", "digits_mobilenet", "train", "shipped",
+           "save_state", "CHECKPOINTS"]
 
 # factory name -> (architecture, shipped checkpoint, its sha256)
 CHECKPOINTS = {
@@ -69,11 +70,15 @@ _ARCHITECTURES = {"digits_cnn": DigitsCNN, "digits_mobilenet": _mobilenet}
 
 
 def _shipped(name: str) -> nn.Module:
-    file, sha256 = CHECKPOINTS[name]
+    return shipped(*CHECKPOINTS[name], _ARCHITECTURES[name])
+
+
+def shipped(file: str, sha256: str, build) -> nn.Module:
+    """`build()` with the weights of quantray/assets/`file`, checked against `sha256`, in eval mode."""
     payload = resources.files("quantray").joinpath("assets", file).read_bytes()
     if sha256_bytes(payload) != sha256:
         raise QuantrayError(f"quantray/assets/{file}: sha256 differs from the one quantray ships; reinstall quantray")
-    model = _ARCHITECTURES[name]()
+    model = build()
     model.load_state_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
     return model.eval()
 
@@ -141,6 +146,17 @@ def train(name: str = "digits_cnn", epochs: int = 30, seed: int = 0) -> tuple[di
     return model.state_dict(), accuracy
 
 
+def save_state(state: dict, path: str) -> tuple[Path, str]:
+    """Write a trained state_dict to `path` atomically: (where, its sha256, for CHECKPOINTS)."""
+    from .storage.store import Store
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    out = Path(path).absolute()
+    Store(out.parent, "--train").write(buffer.getvalue(), out.name)
+    return out, sha256_bytes(buffer.getvalue())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train", metavar="OUT", help="train the model here and save its state_dict to OUT")
@@ -149,14 +165,9 @@ def main() -> None:
     from .inputs.data import digits
 
     if args.train:
-        from .storage.store import Store
-
         state, accuracy = train(args.model)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        out = Path(args.train).absolute()
-        Store(out.parent, "--train").write(buffer.getvalue(), out.name)
-        print(f"trained {out}: test top-1 {accuracy:.4f}, sha256 {sha256_bytes(buffer.getvalue())}")
+        out, sha256 = save_state(state, args.train)
+        print(f"trained {out}: test top-1 {accuracy:.4f}, sha256 {sha256}")
         return
     tx, ty = digits("test").tensors
     for name, (file, sha256) in CHECKPOINTS.items():

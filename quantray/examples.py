@@ -23,16 +23,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
-from importlib import resources
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .digest import sha256_bytes
-from .errors import QuantrayError
+from .demo import save_state, shipped
 from .inputs.data import sklearn_file
 
 __all__ = ["diabetes", "photo_patches", "DiabetesMLP", "PhotoAutoencoder", "diabetes_mlp", "photo_autoencoder",
@@ -249,13 +245,7 @@ _ARCHITECTURES = {"diabetes_mlp": DiabetesMLP, "photo_autoencoder": PhotoAutoenc
 
 
 def _shipped(name: str) -> nn.Module:
-    file, sha256 = CHECKPOINTS[name]
-    payload = resources.files("quantray").joinpath("assets", file).read_bytes()
-    if sha256_bytes(payload) != sha256:
-        raise QuantrayError(f"quantray/assets/{file}: sha256 differs from the one quantray ships; reinstall quantray")
-    model = _ARCHITECTURES[name]()
-    model.load_state_dict(torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True))
-    return model.eval()
+    return shipped(*CHECKPOINTS[name], _ARCHITECTURES[name])
 
 
 def diabetes_mlp() -> DiabetesMLP:
@@ -352,14 +342,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
     if args.train:
-        from .storage.store import Store
-
         state, figures = train(args.model, **({"epochs": args.epochs} if args.epochs else {}))
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        out = Path(args.train).absolute()
-        Store(out.parent, "--train").write(buffer.getvalue(), out.name)
-        print(f"trained {out}: {figures}, sha256 {sha256_bytes(buffer.getvalue())}")
+        out, sha256 = save_state(state, args.train)
+        print(f"trained {out}: {figures}, sha256 {sha256}")
         return
     for name, (file, sha256) in CHECKPOINTS.items():
         print(f"shipped {file} (sha256 {sha256[:16]}...): {_figures(name, _shipped(name))}")

@@ -22,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")  # renders the HTML pages in tests/report
 # CI installs chromium and sets this, so there a missing browser fails the test instead of skipping it.
 CHROMIUM_REQUIRED = os.environ.get("QUANTRAY_REQUIRE_CHROMIUM") == "1"
+
+
+def chromium_flags(profile: Path) -> list[str]:
+    """Headless Chromium on a closed network: no background fetches, a fresh profile."""
+    return [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+            "--no-default-browser-check", "--hide-scrollbars", f"--user-data-dir={profile}"]
 DEMO_JOB = ROOT / "jobs" / "digits.toml"
 
 

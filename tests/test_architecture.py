@@ -33,7 +33,7 @@ ALLOWED = {
     "quantray.commands": {"quantray.errors", "quantray.digest", "quantray.spec", "quantray.api", "quantray.pipeline",
                           "quantray.core", "quantray.inputs", "quantray.storage", "quantray.report"},
     "quantray.demo": {"quantray.errors", "quantray.digest", "quantray.inputs", "quantray.storage.store"},
-    "quantray.examples": {"quantray.errors", "quantray.digest", "quantray.inputs", "quantray.storage.store"},
+    "quantray.examples": {"quantray.errors", "quantray.digest", "quantray.inputs", "quantray.storage.store", "quantray.demo"},
     "quantray.testing": {"quantray.inputs", "quantray.demo", "quantray.examples"},
 }
 

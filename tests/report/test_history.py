@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from PIL import Image
 
-from helpers import CHROMIUM
+from helpers import CHROMIUM, chromium_flags
 from helpers import CHROMIUM_REQUIRED as REQUIRED
 
 from quantray.report.history import render_history
@@ -67,9 +67,7 @@ def test_history_renders_in_headless_chromium(tmp_path):
     rows = _nights(12)
     page = tmp_path / "history.html"
     page.write_text(render_history(rows, rows[-3]["run_id"], str(tmp_path)))
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-             "--no-default-browser-check", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = chromium_flags(tmp_path / "profile")
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert len(re.findall(r"<svg class=\"plot\"", dom.stdout)) == 2

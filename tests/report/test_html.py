@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import CHROMIUM
+from helpers import CHROMIUM, chromium_flags
 from helpers import CHROMIUM_REQUIRED as REQUIRED
 
 from quantray.report.html import COLORS, render
@@ -72,9 +72,7 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert CHROMIUM, "QUANTRAY_REQUIRE_CHROMIUM=1 but no chromium on PATH"
     page = tmp_path / "report.html"
     shutil.copy(run / "report.html", page)
-    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-             "--no-default-browser-check", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags = chromium_flags(tmp_path / "profile")
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     # The browser parsed the page into 4 SVG plots of bars, and the tables.
