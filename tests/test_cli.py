@@ -64,6 +64,8 @@ def _one_line_error(capsys, code_expected, *args) -> str:
     (('split = "test"', 'split = "test"\ntask = "segmentation"'),
      "[test] task = 'segmentation': targets of shape (2,) (torch.int64) do not fit outputs of shape (2, 10); "
      "task = \"segmentation\" expects outputs (N, C, H, W) and integer class masks (N, H, W)"),
+    (('split = "test"', 'split = "test"\noutput = "aux"'),
+     "[test] output = 'aux': the model has no such output; it returns 'output'"),
     (('split = "test"', 'split = "test"\ntask = "regression"'),
      "[test] task = 'regression': targets of shape (2,) do not fit outputs of shape (2, 10); task = \"regression\" "
      "expects one target value per output value"),

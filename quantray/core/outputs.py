@@ -51,6 +51,6 @@ def primary(flat: dict[str, torch.Tensor], name: str | None = None) -> torch.Ten
     if name is None:
         return next(iter(flat.values()))
     if name not in flat:
-        raise OutputError(f"[test] output = {name!r}: the model has no such output; it returns "
+        raise OutputError(f"output = {name!r}: the model has no such output; it returns "
                           f"{', '.join(repr(k) for k in flat)}")
     return flat[name]

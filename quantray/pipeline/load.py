@@ -107,8 +107,8 @@ def check_scoring(job: Job, where: str) -> Scorer:
         with torch.inference_mode():
             out = job.fp32(x)
         scorer.metrics(scorer.merge([scorer.score(indices, y, out, out)]))
-    except SpecError as e:  # a message that names the task already is not prefixed with it again
-        raise SpecError(f"{where} {e}" if str(e).startswith("task = ") else f"{where} {key}: {e}") from None
+    except SpecError as e:  # a message that names its key already is not prefixed with the task again
+        raise SpecError(f"{where} {e}" if str(e).startswith(("task = ", "output = ")) else f"{where} {key}: {e}") from None
     except Exception as e:  # the user's metric code
         if not scorer.user:
             raise

@@ -158,7 +158,8 @@ def test_first_refresh_promotes_and_records_history(registry):
     assert history[0]["run_id"] == run.name and history[0]["promoted"] and history[0]["gate"] == "passed"
     assert history[0]["qparams_digest"] == json.loads((run / "manifest.json").read_text())["qparams_digest"]
     assert len(history[0]["data_digest"]) == 64
-    assert sorted(p.name for p in registry.iterdir()) == ["PROMOTED", "gates", "history.parquet", "promotions", "runs"]
+    assert sorted(p.name for p in registry.iterdir()) == ["PROMOTED", "gates", "history.html", "history.parquet", "promotions",
+                                                         "runs"]
 
 
 @pytest.mark.ray

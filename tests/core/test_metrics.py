@@ -194,7 +194,7 @@ def test_flatten_names_every_tensor_of_any_structure():
     assert not flat["extra.1.0"].is_quantized and torch.equal(flat["extra.1.0"], t)
     assert list(flatten(t)) == ["output"] and list(flatten((t, t))) == ["0", "1"]
     assert primary(flat) is flat["out"] and primary(flat, "extra.0") is flat["extra.0"]
-    with pytest.raises(OutputError, match=r"\[test\] output = 'aux': the model has no such output; it returns 'out', "):
+    with pytest.raises(OutputError, match=r"^output = 'aux': the model has no such output; it returns 'out', "):
         primary(flat, "aux")
     with pytest.raises(OutputError, match="the model's output extra.1 is str; expected a tensor"):
         flatten({"out": t, "extra": (t, "label")})
