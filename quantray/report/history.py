@@ -31,7 +31,7 @@ def render_history(rows: list[dict], promoted: str | None, registry: str) -> str
                    f"{'higher' if key not in _LOWER else 'lower'} is better)</h2>",
              _headline_plot(nights, label, fraction),
              "<h2>Largest range drift against the promoted run (relative change of a scale)</h2>",
-             _drift_plot([r for r in rows if r.get("max_scale_drift") is not None]),
+             _drift_plot(nights),
              "<h2>Nights</h2>", _nights(rows, fraction, promoted)]
     return _page("quantray: nightly refreshes", parts)
 
@@ -112,22 +112,27 @@ def _night_labels(nights: list[dict]) -> list[tuple[int, str]]:
             for k in chosen]
 
 
-def _drift_plot(rows: list[dict]) -> str:
-    """A bar per night: its largest relative change of an observer's scale against the run promoted then."""
-    if not rows:
+def _drift_plot(nights: list[dict]) -> str:
+    """A bar per night, in the headline plot's places: its largest relative change of an observer's
+    scale against the run promoted then (none where nothing was promoted yet)."""
+    if not any(r.get("max_scale_drift") is not None for r in nights):
         return "<p class=muted>No night had a promoted run to compare its ranges with yet.</p>"
     left, width, height, top = 70, 720, 120, 10
-    most = max(max(r["max_scale_drift"] for r in rows), 1e-9)
-    slot = width / len(rows)
+    most = max(max(r["max_scale_drift"] for r in nights if r.get("max_scale_drift") is not None), 1e-9)
+    slot = width / len(nights)
+    bar = min(slot * 0.7, 40)
     body = [f"<line x1=\"{left}\" y1=\"{top + height}\" x2=\"{left + width}\" y2=\"{top + height}\" "
             f"stroke=\"{COLORS['grid']}\"/>", _text(left - 6, top + 8, f"{most:.3g}", "end"),
             _text(left - 6, top + height, "0", "end")]
-    for k, r in enumerate(rows):
+    for k, r in enumerate(nights):
+        if r.get("max_scale_drift") is None:
+            continue
         h = r["max_scale_drift"] / most * height
-        body.append(f"<rect x=\"{left + k * slot + slot * 0.15:.1f}\" y=\"{top + height - h:.1f}\" "
-                    f"width=\"{slot * 0.7:.1f}\" height=\"{h:.1f}\" fill=\"{_VERDICT.get(r['gate'], COLORS['ink'])}\">"
+        body.append(f"<rect x=\"{left + (k + 0.5) * slot - bar / 2:.1f}\" y=\"{top + height - h:.1f}\" "
+                    f"width=\"{bar:.1f}\" height=\"{h:.1f}\" fill=\"{_VERDICT.get(r['gate'], COLORS['ink'])}\">"
                     f"<title>{_e(r['run_id'])}: largest scale change {r['max_scale_drift']:.2%}</title></rect>")
-    return _svg(left + width + 20, top + height + 10, body, "largest scale drift per night")
+    body += [_text(left + (k + 0.5) * slot, top + height + 16, text, "middle") for k, text in _night_labels(nights)]
+    return _svg(left + width + 20, top + height + 24, body, "largest scale drift per night")
 
 
 def _nights(rows: list[dict], fraction: bool, promoted: str | None) -> str:
