@@ -28,9 +28,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from rich.console import Console
 
-    from .core.flow import quiet_torch_warnings
-
-    quiet_torch_warnings()
     out = Console()
     try:
         with warnings.catch_warnings():
@@ -45,21 +42,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, out) -> int:
-    from . import api
+    """The verb. torch and Ray are imported only once the job file has loaded: a spec error is one
+    line in a fraction of a second (its torch-dependent checks, such as an architecture's name, run later)."""
     from .spec import load_spec
 
-    if args.command == "report":
+    if args.command == "report":  # the run's files only: no torch, no Ray
         from .report.console import print_summary
         from .storage.artifacts import RunFiles
 
         files = RunFiles(args.run_dir)
         print_summary(out, files.json("metrics.json"), files.manifest, args.run_dir)
         return 0
+    spec = load_spec(args.job) if hasattr(args, "job") else None  # every spec error surfaces here, before Ray starts
+    from . import api
+    from .core.flow import quiet_torch_warnings
+
+    quiet_torch_warnings()
     if args.command == "evaluate":
         api.evaluate(args.run_dir, data=args.data, samples=args.samples, out=args.out, address=args.address,
                      use_cache=not args.no_cache).print(out)
         return 0
-    spec = load_spec(args.job)  # every spec error surfaces here, before Ray starts
     if args.command == "pack":
         from .commands.pack import pack, print_pack
 

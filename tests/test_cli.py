@@ -224,3 +224,15 @@ def test_a_worker_killed_while_evaluating_is_replaced_and_the_results_are_unchan
     assert "evaluation worker 1 died (ActorDiedError); redoing its calls on a new worker, attempt 2 of 3" in said
     before = pq.read_table(Path(demo_runs["2 workers"].location) / "predictions.parquet")
     assert pq.read_table(tmp_path / "r" / "predictions.parquet").equals(before)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("verb", ["--help", "spec error", "report"])
+def test_help_a_spec_error_and_report_import_neither_torch_nor_ray(demo_runs, tmp_path, verb):
+    """What a new user runs first answers at once: no torch or Ray import (2 s) before the answer."""
+    bad = _job(tmp_path, DEMO.replace("samples = 320", "samples = 320\nbatch = 8"))
+    args = {"--help": ["--help"], "spec error": ["run", str(bad)], "report": ["report", str(demo_runs["1 worker"].location)]}
+    program = ("import sys\nfrom quantray.cli import main\ntry:\n    rc = main(%r)\nexcept SystemExit as e:\n    rc = e.code\n"
+               "print('IMPORTED', [m for m in ('torch', 'ray') if m in sys.modules], rc)") % args[verb]
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == f"IMPORTED [] {2 if verb == 'spec error' else 0}", done.stderr

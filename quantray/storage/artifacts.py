@@ -25,7 +25,6 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
-import torch
 
 from ..digest import sha256_bytes
 from ..errors import SpecError
@@ -83,6 +82,7 @@ def software_versions() -> dict:
     import importlib.metadata
     import platform
 
+    import torch
     import torchvision
 
     # Ray's version from its package metadata: reading a run needs no Ray import.
