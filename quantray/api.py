@@ -105,7 +105,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
     """
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
     with ctx.stage("load"):
-        files = RunFiles(run_dir)
+        files = RunFiles(run_dir).verify()  # every file the manifest lists, not only the model's
         manifest = files.manifest
         job_toml = files.read("job.toml")
         job_path = Path(manifest["job"]["path"])
@@ -141,7 +141,7 @@ def load_quantized(run_dir: str | Path) -> torch.nn.Module:
     load_state_dict(model_int8.pth). The FP32 model's factory or checkpoint must be reachable.
     A PT2E run's model is its exported program (model_int8.pt2) as a module: the reference
     representation; `torch.compile` it under inductor's freezing for INT8 speed (README)."""
-    run = RunFiles(run_dir)
+    run = RunFiles(run_dir).verify()
     if run.manifest["spec"]["quantization"].get("flow", "fx") == "pt2e":
         from .core import pt2e
 

@@ -50,7 +50,7 @@ def _dispatch(args, out) -> int:
         from .report.console import print_summary
         from .storage.artifacts import RunFiles
 
-        files = RunFiles(args.run_dir)
+        files = RunFiles(args.run_dir).verify()
         print_summary(out, files.json("metrics.json"), files.manifest, args.run_dir)
         return 0
     spec = load_spec(args.job) if hasattr(args, "job") else None  # every spec error surfaces here, before Ray starts

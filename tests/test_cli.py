@@ -15,7 +15,9 @@ import torch
 import torchvision
 from helpers import DEMO_JOB, ROOT
 
+import quantray
 from quantray.cli import main
+from quantray.errors import QuantrayError
 
 DEMO = DEMO_JOB.read_text()
 # Lines that Ray's log monitor forwards from its own processes, e.g. "(raylet) file_system_monitor.cc:116: ... is
@@ -166,8 +168,21 @@ def test_evaluate_refuses_what_it_cannot_trust_with_one_line(capsys, demo_runs, 
     manifest["fp32_state_sha256"] = "0" * 64
     (copy / "manifest.json").write_text(json.dumps(manifest))
     refused(copy, expected="the FP32 model is not the one this run quantized")
+    manifest["fp32_state_sha256"] = demo_runs["2 workers"].manifest["fp32_state_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    qparams = (copy / "qparams.parquet").read_bytes()
+    (copy / "qparams.parquet").write_bytes(qparams[:len(qparams) // 2])   # not a model file: checked all the same
+    refused(copy, expected=f"{copy / 'qparams.parquet'}: changed since the run ({len(qparams) // 2} bytes, sha256 ")
+    code, _, err = _main(capsys, "report", copy)
+    assert code == 2 and len(err) == 1 and "qparams.parquet: changed since the run" in err[0]
+    with pytest.raises(QuantrayError, match=r"qparams.parquet: changed since the run"):
+        quantray.load_quantized(copy)
+    (copy / "qparams.parquet").write_bytes(qparams)
+    (copy / "layers.parquet").unlink()
+    refused(copy, expected=f"{copy / 'layers.parquet'}: missing, though manifest.json lists it")
+    shutil.copy(Path(demo_runs["2 workers"].location) / "layers.parquet", copy / "layers.parquet")
     (copy / "model_int8.pth").write_bytes(b"truncated")
-    refused(copy, expected="model_int8.pth: missing or changed since the run")
+    refused(copy, expected="model_int8.pth: changed since the run")
 
 
 def test_a_test_sample_that_fails_to_load_is_found_before_calibrating(capsys, tmp_path):

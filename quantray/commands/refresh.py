@@ -33,6 +33,7 @@ from rich.table import Table
 from ..core.metrics import headline, worsening
 from ..errors import QuantrayError, SpecError
 from ..spec import JobSpec
+from ..storage.artifacts import RunFiles
 from ..storage.store import Store, failpoint, json_bytes, sweep_staging
 
 __all__ = ["refresh", "promoted_run", "gate", "drift", "tidy", "write_gate", "rebuild_history", "HISTORY_SCHEMA",
@@ -86,6 +87,8 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{hashlib.sha256(spec.source()).hexdigest()[:8]}-{secrets.token_hex(3)}"
     pointer = reg.read("PROMOTED")
     previous = json.loads(pointer)["run_id"] if pointer else None
+    if previous is not None:  # the promoted run is the baseline: every file as its manifest recorded it
+        RunFiles(reg.where("runs", previous), "--registry").verify()
     previous_metrics = json.loads(reg.read("runs", previous, "metrics.json") or b"null") if previous else None
     largest = {}
 
@@ -105,6 +108,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     try:
         result = run(spec, workers=workers, out=reg.where("runs", run_id), address=address, console=console,
                      before_commit=add_drift)
+        RunFiles(result.location, "--registry").verify()  # as uploaded, before it can be promoted
     except Exception as e:  # the night is recorded whatever stopped the run
         row.update(gate="error", reason=str(e) if isinstance(e, QuantrayError) else f"{type(e).__name__}: {e}")
         write_gate(reg, row)

@@ -76,6 +76,20 @@ class RunFiles:
     def json(self, name: str) -> dict:
         return json.loads(self.read(name, verify=False))
 
+    def verify(self) -> "RunFiles":
+        """Every file manifest.json lists, checked against its sha256 (not only the model files):
+        a SpecError naming the first file that is missing or differs. Returns self."""
+        for name, expected in sorted(self.manifest.get("files", {}).items()):
+            payload = self.store.read(name)
+            if payload is None:
+                raise SpecError(f"{self.store.where(name)}: missing, though manifest.json lists it; the run cannot be "
+                                "used as it was (copy it whole again, or run the job again)")
+            if sha256_bytes(payload) != expected:
+                raise SpecError(f"{self.store.where(name)}: changed since the run ({len(payload)} bytes, sha256 "
+                                f"{sha256_bytes(payload)[:16]} where manifest.json says {expected[:16]}); the run "
+                                "cannot be used as it was (copy it whole again, or run the job again)")
+        return self
+
 
 def software_versions() -> dict:
     """What produced a run, for its manifest."""

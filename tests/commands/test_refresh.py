@@ -225,3 +225,18 @@ def test_sigkill_leaves_the_promoted_model_and_history_intact(registry, ray_clus
     tidy(Store(str(registry), "--registry"), quiet())
     assert not [p for p in (registry / "runs").iterdir() if p.name.startswith(".")]
     assert len(_history(registry)) == rows_before and all(_intact(p) for p in (registry / "runs").iterdir())
+
+
+@pytest.mark.ray
+def test_a_promoted_run_changed_on_disk_is_refused_as_the_baseline(registry, tmp_path):
+    """The promoted run's every file is checked against its manifest before it is compared with:
+    one line naming the file, nothing run, nothing recorded."""
+    copy = tmp_path / "registry"
+    shutil.copytree(registry, copy)
+    promoted = copy / "runs" / json.loads((copy / "PROMOTED").read_text())["run_id"]
+    (promoted / "qparams.parquet").write_bytes((promoted / "qparams.parquet").read_bytes()[:100])
+    history = (copy / "history.parquet").read_bytes()
+    with pytest.raises(QuantrayError, match=rf"^{promoted / 'qparams.parquet'}: changed since the run \(100 bytes"):
+        refresh(load_spec(_job(tmp_path)), str(copy), workers=2, console=quiet())
+    assert (copy / "history.parquet").read_bytes() == history
+    assert sorted(p.name for p in (copy / "runs").iterdir()) == sorted(p.name for p in (registry / "runs").iterdir())
