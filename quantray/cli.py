@@ -7,6 +7,7 @@ the tune's budget not met, or an INT8 engine fault found before tune's trials).
     quantray refresh jobs/digits.toml --registry DIR [--workers N] [--address ADDR]
     quantray evaluate RUN_DIR [--data FILE.toml] [--samples N] [--out DIR] [--no-cache] [--address ADDR]
     quantray report RUN_DIR
+    quantray up [--cpus N]    /    quantray down       # a local Ray cluster that stays up between commands
     quantray pack jobs/flowers102_resnet18.toml --out s3://bucket/flowers [--rows-per-shard N] [--job-out FILE]
 """
 
@@ -46,6 +47,17 @@ def _dispatch(args, out) -> int:
     line in a fraction of a second (its torch-dependent checks, such as an architecture's name, run later)."""
     from .spec import load_spec
 
+    if args.command in ("up", "down"):  # no torch, no Ray in this process
+        from .cluster import local
+
+        if args.command == "up":
+            state, started = local.up(args.cpus)
+            print(f"local cluster {'up' if started else 'already up'} at {state['address']} (pid {state['pid']}); "
+                  "quantray run, evaluate, tune and refresh join it when given no --address; `quantray down` stops it")
+        else:
+            state = local.down()
+            print(f"local cluster at {state['address']} stopped" if state else "no local cluster is up")
+        return 0
     if args.command == "report":  # the run's files only: no torch, no Ray
         from .report.console import print_summary
         from .storage.artifacts import RunFiles
@@ -135,6 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--out", required=True, help="where the shards go: OUT/calibration/, OUT/test/ (a folder or a URI)")
     pack.add_argument("--rows-per-shard", type=_positive, default=1000, help="samples per Parquet file (default 1000)")
     pack.add_argument("--job-out", metavar="FILE", help="the job file to write (default: JOB.packed.toml beside JOB)")
+    up = sub.add_parser("up", help="start a local Ray cluster that stays up: later commands join it and skip "
+                                   "Ray's start (about 4 s each)")
+    up.add_argument("--cpus", type=_positive, help="CPUs it offers (default: all of this machine's)")
+    sub.add_parser("down", help="stop the local cluster `quantray up` started")
     report = sub.add_parser("report", help="print a finished run's comparison table from its files")
     report.add_argument("run_dir", help="a run directory written by `quantray run`")
     return parser

@@ -251,3 +251,36 @@ def test_help_a_spec_error_and_report_import_neither_torch_nor_ray(demo_runs, tm
                "print('IMPORTED', [m for m in ('torch', 'ray') if m in sys.modules], rc)") % args[verb]
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip().splitlines()[-1] == f"IMPORTED [] {2 if verb == 'spec error' else 0}", done.stderr
+
+
+@pytest.mark.ray
+def test_a_local_cluster_that_stays_up_is_joined_and_changes_nothing_in_the_run(demo_runs, tmp_path):
+    """`quantray up`, two runs that join it (saying so), the same files as a run that started its own
+    Ray, `quantray down`: its processes gone, and runs start their own Ray again."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(QUANTRAY_CACHE=str(tmp_path / "home"), RAY_AUTH_MODE="disabled")
+    exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
+
+    def cli(*args, timeout=300):
+        done = subprocess.run([exe, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    started = cli("up", "--cpus", "2", timeout=120).stdout
+    state = json.loads((tmp_path / "home" / "local-cluster.json").read_text())
+    try:
+        assert started.startswith(f"local cluster up at {state['address']} (pid {state['pid']})")
+        assert cli("up").stdout.startswith(f"local cluster already up at {state['address']}")
+        reference = Path(demo_runs["1 worker"].location)
+        for k in range(2):  # the second reuses what the first stored
+            run = cli("run", "jobs/digits.toml", "--out", tmp_path / f"run{k}", "--workers", "1")
+            assert f"using the local cluster at {state['address']}" in run.stderr
+            for name in ("qparams.parquet", "predictions.parquet", "model_int8.pth", "layers.parquet"):
+                assert (tmp_path / f"run{k}" / name).read_bytes() == (reference / name).read_bytes(), name
+    finally:
+        stopped = cli("down", timeout=120).stdout
+    assert stopped.strip() == f"local cluster at {state['address']} stopped"
+    stat = Path(f"/proc/{state['pid']}/stat")   # gone, or a zombie its adoptive parent has not reaped yet
+    assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z"
+    assert not (tmp_path / "home" / "local-cluster.json").exists() and not Path(state["temp_dir"]).exists()
+    assert cli("down").stdout.strip() == "no local cluster is up"

@@ -12,6 +12,7 @@ that `api.run`, `api.evaluate` and `tune` are written in.
 from __future__ import annotations
 
 import contextlib
+import os
 import datetime
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 
-from ..cluster import runner
+from ..cluster import local, runner
 from ..report.console import make_progress
 from ..spec import JobSpec
 from ..storage.store import StagedDir
@@ -78,6 +79,12 @@ class Session:
         """Ray for the block (started or joined; its start-up timed apart, as "ray_start": a fixed
         cost, not calibration) and the progress bars."""
         with contextlib.ExitStack() as stack:
+            if address is None and not os.environ.get("RAY_ADDRESS"):
+                joined = local.running()  # `quantray up`'s, when there is one
+                if joined is not None:
+                    address = joined["address"]
+                    self.ctx.console.print(f"using the local cluster at {address} (`quantray up`; `quantray down` "
+                                           "stops it)")
             with self.ctx.stage("ray_start"):
                 self.ctx.cluster = stack.enter_context(runner.Cluster(address))
             self.ctx.progress = stack.enter_context(make_progress(self.ctx.console))
