@@ -58,6 +58,10 @@ def _dispatch(args, out) -> int:
             state = local.down()
             print(f"local cluster at {state['address']} stopped" if state else "no local cluster is up")
         return 0
+    if getattr(args, "address", None) is not None:  # its form, before any work (reachability: on connecting)
+        from .cluster.address import check
+
+        check(args.address)
     if args.command == "report":  # the run's files only: no torch, no Ray
         from .report.console import print_summary
         from .storage.artifacts import RunFiles

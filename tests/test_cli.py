@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -284,3 +285,34 @@ def test_a_local_cluster_that_stays_up_is_joined_and_changes_nothing_in_the_run(
     assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] == "Z"
     assert not (tmp_path / "home" / "local-cluster.json").exists() and not Path(state["temp_dir"]).exists()
     assert cli("down").stdout.strip() == "no local cluster is up"
+
+
+@pytest.mark.parametrize("address, expected", [
+    ("garbage", "--address 'garbage': not a Ray address; expected HOST:PORT"),
+    ("[::1]:x", "--address '[::1]:x': port 'x' is not a number from 1 to 65535"),
+    ("", "--address '': not a Ray address"),
+    ("localhost:99999", "--address 'localhost:99999': port '99999' is not a number from 1 to 65535"),
+    ("http://127.0.0.1:8265", "--address 'http://127.0.0.1:8265': Ray does not speak http://"),
+])
+def test_a_malformed_address_is_one_line_before_any_work(capsys, tmp_path, address, expected):
+    for verb in (["run", DEMO_JOB, "--out", tmp_path / "r"], ["evaluate", tmp_path, "--out", tmp_path / "r"]):
+        message = _one_line_error(capsys, 2, *verb, "--address", address)
+        assert message.startswith(expected) and not (tmp_path / "r").exists()
+
+
+@pytest.mark.ray
+def test_an_unreachable_address_is_one_line_within_seconds(tmp_path):
+    """Nothing listens on the port: exit 1 with one line, where Ray would retry for minutes."""
+    from quantray.testing import free_port
+
+    port = free_port()
+    exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.monotonic()
+        done = subprocess.run([exe, "run", "jobs/digits.toml", "--out", tmp_path / "r", "--address", address], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        lines = [line for line in done.stderr.strip().splitlines() if line.startswith("quantray: error:")]
+        assert done.returncode == 1 and lines == [done.stderr.strip().splitlines()[-1]], done.stderr[-2000:]
+        assert f"cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused)" in lines[0]
+        assert time.monotonic() - started < 60 and not (tmp_path / "r").exists()

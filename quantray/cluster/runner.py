@@ -28,6 +28,7 @@ import ray
 
 from ..core.calls import Call
 from ..errors import QuantrayError, SpecError, first_line
+from .address import reachable
 from .worker import Worker, WorkerSetup
 
 __all__ = ["Cluster", "WorkerPool", "Names", "map_tasks", "on_whole_node"]
@@ -62,6 +63,9 @@ class Cluster:
                 ray.init(include_dashboard=False, logging_level=logging.WARNING,
                          runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}})
             else:  # an existing cluster (or a submitted job's) keeps its own settings and runtime_env
+                given = self.address or os.environ["RAY_ADDRESS"]
+                where = "--address" if self.address else "RAY_ADDRESS"
+                reachable(given, where)  # one line within seconds, not Ray's minutes of retries
                 ray.init(address=self.address, logging_level=logging.WARNING)
             self._started = True
         return self
