@@ -491,11 +491,19 @@ def load_spec(path: str | Path) -> JobSpec:
 
 
 def _read_toml(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise SpecError(f"{path}: {what} not found")
     try:
-        return tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        raise SpecError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path}: is a folder; give the {what} (a .toml file) in it") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML: {e}") from None
+    except OSError as e:  # a name too long for the file system, no permission, ...
+        raise SpecError(f"{path}: cannot read the {what}: {e.strerror or type(e).__name__}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise SpecError(f"{path}: not valid TOML: {e}") from None
 
 

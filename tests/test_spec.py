@@ -209,3 +209,15 @@ def test_gate_limits_are_the_tasks_own():
         with pytest.raises(SpecError) as e:
             gate.limits(task, fraction)
         assert str(e.value).startswith(expected), (str(e.value), expected)
+
+
+def test_a_job_path_that_cannot_be_read_is_one_line(tmp_path):
+    long = tmp_path / ("x" * 300 + ".toml")
+    for path, expected in ((long, f"{long}: cannot read the job file: File name too long"),
+                           (tmp_path, f"{tmp_path}: is a folder; give the job file (a .toml file) in it"),
+                           (tmp_path / "none.toml", f"{tmp_path / 'none.toml'}: job file not found"),
+                           (tmp_path / "a-file.toml" / "x.toml", f"{tmp_path / 'a-file.toml' / 'x.toml'}: job file not found")):
+        (tmp_path / "a-file.toml").write_text("")
+        with pytest.raises(SpecError) as e:
+            load_spec(path)
+        assert str(e.value) == expected
