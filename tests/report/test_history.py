@@ -13,7 +13,9 @@ from helpers import CHROMIUM_REQUIRED as REQUIRED
 from quantray.report.history import render_history
 from quantray.report.html import COLORS
 
-START = datetime.datetime(2026, 1, 1, 2, 30, tzinfo=datetime.timezone.utc)  # a label on the page, not a clock
+# Nights a month before the real clock's now (labels on the page; no calendar date the clock could overtake).
+START = (datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)).replace(
+    hour=2, minute=30, second=0, microsecond=0)
 
 
 def _nights(n: int = 6) -> list[dict]:
@@ -22,7 +24,8 @@ def _nights(n: int = 6) -> list[dict]:
     for k in range(n):
         gate = "failed" if k == n - 2 else "error" if k == n - 1 else "passed"
         scored = gate != "error"
-        rows.append({"run_id": f"2026010{k}T023000Z-abcd{k:04d}-00000{k}", "time": START + datetime.timedelta(days=k),
+        night = START + datetime.timedelta(days=k)
+        rows.append({"run_id": f"{night:%Y%m%dT%H%M%SZ}-abcd{k:04d}-{k:06d}", "time": night,
                      "gate": gate, "reason": {"failed": "INT8 top-1 trails FP32 by 3.00 pt > max_top1_drop 1.00 pt <b>",
                                               "error": "evaluate: sample 5 failed to load"}.get(gate, ""),
                      "promoted": gate == "passed", "headline": "top1" if scored else None,
