@@ -169,6 +169,7 @@ def test_the_spec_s_choices_are_the_ones_the_code_implements():
     assert spec.MODES == tuple(modes.MODES) and spec.RANGES == ranges.METHODS
     assert spec.ACTIVATIONS == tuple(flow.ACTIVATION_OBSERVERS) and spec.WEIGHTS == tuple(flow.WEIGHT_OBSERVERS)
     assert spec.TRANSFORMS == transforms.PRESETS and spec.TASKS == metrics.TASKS
+    assert set(spec.FRACTION_TASKS) == {task for task, h in metrics.HEADLINES.items() if h.unit == "fraction"}
     assert set(spec.BACKENDS) <= set(torch.backends.quantized.supported_engines)
 
 

@@ -151,7 +151,7 @@ def gate(spec: JobSpec, metrics: dict, previous: dict | None) -> list[str]:
     output SQNR) INT8 against FP32 and against the promoted run's INT8, by the job's [gate] limits
     (`GateSpec.limits`), in the headline's unit and direction."""
     h = headline(metrics)
-    limits = _limits(spec, h)
+    limits = check_gate(spec)
     fmt = _formatter(h)
     name = "top-1" if h["key"] == "top1" else h["label"]
     subject = name if name.startswith("INT8") else f"INT8 {name}"
@@ -173,17 +173,11 @@ def gate(spec: JobSpec, metrics: dict, previous: dict | None) -> list[str]:
     return reasons
 
 
-def _limits(spec: JobSpec, h: dict) -> dict:
+def check_gate(spec: JobSpec) -> dict:
+    """The [gate] limits the job's task needs (`GateSpec.limits`), checked before a refresh does any
+    work and read by `gate`: a SpecError naming the job file."""
     try:
-        return spec.gate.limits(spec.test.task_name, h["unit"] == "fraction")
-    except SpecError as e:
-        raise SpecError(f"{spec.path}: {e}") from None
-
-
-def check_gate(spec: JobSpec) -> None:
-    """The [gate] limits the job's task needs, checked before a refresh does any work."""
-    try:
-        spec.gate.limits(spec.test.task_name, spec.test.headline_is_fraction)
+        return spec.gate.limits(spec.test.task_name, spec.test.headline_is_fraction)
     except SpecError as e:
         raise SpecError(f"{spec.path}: {e}") from None
 

@@ -62,9 +62,12 @@ class RunFiles:
         if payload is None:
             raise SpecError(f"{location}: not a quantray run directory (no manifest.json)")
         self.manifest = json.loads(payload)
+        self._verified: dict[str, bytes] = {}  # what verify() read and checked: not read again
 
     def read(self, name: str, verify: bool = True) -> bytes:
         """A file of the run; with `verify`, its sha256 must be the one manifest.json recorded."""
+        if name in self._verified:
+            return self._verified[name]
         payload = self.store.read(name)
         if verify and (payload is None or sha256_bytes(payload) != self.manifest["files"].get(name)):
             raise SpecError(f"{self.store.where(name)}: missing or changed since the run (sha256 differs from "
@@ -88,6 +91,7 @@ class RunFiles:
                 raise SpecError(f"{self.store.where(name)}: changed since the run ({len(payload)} bytes, sha256 "
                                 f"{sha256_bytes(payload)[:16]} where manifest.json says {expected[:16]}); the run "
                                 "cannot be used as it was (copy it whole again, or run the job again)")
+            self._verified[name] = payload
         return self
 
 
