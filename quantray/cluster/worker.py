@@ -40,7 +40,7 @@ from ..core.layers import LayerLogger, LayerResult, isolated_errors
 from ..core.metrics import TaskScores, build_scorer
 from ..core.modes import MergedStats
 from ..errors import CalibrationError
-from ..inputs import data as data_mod
+from ..inputs.decoded import DecodedBatches
 from ..spec import DataSpec, QuantSpec
 
 __all__ = ["Worker", "WorkerSetup", "BatchScores", "TrialScores", "calibration_of", "measure_alone"]
@@ -60,6 +60,7 @@ class WorkerSetup:
     test: DataSpec | None = None                  # the split it evaluates on
     signature: list | None = field(default=None, repr=False)  # the driver's observers, which its own must equal
     memory_bytes: int = 0                         # what it may keep of pass 1's values for pass 2
+    decoded: str | None = None                    # where decoded images are kept (`inputs.decoded`); None: nowhere
 
 
 @dataclass
@@ -96,8 +97,9 @@ class Worker:
         self.calibration = None
         if setup.calibration is not None:
             self.calibration = CalibrationWorker(setup.model, setup.example, setup.quant, setup.calibration,
-                                                 setup.threads, setup.signature, setup.memory_bytes)
-        self._test = data_mod.build_dataset(setup.test, where="[test]") if setup.test is not None else None
+                                                 setup.threads, setup.signature, setup.memory_bytes, setup.decoded)
+        self._data = DecodedBatches(setup.test, "[test]", setup.decoded) if setup.test is not None else None
+        self._test = self._data.dataset if self._data is not None else None
         self._scorer = build_scorer(setup.test) if setup.test is not None else None
         self._int8_key, self._script, self._state, self._eager, self._logger = None, None, None, None, None
         self._engine = None
@@ -137,7 +139,7 @@ class Worker:
         INT8 TorchScript model; with `layers`, its per-layer result too (the logged FP32 forward then
         gives the FP32 logits); with `engine`, the engine check (`core.engine`). `upcoming`: this
         worker's next batch, whose data a sharded source starts reading now."""
-        x, y = data_mod.load_batch(self._test, indices, upcoming)
+        x, y = self._data.load(indices, upcoming)
         seconds, logits, layer, checked, engine_s = {}, stored, None, None, 0.0
         if engine:
             int8_eager = self._int8_eager()  # built for the per-layer pass and speed anyway: not the check's cost
@@ -217,7 +219,7 @@ class Worker:
         """A test batch, decoded once and kept while the kept batches stay under _DECODED_BYTES."""
         found = self._decoded.get(tuple(indices))
         if found is None:
-            found = data_mod.load_batch(self._test, indices)
+            found = self._data.load(indices)
             if self._decoded_bytes + found[0].nbytes <= _DECODED_BYTES:
                 self._decoded[tuple(indices)] = found
                 self._decoded_bytes += found[0].nbytes

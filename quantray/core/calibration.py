@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CalibrationError, DataError, QuantrayError
-from ..inputs import data as data_mod
+from ..inputs.decoded import DecodedBatches
 from . import flow, sites
 from .bias import InputSums
 from .calls import Call
@@ -43,13 +43,14 @@ class CalibrationWorker:
     values for pass 2 (`KeptValues`); 0 keeps none."""
 
     def __init__(self, model, example_inputs: torch.Tensor, quant, data, threads: int,
-                 signature: list | None = None, memory_bytes: int = 0):
+                 signature: list | None = None, memory_bytes: int = 0, decoded=None):
         flow.quiet_torch_warnings()
         # Same intra-op thread count for every worker count: reduction order may depend on it.
         torch.set_num_threads(threads)
         self._fp32, self._example = model, example_inputs
         self.prepare_for(quant, signature)
-        self.dataset = data_mod.build_dataset(data, where="[calibration]")
+        self._data = DecodedBatches(data, "[calibration]", decoded)  # decoded: where decoded images are kept, or None
+        self.dataset = self._data.dataset
         self._batches: dict[int, torch.Tensor] = {}
         self._kept = KeptValues(memory_bytes)
 
@@ -143,7 +144,7 @@ class CalibrationWorker:
         where = f"calibration batch {batch_id}, samples {indices[0]}..{indices[-1]}"
         try:
             if x is None:
-                x = self._batches[batch_id] = data_mod.load_batch(self.dataset, indices)[0]
+                x = self._batches[batch_id] = self._data.load(indices)[0]
             if not torch.isfinite(x).all():
                 raise DataError("NaN or Inf in the calibration input")
             self._recorder.start_batch()

@@ -20,17 +20,19 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ..errors import DataError, SpecError, first_line
 from ..spec import DataSpec, suggest
-from .transforms import make_transform
+from .transforms import make_transform, split_transform
 
 __all__ = ["build_dataset", "check_data", "digits", "sklearn_file", "sample_indices", "draw_indices", "make_batches", "assign_shards",
-           "load_batch", "sample_file", "batch_identities"]
+           "load_batch", "load_samples", "stack_targets", "sample_file", "batch_identities", "targets_of"]
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
 
-def build_dataset(spec: DataSpec, where: str = "job") -> Dataset:
-    """The dataset a `[calibration]` or `[test]` section names. `where` prefixes error messages."""
+def build_dataset(spec: DataSpec, where: str = "job", first_stage: bool = False) -> Dataset:
+    """The dataset a `[calibration]` or `[test]` section names. `where` prefixes error messages.
+    `first_stage`: an image folder or torchvision dataset gives its images through the first
+    stage of the transform only (`transforms.split_transform`: uint8 pixels, still to finish)."""
     if spec.source == "digits":
         return digits(spec.split)
     if spec.source == "parquet":
@@ -44,11 +46,11 @@ def build_dataset(spec: DataSpec, where: str = "job") -> Dataset:
         import torchvision.datasets
 
         try:
-            return torchvision.datasets.ImageFolder(str(spec.root), transform=make_transform(spec.transform))
+            return torchvision.datasets.ImageFolder(str(spec.root), transform=_transform(spec, first_stage))
         except (FileNotFoundError, RuntimeError) as e:
             raise SpecError(f"{where} root = {str(spec.root)!r}: not an ImageFolder layout (root/CLASS/IMAGE): {e}") from None
     if spec.source == "torchvision":
-        return _torchvision_dataset(spec, where)
+        return _torchvision_dataset(spec, where, first_stage)
     from .models import call_user, resolve_callable
 
     fn = resolve_callable(spec.factory, f"{where} factory")
@@ -141,6 +143,13 @@ def load_batch(dataset: Dataset, indices: list[int], upcoming: list[int] | None 
     classification reads them; any other target (a tensor of any shape, a float) is stacked as a
     tensor. `upcoming`: the samples the caller loads next, which a source that can (Parquet
     shards) starts reading in the background while this batch is decoded."""
+    xs, ys = load_samples(dataset, indices, upcoming)
+    return torch.stack(xs), stack_targets(ys, indices)
+
+
+def load_samples(dataset: Dataset, indices: list[int], upcoming: list[int] | None = None) -> tuple[list, list]:
+    """Samples `indices` as two lists, inputs and targets (None where there is none), unstacked:
+    `load_batch`'s first half."""
     if upcoming is not None and callable(getattr(dataset, "prefetch", None)):
         dataset.prefetch(indices)
         dataset.prefetch(upcoming)
@@ -154,7 +163,7 @@ def load_batch(dataset: Dataset, indices: list[int], upcoming: list[int] | None 
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         xs.append(x)
         ys.append(y)
-    return torch.stack(xs), _stack_targets(ys, indices)
+    return xs, ys
 
 
 def _split(sample):
@@ -166,7 +175,8 @@ def _split(sample):
                     f"{f' of {len(sample)} items' if isinstance(sample, (tuple, list)) else ''}")
 
 
-def _stack_targets(ys: list, indices: list[int]) -> torch.Tensor | None:
+def stack_targets(ys: list, indices: list[int]) -> torch.Tensor | None:
+    """Targets of samples `indices` as one tensor (see `load_batch`), or None for label-free data."""
     absent = [y is None for y in ys]
     if all(absent):
         return None
@@ -182,6 +192,19 @@ def _stack_targets(ys: list, indices: list[int]) -> torch.Tensor | None:
             raise DataError(f"sample {i}'s target has shape {tuple(t.shape)}, sample {indices[0]}'s "
                             f"{tuple(tensors[0].shape)}: targets of one split must have one shape")
     return torch.stack(tensors)
+
+
+def targets_of(dataset) -> list | None:
+    """Every sample's class label as the dataset lists it without reading an image (ImageFolder's
+    and most torchvision datasets' `targets`, Flowers102's `_labels`), or None where it lists no
+    integer labels (VOCSegmentation's `targets` are mask files)."""
+    for attr in ("targets", "_labels"):
+        found = getattr(dataset, attr, None)
+        if isinstance(found, torch.Tensor) and found.dim() == 1 and not found.dtype.is_floating_point:
+            found = found.tolist()
+        if isinstance(found, (list, tuple)) and len(found) == len(dataset) and all(type(t) is int for t in found):
+            return list(found)
+    return None
 
 
 def sample_file(dataset, i: int) -> str | None:
@@ -214,7 +237,12 @@ def check_data(spec: DataSpec, where: str) -> None:
                         "(the dataset's folder)")
 
 
-def _torchvision_dataset(spec: DataSpec, where: str) -> Dataset:
+def _transform(spec: DataSpec, first_stage: bool):
+    staged = split_transform(spec.transform) if first_stage else None
+    return staged[0] if staged is not None else make_transform(spec.transform)
+
+
+def _torchvision_dataset(spec: DataSpec, where: str, first_stage: bool = False) -> Dataset:
     import torchvision.datasets
 
     check_data(spec, where)
@@ -223,7 +251,7 @@ def _torchvision_dataset(spec: DataSpec, where: str) -> Dataset:
     if not spec.verify:
         cls = _unverified(cls, where)
     kwargs = dict(spec.kwargs)
-    kwargs["transform"] = make_transform(spec.transform)
+    kwargs["transform"] = _transform(spec, first_stage)
     if spec.split is not None:
         if "split" in params:
             kwargs["split"] = spec.split

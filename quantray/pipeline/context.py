@@ -25,7 +25,7 @@ from ..cluster import local, runner
 from ..report.console import make_progress
 from ..spec import JobSpec
 from ..storage.store import StagedDir
-from .load import check_stats_location
+from .load import check_stats_location, decoded_location
 from .workers import start_workers
 
 __all__ = ["Context", "Timings", "Session", "session"]
@@ -73,6 +73,7 @@ class Session:
 
     ctx: Context
     staged: StagedDir
+    use_cache: bool = True
 
     @contextlib.contextmanager
     def cluster(self, address: str | None) -> Iterator[runner.Cluster]:
@@ -95,7 +96,8 @@ class Session:
 
     def workers(self, job, prepared=None, *, workers: int | None = None, shard_order=None) -> runner.WorkerPool:
         """The job's pool, started now (a context manager: stopped at the end of the block)."""
-        return start_workers(self.ctx, job, prepared, workers=workers, shard_order=shard_order)
+        return start_workers(self.ctx, job, prepared, workers=workers, shard_order=shard_order,
+                             decoded=decoded_location(job.spec, self.use_cache))
 
     def commit(self, manifest: dict):
         """Publish the staged directory with its manifest; returns where it now is."""
@@ -109,4 +111,4 @@ def session(ctx: Context, out: str | Path, spec: JobSpec, use_cache: bool) -> It
     and is written whole or not at all (an exception removes the staged folder)."""
     check_stats_location(spec, use_cache)
     with StagedDir(out) as staged:
-        yield Session(ctx, staged)
+        yield Session(ctx, staged, use_cache)

@@ -26,7 +26,7 @@ from ..storage.stats import StatsStore, default_location
 from ..storage.store import Store
 
 __all__ = ["Job", "check", "load", "load_for_evaluation", "check_scoring", "prepare", "check_stats_location", "open_stats",
-           "warn_unwritable"]
+           "decoded_location", "warn_unwritable"]
 
 
 @dataclass
@@ -154,6 +154,14 @@ def check_stats_location(spec: JobSpec, use_cache: bool) -> None:
             Store(spec.run.cache_dir or default_location(), "[run] cache_dir")
         except SpecError as e:
             raise SpecError(f"{spec.path}: {e}") from None
+
+
+def decoded_location(spec: JobSpec, use_cache: bool) -> str | None:
+    """Where workers keep decoded images (`inputs.decoded`): beside the stored statistics, in the
+    same folder or URI; None when the job keeps nothing (`--no-cache`, `[run] cache = false`)."""
+    if not (use_cache and spec.run.cache):
+        return None
+    return str(spec.run.cache_dir or default_location())
 
 
 def open_stats(job: Job, use_cache: bool) -> StatsStore | None:

@@ -20,16 +20,17 @@ __all__ = ["start_workers", "cpu_kinds", "mixed_cpus"]
 
 
 def start_workers(ctx, job, prepared: nn.Module | None = None, *, workers: int | None = None,
-                  shard_order=None) -> WorkerPool:
+                  shard_order=None, decoded: str | None = None) -> WorkerPool:
     """The job's pool, started now: the workers build the FP32 model's prepared copy (when
     `prepared` is given: calibration) and the datasets while the driver goes on. Its size is
-    `workers`, else the job's, else the CPUs Ray sees, and no more than there are batches to share."""
+    `workers`, else the job's, else the CPUs Ray sees, and no more than there are batches to share.
+    `decoded`: where the workers keep decoded images (`inputs.decoded`), None for nowhere."""
     spec = job.spec
     wanted = workers or spec.run.workers or ctx.cluster.cpus
     n_test = -(-len(job.test_idx) // spec.test.batch_size)
     n_calib = -(-len(job.calib_idx) // spec.calibration.batch_size) if prepared is not None else 0
     size = max(1, min(wanted, max(n_test, n_calib)))
-    setup = WorkerSetup(job.fp32, job.example, spec.quantization, spec.run.threads, test=spec.test)
+    setup = WorkerSetup(job.fp32, job.example, spec.quantization, spec.run.threads, test=spec.test, decoded=decoded)
     memory = None
     if prepared is not None:
         if spec.run.memory_gb is not None:
