@@ -89,7 +89,7 @@ def _image(path: Path, seed: int):
 
 
 @pytest.mark.ray
-def test_a_changed_image_recomputes_only_its_batch_in_pass_1(ray_cluster, tmp_path):
+def test_a_changed_image_recomputes_only_its_batch_in_pass_1_and_warm_reruns_change_nothing(ray_cluster, tmp_path):
     images = tmp_path / "images"
     for k, name in enumerate(["a", "b", "c"]):
         (images / name).mkdir(parents=True)
@@ -126,6 +126,12 @@ layer_samples = 0
     assert "reused stored statistics: pass1 5 of 6" in said
     assert second["qparams_digest"] != first["qparams_digest"]
     assert any(p.name.startswith("log-") for p in (tmp_path / "stats").iterdir())
+    # the workers kept the decoded images there too; a warm rerun reads them back and changes no result
+    assert any(p.name.startswith("decoded-") for p in (tmp_path / "stats").iterdir())
+    third, _ = _run(job, tmp_path / "third")
+    for name in ("qparams.parquet", "model_int8.pth", "predictions.parquet"):
+        assert third["files"][name] == second["files"][name], name
+    assert (tmp_path / "third" / "predictions.parquet").read_bytes() == (tmp_path / "second" / "predictions.parquet").read_bytes()
 
 
 def test_batch_identities_follow_the_files(tmp_path):
