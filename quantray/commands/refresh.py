@@ -3,7 +3,8 @@
     quantray refresh jobs/digits.toml --registry /srv/models/digits
 
 Registry layout (a local folder or a URI pyarrow.fs opens; every file is written whole, then moved):
-    runs/RUN_ID/          run directories (RUN_ID: UTC time, the job file's digest, a random suffix)
+    runs/RUN_ID/          run directories (RUN_ID: UTC time, the job file's digest, a random suffix),
+                          each with its gate.json: the verdict, decided before the run is published
     gates/RUN_ID.json     each run's verdict (passed, failed: gated out, error: the run failed) and figures
     promotions/RUN_ID     written once PROMOTED names RUN_ID
     PROMOTED              {"run_id": ...}: the promoted run, replaced whole
@@ -12,8 +13,9 @@ Registry layout (a local folder or a URI pyarrow.fs opens; every file is written
 history.parquet is a view of gates/ and promotions/, rebuilt and then checked against them until
 it holds every gate: two refreshes writing at once cannot lose a row. Killed at any moment, the
 registry keeps the previous PROMOTED pointer, the run it names and a readable history; the next
-refresh removes staging folders no live process holds, records a run that was committed but never
-gated, and marks a promotion whose marker was not written.
+refresh removes staging folders no live process holds, copies the verdict of a run that was
+published but not yet entered in gates/ (its refresh may still be on its way there: the copy is the
+same bytes), and marks a promotion whose marker was not written.
 """
 
 from __future__ import annotations
@@ -90,9 +92,13 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
     if previous is not None:  # the promoted run is the baseline: every file as its manifest recorded it
         RunFiles(reg.where("runs", previous), "--registry").verify()
     previous_metrics = json.loads(reg.read("runs", previous, "metrics.json") or b"null") if previous else None
-    largest = {}
 
-    def add_drift(staged, manifest):
+    row = {"run_id": run_id, "time": started, **dict.fromkeys(_FIGURES), "promoted": False}
+
+    def judge(staged, manifest):
+        """Gate the run before it is published, its verdict a file of the run (gate.json): another
+        refresh that finds the run before this one wrote gates/RUN_ID.json copies that verdict."""
+        largest = None
         if previous is not None:
             old = reg.read("runs", previous, "qparams.parquet")
             if old is not None:
@@ -101,27 +107,29 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
                 staged.write_parquet("drift.parquet", rows, DRIFT_SCHEMA)
                 _print_drift(console, rows, previous)
                 changes = [abs(r["scale_change"]) for r in rows if r["scale_change"] is not None]
-                largest["max_scale_drift"] = max(changes) if changes else None
+                largest = max(changes) if changes else None
+        metrics = json.loads(staged.path("metrics.json").read_bytes())
+        row.update(data_digest=manifest["data_digest"], qparams_digest=manifest["qparams_digest"],
+                   **_figures(spec, metrics), max_scale_drift=largest)
+        reasons = gate(spec, metrics, previous_metrics)
+        row.update(gate="failed" if reasons else "passed", reason="; ".join(reasons))
+        staged.write_bytes("gate.json", _verdict(row))
         failpoint("staged")
 
-    row = {"run_id": run_id, "time": started, **dict.fromkeys(_FIGURES), "promoted": False}
     try:
         result = run(spec, workers=workers, out=reg.where("runs", run_id), address=address, console=console,
-                     before_commit=add_drift)
-        RunFiles(result.location, "--registry").verify()  # as uploaded, before it can be promoted
+                     before_commit=judge)
     except Exception as e:  # the night is recorded whatever stopped the run
-        row.update(gate="error", reason=str(e) if isinstance(e, QuantrayError) else f"{type(e).__name__}: {e}")
-        write_gate(reg, row)
+        if not _copy_verdict(reg, run_id):  # not published: no other refresh can have judged it
+            row.update({k: None for k in _FIGURES}, gate="error",
+                       reason=str(e) if isinstance(e, QuantrayError) else f"{type(e).__name__}: {e}")
+            write_gate(reg, row)
         write_history_page(reg, rebuild_history(reg))
         raise
+    failpoint("committed")
+    write_gate(reg, row)  # the bytes of its gate.json, whichever refresh writes them first
     result.print(console)
-    metrics = result.metrics
-    row.update(data_digest=result.manifest["data_digest"], qparams_digest=result.manifest["qparams_digest"],
-               **_figures(spec, metrics), **largest)
-    reasons = gate(spec, metrics, previous_metrics)
-    row.update(gate="failed" if reasons else "passed", reason="; ".join(reasons))
-    write_gate(reg, row)
-    if not reasons:
+    if row["gate"] == "passed":
         reg.write(json_bytes({"run_id": run_id, "qparams_digest": row["qparams_digest"],
                               "promoted_at": now().isoformat()}), "PROMOTED")
         reg.write(b"", "promotions", run_id)  # a kill before this line: the next refresh's tidy writes it
@@ -260,8 +268,10 @@ def tidy(reg: Store, console: Console, now: Callable[[], datetime.datetime] = _u
         if run_id.startswith(".") or run_id in gated:
             continue
         if reg.exists("runs", run_id, "manifest.json"):
-            write_gate(reg, {"run_id": run_id, "time": _time_of(run_id), **dict.fromkeys(_FIGURES), "gate": "error",
-                              "reason": "the refresh stopped after writing this run and before gating it"})
+            # its refresh gated it before publishing it (gate.json), and may be writing gates/ now
+            if not _copy_verdict(reg, run_id):  # a run an older quantray published ungated
+                write_gate(reg, {"run_id": run_id, "time": _time_of(run_id), **dict.fromkeys(_FIGURES), "gate": "error",
+                                  "reason": "the refresh stopped after writing this run and before gating it"})
         elif reg.local is None and now() - _time_of(run_id) > STALE_UPLOAD:
             # On an object store a run is uploaded file by file, manifest.json last: one without it
             # is an upload a killed refresh left (no reader takes it), or one still going on; past
@@ -284,8 +294,25 @@ def _time_of(run_id: str) -> datetime.datetime:
 
 
 def write_gate(reg: Store, row: dict) -> None:
-    verdict = {k: (v.isoformat() if isinstance(v, datetime.datetime) else v) for k, v in row.items() if k != "promoted"}
-    reg.write(json_bytes(verdict), "gates", f"{row['run_id']}.json")
+    reg.write(_verdict(row), "gates", f"{row['run_id']}.json")
+
+
+def _verdict(row: dict) -> bytes:
+    """A run's gate verdict as gates/RUN_ID.json and the run's gate.json hold it (the same bytes)."""
+    return json_bytes({k: (v.isoformat() if isinstance(v, datetime.datetime) else v) for k, v in row.items()
+                       if k != "promoted"})
+
+
+def _copy_verdict(reg: Store, run_id: str) -> bool:
+    """gates/RUN_ID.json from a published run's own gate.json; False where the run is not published
+    or has none."""
+    if not reg.exists("runs", run_id, "manifest.json"):
+        return False
+    payload = reg.read("runs", run_id, "gate.json")
+    if payload is None:
+        return False
+    reg.write(payload, "gates", f"{run_id}.json")
+    return True
 
 
 def _from_gate(verdict: dict) -> dict:

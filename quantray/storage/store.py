@@ -152,8 +152,8 @@ class StagedDir:
     """A run directory written into a staging folder and published whole by `commit`.
 
     `final` is a local path (staged beside it, published by one rename: atomic) or a URI (staged in a
-    local temporary folder, uploaded file by file with manifest.json last: a reader that finds
-    manifest.json finds every file it lists). Leaving the `with` block on an exception, or `abort`,
+    local temporary folder, uploaded file by file, each read back and checked against its sha256,
+    then manifest.json last: a reader that finds manifest.json finds every file it lists, intact). Leaving the `with` block on an exception, or `abort`,
     removes the staging folder; a killed process leaves one that `sweep_staging` removes later.
     Everything about `final` that can be checked is checked here, before any work is done.
     """
@@ -209,10 +209,17 @@ class StagedDir:
         self.write_json("manifest.json", dict(manifest, files=files))
         self.manifest = json.loads(self.path("manifest.json").read_bytes())  # as readers will see it
         if self.store.local is None:
-            for k, name in enumerate([*files, "manifest.json"]):  # the manifest last
+            for k, name in enumerate(files):
                 self.store.write(self.path(name).read_bytes(), *name.split("/"))
                 if k == 0:
                     failpoint("uploading")
+            for name, digest in files.items():  # read back before the manifest makes the run visible
+                got = self.store.read(*name.split("/"))
+                if got is None or sha256_bytes(got) != digest:
+                    raise OSError(f"{self.store.where(name)}: what was uploaded is not what was written "
+                                  f"({'missing' if got is None else f'{len(got)} bytes, another sha256'}); "
+                                  "the run was not published: run it again")
+            self.store.write(self.path("manifest.json").read_bytes(), "manifest.json")  # the manifest last
             self.abort()
         else:
             os.chmod(self.staging, 0o755)  # mkdtemp makes it 0700
@@ -319,9 +326,13 @@ def _release(lock, unlink: bool) -> None:
 
 def failpoint(name: str) -> None:
     """A test of crash safety sets QUANTRAY_KILL_AT=name: the process SIGKILLs itself there, exactly
-    as a machine that loses power would stop (no cleanup runs)."""
+    as a machine that loses power would stop (no cleanup runs). A test of a race sets
+    QUANTRAY_PAUSE_AT=name:SECONDS: the process sleeps there, holding the window open for another."""
     if os.environ.get("QUANTRAY_KILL_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+    at, _, seconds = os.environ.get("QUANTRAY_PAUSE_AT", "").partition(":")
+    if at == name:
+        time.sleep(float(seconds or 10))
 
 
 def _quietly(fn, *args) -> None:

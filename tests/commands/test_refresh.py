@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -240,3 +241,36 @@ def test_a_promoted_run_changed_on_disk_is_refused_as_the_baseline(registry, tmp
         refresh(load_spec(_job(tmp_path)), str(copy), workers=2, console=quiet())
     assert (copy / "history.parquet").read_bytes() == history
     assert sorted(p.name for p in (copy / "runs").iterdir()) == sorted(p.name for p in (registry / "runs").iterdir())
+
+
+@pytest.mark.ray
+def test_a_refresh_that_starts_while_another_is_between_commit_and_gate_does_not_judge_its_run(ray_cluster, tmp_path):
+    """Refresh A is held (an injected pause) after its run became visible and before it wrote the
+    run's gate; refresh B starts inside that window and runs to the end. History, gates/ and
+    PROMOTED must agree afterwards: B may not record A's run as an error night."""
+    registry = tmp_path / "registry"
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address, QUANTRAY_PAUSE_AT="committed:12")
+    exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
+    held = subprocess.Popen([exe, "refresh", str(_job(tmp_path)), "--registry", str(registry), "--workers", "1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        runs = registry / "runs"
+        while not (runs.exists() and any((p / "manifest.json").exists() for p in runs.iterdir())):
+            assert held.poll() is None, held.stdout.read()[-2000:]
+            time.sleep(0.1)
+        a = next(p.name for p in runs.iterdir() if (p / "manifest.json").exists())
+        assert not (registry / "gates" / f"{a}.json").exists()  # A is inside the window
+        b = refresh(load_spec(_job(tmp_path, name="other.toml")), str(registry), workers=1, console=quiet())
+        out, _ = held.communicate(timeout=300)
+        assert held.returncode == 0, out[-2000:]
+    finally:
+        if held.poll() is None:
+            held.kill()
+    gates = {p.stem: json.loads(p.read_text()) for p in (registry / "gates").iterdir()}
+    history = {r["run_id"]: r for r in _history(registry)}
+    promotions = {p.name for p in (registry / "promotions").iterdir()}
+    assert set(gates) == set(history) == {a, b["run_id"]}
+    for run_id, verdict in gates.items():
+        assert verdict["gate"] == history[run_id]["gate"] == "passed", (run_id, verdict, history[run_id])
+        assert history[run_id]["promoted"] == (run_id in promotions)
+    assert json.loads((registry / "PROMOTED").read_text())["run_id"] in promotions == {a, b["run_id"]}
