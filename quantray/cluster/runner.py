@@ -57,10 +57,10 @@ class Cluster:
 
     def __enter__(self) -> "Cluster":
         if not ray.is_initialized():
-            if self.address is None and not os.environ.get("RAY_ADDRESS"):
-                # No dashboard: 3 s less. C++-side deprecation notices from quantized kernels bypass
-                # Python's warning filters.
-                ray.init(include_dashboard=False, logging_level=logging.WARNING,
+            if self.address == "local" or self.address is None and not os.environ.get("RAY_ADDRESS"):
+                # A new local cluster (`--address local` is Ray's word for one). No dashboard: 3 s
+                # less. C++-side deprecation notices from quantized kernels bypass Python's warning filters.
+                ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING,
                          runtime_env={"env_vars": {"TORCH_CPP_LOG_LEVEL": "ERROR"}})
             else:  # an existing cluster (or a submitted job's) keeps its own settings and runtime_env
                 given = self.address or os.environ["RAY_ADDRESS"]
