@@ -40,7 +40,7 @@ from ..inputs.shards import FORMAT, FORMAT_TARGETS, INDEX_SCHEMA, SHARD_SCHEMA, 
 from ..inputs.transforms import make_transform
 from ..report.console import make_progress
 from ..spec import DataSpec, JobSpec, load_spec, to_toml
-from ..storage.store import Store, json_bytes
+from ..storage.store import Store, check_local_folder, json_bytes
 
 __all__ = ["pack", "PackResult", "PackedSplit", "ROWS_PER_GROUP"]
 
@@ -79,10 +79,11 @@ def pack(job: str | Path | JobSpec, out: str | Path, *, rows_per_shard: int = 10
             raise SpecError(f"{spec.path}: [{section}] is already Parquet shards; copy its folder to move it "
                             "(e.g. `aws s3 sync`): shards are identified by content, not by location")
     root = Store(out, "--out")
-    root.check_writable()
+    root.check_output(reuse=lambda names: _shards_only(root, names))  # a re-pack into its own folder is fine
     job_file = Path(job_out) if job_out else spec.path.with_name(f"{spec.path.stem}.packed.toml")
     if job_file.is_dir():
         raise SpecError(f"--job-out {job_file}: is a folder; give the job file to write, e.g. {job_file / 'job.toml'}")
+    check_local_folder(job_file.resolve().parent, "--job-out")
     splits, packed = [], {}
     with make_progress(console) as progress:
         for section in ("calibration", "test"):
@@ -98,6 +99,13 @@ def pack(job: str | Path | JobSpec, out: str | Path, *, rows_per_shard: int = 10
                    relative_to=job_file.resolve().parent)
     Store(job_file.resolve().parent, "--job-out").write(text.encode(), job_file.name)
     return PackResult(job_file, splits)
+
+
+def _shards_only(root: Store, names: list[str]) -> bool:
+    """Whether a folder holds nothing but what `quantray pack` writes (calibration/ and test/ shards)."""
+    own = ("manifest.json", "part-", "index-")
+    return set(names) <= {"calibration", "test"} and all(
+        n.startswith(own) for split in names for n in root.names(split) if not n.startswith("."))
 
 
 def _pack_split(d: DataSpec, where: str, store: Store, rows_per_shard: int, progress, section: str) -> PackedSplit:
