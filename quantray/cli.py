@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except QuantrayError as e:
         print(f"quantray: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the machine's or the network's (a disk full, an endpoint gone), not a bug's
+        from .errors import first_line
+
+        print(f"quantray: error: {type(e).__name__}: {first_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("quantray: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -486,8 +486,17 @@ _SECTIONS = {"model": ModelSpec, "calibration": DataSpec, "test": DataSpec,
 
 def load_spec(path: str | Path) -> JobSpec:
     """Read and validate a job file. Raises SpecError (one line) on any problem."""
-    path = Path(path)
+    path = _local_file(path, "job file")
     return parse_spec(_read_toml(path, "job file"), path)
+
+
+def _local_file(given: str | Path, what: str) -> Path:
+    """`given` as a local path; a URI (Path would fold its '//') or an empty name is one SpecError."""
+    if not str(given).strip():
+        raise SpecError(f"{what} {str(given)!r}: empty; give the {what} (a .toml file)")
+    if "://" in str(given):
+        raise SpecError(f"{given}: a {what} is read from a local path, not a URI; copy it to this machine first")
+    return Path(given)
 
 
 def _read_toml(path: Path, what: str) -> dict:
@@ -525,7 +534,7 @@ def parse_spec(raw: dict, path: Path, base_dir: Path | None = None) -> JobSpec:
 def load_test_section(path: str | Path) -> DataSpec:
     """The [test] section of another TOML file (`quantray evaluate --data`), checked as strictly
     as a job's; relative paths resolve against that file's folder."""
-    path = Path(path)
+    path = _local_file(path, "data file")
     raw = _read_toml(path, "data file")
     ctx = _Context(path, path.resolve().parent)
     if "test" not in raw:

@@ -211,17 +211,19 @@ def test_a_failure_at_run_time_exits_1_with_one_line(capsys, ray_cluster, tmp_pa
 
 
 @pytest.mark.ray
-def test_the_demo_runs_as_a_user_types_it_with_no_warnings(tmp_path):
+@pytest.mark.parametrize("address", [[], ["--address", "local"]], ids=["no address", "address local"])
+def test_the_demo_runs_as_a_user_types_it_with_no_warnings(tmp_path, address):
     """The installed command, a fresh HOME, no RAY_AUTH_MODE: Ray keeps token authentication for the
-    local cluster it starts (the token lands in HOME), and says nothing about it."""
+    local cluster it starts (the token lands in HOME), and says nothing about it. `--address local`
+    (Ray's word for a new local cluster) is as quiet: no C++ notice from the workers, no colour codes."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "QUANTRAY_CACHE")}
     env["HOME"] = str(tmp_path / "home")
     exe = shutil.which("quantray", path=os.path.dirname(sys.executable))
-    result = subprocess.run([exe, "run", "jobs/digits.toml", "--out", tmp_path / "run", "--workers", "2"], cwd=ROOT,
+    result = subprocess.run([exe, "run", "jobs/digits.toml", "--out", tmp_path / "run", "--workers", "2", *address], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "FP32 vs INT8" in result.stdout and "top-1 accuracy" in result.stdout and "worst of" in result.stdout
-    assert "Token authentication" not in result.stderr and "Warning" not in result.stderr
+    assert "Token authentication" not in result.stderr and "Warning" not in result.stderr and "\x1b" not in result.stderr
     assert (tmp_path / "home" / ".ray" / "auth_token").is_file()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["fp32"]["top1"] >= 0.95 and metrics["int8"]["top1"] >= metrics["fp32"]["top1"] - 0.01
@@ -316,3 +318,55 @@ def test_an_unreachable_address_is_one_line_within_seconds(tmp_path):
         assert done.returncode == 1 and lines == [done.stderr.strip().splitlines()[-1]], done.stderr[-2000:]
         assert f"cannot reach a Ray cluster at 127.0.0.1:{port} (Connection refused)" in lines[0]
         assert time.monotonic() - started < 60 and not (tmp_path / "r").exists()
+
+
+def test_pack_out_is_checked_like_run_out_before_anything_is_packed(capsys, tmp_path):
+    """A file, a non-empty folder, the file-system root, a system folder: one line, nothing packed,
+    nothing written anywhere. Its own earlier shards are a re-pack, taken."""
+    job = _job(tmp_path, DEMO)
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    cases = {
+        tmp_path / "a-file": f"--out {tmp_path / 'a-file'}: is a file, not a folder; choose another --out",
+        tmp_path / "taken": f"--out {tmp_path / 'taken'}: already exists and is not empty; choose another --out or remove it",
+        "/": "--out /: already exists and is not empty",
+        "/proc/quantray-test": "--out /proc/quantray-test: cannot write there (",
+        "/sys/quantray-test": "--out /sys/quantray-test: cannot write there (",
+        "/dev/null": "--out /dev/null: is a file, not a folder",
+        "": "--out '': empty; give a folder or a URI",
+    }
+    for out, expected in cases.items():
+        assert _one_line_error(capsys, 2, "pack", job, "--out", out).startswith(expected), out
+    assert not (tmp_path / "job.packed.toml").exists() and not Path("/calibration").exists() and not Path("/test").exists()
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    for _ in range(2):  # packed, then packed again into the same folder: its own shards
+        code, _, err = _main(capsys, "pack", job, "--out", tmp_path / "shards")
+        assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["calibration", "test"]
+
+
+def test_paths_that_no_verb_can_use_are_one_line_with_the_uri_as_given(capsys, tmp_path):
+    long = tmp_path / ("x" * 300)
+    assert _one_line_error(capsys, 2, "run", "http://example.invalid/job.toml") == (
+        "http://example.invalid/job.toml: a job file is read from a local path, not a URI; copy it to this machine first")
+    assert _one_line_error(capsys, 2, "run", "") == "job file '': empty; give the job file (a .toml file)"
+    assert _one_line_error(capsys, 2, "refresh", DEMO_JOB, "--registry", "") == "--registry '': empty; give a folder or a URI"
+    assert _one_line_error(capsys, 2, "report", long) == f"{long / 'manifest.json'}: cannot read it (File name too long)"
+    assert _one_line_error(capsys, 2, "tune", DEMO_JOB, "--max-drop", "1", "--out", tmp_path / "t",
+                           "--validation", "s3://bucket/data.toml") == (
+        "s3://bucket/data.toml: a data file is read from a local path, not a URI; copy it to this machine first")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.ray
+def test_a_run_that_fails_leaves_no_folder_it_made(capsys, tmp_path, monkeypatch):
+    """`--out` defaults to runs/NAME-TIME: a run stopped before its commit takes runs/ away again."""
+    from quantray.testing import free_port
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("QUANTRAY_CONNECT_TIMEOUT_S", "1")
+    _job(tmp_path, DEMO)
+    code, _, err = _main(capsys, "run", "job.toml", "--address", f"127.0.0.1:{free_port()}", "--no-cache")
+    assert code == 1 and "cannot reach a Ray cluster" in err[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..digest import sha256_bytes
-from ..errors import SpecError
+from ..errors import SpecError, first_line
 from ..version import __version__
 from .store import Store
 
@@ -58,7 +58,11 @@ class RunFiles:
     def __init__(self, location: str | Path, what: str = "RUN_DIR"):
         self.store = Store(location, what)
         self.location = self.store.location
-        payload = self.store.read("manifest.json")
+        try:
+            payload = self.store.read("manifest.json")
+        except OSError as e:  # on an object store: no such bucket, no endpoint, no credentials
+            raise SpecError(f"{location}: cannot read the run there ({first_line(e)}); check the URI, the "
+                            "credentials and the endpoint") from None
         if payload is None:
             raise SpecError(f"{location}: not a quantray run directory (no manifest.json)")
         self.manifest = json.loads(payload)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from ..digest import sha256_bytes
 from ..errors import SpecError, first_line
 
-__all__ = ["Store", "StagedDir", "is_uri", "join", "sweep_staging", "failpoint"]
+__all__ = ["Store", "StagedDir", "is_uri", "join", "sweep_staging", "failpoint", "check_local_folder"]
 
 _PARTIAL = ".partial-"        # staging folders: .NAME.partial-XXXXXXXX, their lock beside them
 _LOCKLESS_AGE_S = 24 * 3600   # a staging folder without a lock (an older quantray's) is stale after a day
@@ -60,6 +60,8 @@ class Store:
 
     def __init__(self, location: str | Path, what: str):
         self.what = what
+        if not str(location).strip():
+            raise SpecError(f"{what} {str(location)!r}: empty; give a folder or a URI")
         if is_uri(location):
             try:
                 self.fs, root = pafs.FileSystem.from_uri(str(location))
@@ -88,11 +90,17 @@ class Store:
         return "/".join([self.root.rstrip("/"), *parts]) if parts else self.root
 
     def read(self, *parts: str) -> bytes | None:
+        """The file's bytes, or None where there is no such file. On this machine's disk, a file
+        that is there but cannot be read (no permission, a name too long) is one SpecError line."""
         try:
             with self.fs.open_input_stream(self._path(*parts)) as f:
                 return f.read()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             return None
+        except OSError as e:
+            if self.local is None:  # an object store's error (no bucket, no endpoint): the caller's to say
+                raise
+            raise SpecError(f"{self.where(*parts)}: cannot read it ({os.strerror(e.errno) if e.errno else first_line(e)})") from None
 
     def check_writable(self) -> None:
         """Create the folder's parent now (on an object store: find its bucket and rights), so that a
@@ -103,6 +111,19 @@ class Store:
         except OSError as e:
             raise SpecError(f"{self.what} {self.location}: cannot write there ({first_line(e)}); "
                             f"check the bucket, the credentials and the endpoint, or choose another {self.what}") from None
+
+    def check_output(self, reuse=None) -> None:
+        """That this folder can take a command's output, as one SpecError line before any work: not
+        a file, absent or empty (or holding only what `reuse(names)` accepts: this command's own
+        earlier output), in a place that can be written (on an object store: its bucket and rights)."""
+        if self.local is not None:
+            check_local_folder(self.local, self.what)
+        else:
+            self.check_writable()
+        names = [n for n in self.names() if not n.startswith(".")]
+        if names and not (reuse is not None and reuse(names)):
+            raise SpecError(f"{self.what} {self.location}: already exists and is not empty; choose another "
+                            f"{self.what} or remove it")
 
     def open_input_file(self, *parts: str):
         """A random-access file (pyarrow's NativeFile): reads fetch only the ranges asked for."""
@@ -148,6 +169,22 @@ class Store:
         _quietly(self.fs.delete_dir, self._path(*parts))
 
 
+def check_local_folder(path: Path, what: str) -> None:
+    """That a folder can be made (or written into) at `path`, with nothing left behind by the check:
+    one SpecError line for a file in its place or above it, a place that cannot be written (a
+    system folder such as /proc or /sys, a read-only one), or a name too long for the file system."""
+    try:
+        if path.exists() and not path.is_dir():
+            raise SpecError(f"{what} {path}: is a file, not a folder; choose another {what}")
+        ancestor = next(p for p in (path, *path.parents) if p.exists())
+        if not ancestor.is_dir():
+            raise SpecError(f"{what} {path}: cannot create it: {ancestor} is a file, not a folder; choose another {what}")
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".quantray-probe-"))  # the only sure test of writing
+    except OSError as e:
+        raise SpecError(f"{what} {path}: cannot write there ({e.strerror or type(e).__name__}); "
+                        f"choose a folder you can write to") from None
+
+
 class StagedDir:
     """A run directory written into a staging folder and published whole by `commit`.
 
@@ -159,7 +196,7 @@ class StagedDir:
     """
 
     def __init__(self, final: str | Path, what: str = "--out"):
-        self.what, self.store = what, Store(final, what)
+        self.what, self.store, self._made = what, Store(final, what), []
         if self.store.local is None:
             self.store.check_writable()
             if self.store.names():
@@ -171,6 +208,8 @@ class StagedDir:
         if self.final.exists() and not (self.final.is_dir() and not any(self.final.iterdir())):
             raise SpecError(f"{what} {self.final}: already exists and is not empty; choose another {what} or remove it")
         try:
+            # the folders made for it (runs/ for runs/NAME): removed again if the command fails
+            self._made = [p for p in (self.final.parent, *self.final.parent.parents) if not p.exists()]
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self._lock, self.staging = _claim_staging(self.final.parent, self.final.name)
         except (NotADirectoryError, FileExistsError):
@@ -230,6 +269,9 @@ class StagedDir:
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
         self._unlock()
+        for folder in self._made:  # innermost first; one that holds anything stays
+            _quietly(os.rmdir, folder)
+        self._made = []
 
     def _unlock(self) -> None:
         if self._lock is not None:

@@ -59,11 +59,17 @@ def test_a_run_directory_appears_whole_with_its_manifest_last(tmp_path, uri):
 
 
 def test_a_failed_run_leaves_nothing_and_a_taken_out_is_refused(tmp_path):
+    (tmp_path / "kept").mkdir()  # a folder that was there before stays, empty or not
+    with pytest.raises(RuntimeError):
+        with StagedDir(tmp_path / "kept" / "r"):
+            raise RuntimeError("the run failed")
+    assert list((tmp_path / "kept").iterdir()) == []
+    (tmp_path / "kept").rmdir()
     with pytest.raises(RuntimeError):
         with StagedDir(tmp_path / "runs" / "r"):
             raise RuntimeError("the run failed")
-    assert list((tmp_path / "runs").iterdir()) == []
-    (tmp_path / "runs" / "taken").mkdir()
+    assert list(tmp_path.iterdir()) == []  # runs/, made for it, is gone too
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
     (tmp_path / "runs" / "taken" / "x").write_text("mine")
     with pytest.raises(SpecError, match="already exists and is not empty"):
         StagedDir(tmp_path / "runs" / "taken")
