@@ -184,3 +184,13 @@ def test_two_nodes_without_the_data_on_disk_give_the_local_digest(ray_cluster, s
     read, total = manifest["data_read"]["workers"], manifest["data_read"]["shards"]["calibration"]["bytes"]
     # 2 shards of 3 row groups; each worker's 4 batches lie mostly in one shard: it reads that one
     assert all(0 < read[w]["calibration"]["bytes"] < 0.75 * total for w in ("0", "1")), (read, total)
+
+
+def test_a_run_uri_in_no_bucket_is_one_line(s3, capsys):
+    """`quantray evaluate` and `report` on a URI whose bucket does not exist: one line naming the URI
+    as given (a traceback from the store before)."""
+    uri = f"{s3}-absent/run"
+    for verb in ("evaluate", "report"):
+        code = main([verb, uri])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"quantray: error: {uri}"), err
