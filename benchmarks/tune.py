@@ -130,7 +130,7 @@ def main() -> None:
                 c = time.perf_counter()
                 other = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
                 stats.load(other)
-                pipeline.quantize(pipeline.Calibrated(other, {}, None, {}, stats, trial.bias))
+                pipeline.quantize(pipeline.Calibrated(other, {}, None, {}, stats, trial.bias), loaded.example)
                 build.append(time.perf_counter() - c)
             b, c = sorted(build)[len(build) // 2], sorted(calibrate)[len(calibrate) // 2]
             print(f"per trial (median of {len(build)}): INT8 built from merged statistics {b * 1e3:.0f} ms "
