@@ -105,12 +105,31 @@ def software_versions() -> dict:
     import platform
 
     import torch
-    import torchvision
 
     # Ray's version from its package metadata: reading a run needs no Ray import.
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "ray": importlib.metadata.version("ray"), "pyarrow": pa.__version__,
+            "torchvision": _torchvision_version(), "ray": importlib.metadata.version("ray"), "pyarrow": pa.__version__,
             "torchao": _installed("torchao"), "quantray": __version__, "machine": platform.machine()}
+
+
+def _torchvision_version() -> str:
+    """torchvision.__version__ (with its build, e.g. 0.29.1+cu130, which its package metadata lacks),
+    read from its version.py where it is not imported yet: importing torchvision costs 3-5 s (it
+    loads torch._dynamo), which a job that never uses it would pay for this one string."""
+    import re
+    import sys
+
+    if "torchvision" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.find_spec("torchvision")
+        if spec is not None and spec.origin is not None:
+            found = re.search(r"^__version__ = '([^']+)'$", (Path(spec.origin).parent / "version.py").read_text(), re.M)
+            if found:
+                return found.group(1)
+    import torchvision
+
+    return torchvision.__version__
 
 
 def _installed(name: str) -> str | None:

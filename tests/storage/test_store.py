@@ -117,3 +117,15 @@ def test_sweep_leaves_a_lockless_staging_folder_of_an_older_quantray_for_a_day(t
     day_ago = time.time() - 25 * 3600
     os.utime(old, (day_ago, day_ago))
     assert sweep_staging(tmp_path) == [old] and not old.exists()
+
+
+@pytest.mark.ray  # a new interpreter: the only place torchvision is surely not imported yet
+def test_software_versions_give_torchvisions_build_without_importing_it():
+    """The manifest's torchvision version is torchvision.__version__ (its build included), found
+    without the 3-5 s import a job that never uses torchvision would otherwise pay."""
+    import torchvision
+
+    code = ("import sys; from quantray.storage.artifacts import software_versions; "
+            "v = software_versions(); print(v['torchvision'], 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [torchvision.__version__, "False"]
