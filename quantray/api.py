@@ -64,7 +64,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
     """
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
-    with pipeline.session(ctx, out or Path("runs") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session:
+    with pipeline.session(ctx, out if out is not None else Path("runs") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session:
         with ctx.stage("load"):
             job = pipeline.load(spec)
         with ctx.stage("prepare"):
@@ -115,7 +115,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
         if samples is not None:
             test = dataclasses.replace(test, samples=samples)
         spec = dataclasses.replace(spec, test=test)
-    with pipeline.session(ctx, out or join(files.location, suffix=f"-eval-{ctx.stamp()}"), spec, use_cache) as session:
+    with pipeline.session(ctx, out if out is not None else join(files.location, suffix=f"-eval-{ctx.stamp()}"), spec, use_cache) as session:
         with ctx.stage("load"):
             where = f"{data}: [test]" if data is not None else f"{job_path}: [test]"
             job = pipeline.load_for_evaluation(spec, manifest, where)

@@ -201,7 +201,7 @@ def test_nan_fails_the_run_naming_the_layer_and_leaves_no_run_directory(ray_clus
                                       'factory = "quantray.demo:digits_cnn"\ncheckpoint = "broken.pth"'))
     with pytest.raises(DataError, match=r"^NaN or Inf in the output of layer conv1 \(ConvReLU2d\) \(calibration batch 0, "):
         quantray.run(job, workers=2, out=tmp_path / "runs" / "broken", console=quiet())
-    assert list((tmp_path / "runs").iterdir()) == []
+    assert not (tmp_path / "runs").exists()  # nor the folder made for it
 
 
 def test_empty_calibration_split_is_a_spec_error_before_ray(tmp_path):

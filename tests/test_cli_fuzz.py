@@ -108,7 +108,9 @@ def test_bad_command_lines_end_in_one_line_and_write_nothing(verb, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # `quantray up`'s state, a stats store: nowhere real
     monkeypatch.setenv("QUANTRAY_CACHE", str(tmp_path / "home" / "cache"))
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # a line that slipped through could not start a cluster
+    # A line that slipped through starts no cluster of its own (where the session's Ray is up in this
+    # process it runs there instead, and its exit code and files fail the test)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     monkeypatch.setenv("QUANTRAY_CONNECT_TIMEOUT_S", "1")
     world = _world(tmp_path)
     rnd = random.Random(f"{SEED}-{verb}")

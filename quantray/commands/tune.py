@@ -141,7 +141,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
                         f"({spec.test.task_name!r}): tune chooses by one headline; give the validation set the job's "
                         "task (or metric)")
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
-    with (pipeline.session(ctx, out or Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,
+    with (pipeline.session(ctx, out if out is not None else Path("tunes") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session,
           contextlib.ExitStack() as cleanup):
         staged, private = session.staged, None
         if not (use_cache and spec.run.cache):  # nothing stored earlier is read; what this tune computes
