@@ -53,14 +53,17 @@ class RunResult:
 
 def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Path | None = None,
         address: str | None = None, use_cache: bool = True, console: Console | None = None,
-        shard_order=None, before_commit=None, context: pipeline.Context | None = None) -> RunResult:
+        shard_order=None, before_commit=None, context: pipeline.Context | None = None,
+        executor: str | None = None) -> RunResult:
     """Run a job file (or a loaded JobSpec): calibrate on Ray, convert, evaluate, write a run directory.
 
     `workers`: calibration actors (default: the job's, else the CPUs Ray sees); `out`: the run
     directory to create, a local path or a URI (default runs/NAME-TIMESTAMP); `address`: an existing
     Ray cluster (default $RAY_ADDRESS, else a local one is started and stopped); `use_cache=False`
     recomputes every stored statistic. `shard_order` (tests) permutes the order shards are handed
-    out; `before_commit(run, manifest)` may add files to the staged directory (refresh's drift).
+    out; `before_commit(run, manifest)` may add files to the staged directory (refresh's drift);
+    `executor`: where the work runs, "auto", "ray" or "driver" (default: the job's [run] executor;
+    "auto" runs a small job in this process, `pipeline.placement`).
     """
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
@@ -69,7 +72,8 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
             job = pipeline.load(spec)
         with ctx.stage("prepare"):
             prepared = pipeline.prepare(job, ctx.console)
-        with session.cluster(address), session.workers(job, prepared, workers=workers, shard_order=shard_order) as pool:
+        with (session.cluster(address, job, workers=workers, executor=executor),
+              session.workers(job, prepared, workers=workers, shard_order=shard_order) as pool):
             with ctx.stage("calibrate"):
                 calibrated = pipeline.calibrate(ctx, job, prepared, pool, use_cache=use_cache)
             with ctx.stage("convert"):
@@ -95,7 +99,8 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
 
 def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: int | None = None,
              out: str | Path | None = None, address: str | None = None, use_cache: bool = True,
-             console: Console | None = None, context: pipeline.Context | None = None) -> RunResult:
+             console: Console | None = None, context: pipeline.Context | None = None,
+             executor: str | None = None) -> RunResult:
     """Evaluate a finished run's INT8 model again, without calibrating, into a new directory.
 
     `data`: a TOML file whose [test] table (keys as in a job's, paths relative to that file) replaces
@@ -119,7 +124,7 @@ def evaluate(run_dir: str | Path, *, data: str | Path | None = None, samples: in
         with ctx.stage("load"):
             where = f"{data}: [test]" if data is not None else f"{job_path}: [test]"
             job = pipeline.load_for_evaluation(spec, manifest, where)
-        with session.cluster(address), session.workers(job) as pool:
+        with session.cluster(address, job, executor=executor), session.workers(job) as pool:
             evaluation = pipeline.evaluate(ctx, job, quantized, pool, use_cache)
         staged = session.staged
         with ctx.stage("write"):

@@ -93,7 +93,7 @@ def _dispatch(args, out) -> int:
     quiet_torch_warnings()
     if args.command == "evaluate":
         api.evaluate(args.run_dir, data=args.data, samples=args.samples, out=args.out, address=args.address,
-                     use_cache=not args.no_cache).print(out)
+                     use_cache=not args.no_cache, executor=args.executor).print(out)
         return 0
     if args.command == "pack":
         from .commands.pack import pack, print_pack
@@ -106,14 +106,15 @@ def _dispatch(args, out) -> int:
         points = spec.test.headline_is_fraction  # top-1, mIoU, F1: given in points; others in their unit
         result = tune(spec, max_drop=args.max_drop / 100 if points else args.max_drop, validation=args.validation, trials=args.trials,
                       workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache,
-                      rank_samples=args.rank_samples, score_with=args.score_with, console=out)
+                      rank_samples=args.rank_samples, score_with=args.score_with, executor=args.executor, console=out)
         return 0 if result.met else GATED_OUT
     if args.command == "refresh":
         from .commands.refresh import refresh
 
-        row = refresh(spec, args.registry, workers=args.workers, address=args.address)
+        row = refresh(spec, args.registry, workers=args.workers, address=args.address, executor=args.executor)
         return 0 if row["promoted"] else GATED_OUT
-    api.run(spec, workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache).print(out)
+    api.run(spec, workers=args.workers, out=args.out, address=args.address, use_cache=not args.no_cache,
+            executor=args.executor).print(out)
     return 0
 
 
@@ -122,12 +123,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     address = ("--address", {"help": "an existing Ray cluster (ray://HOST:10001 or HOST:6379; default: $RAY_ADDRESS, "
                                      "else a local cluster is started)"})
+    executor = (("--executor",), {"choices": ("auto", "ray", "driver"), "help": (
+        "where the work runs: a pool of Ray workers, this process, or auto (default, or the job's [run] executor): "
+        "this process when a pool would cost more to start than it saves")})
     run = sub.add_parser("run", help="calibrate, convert and evaluate one job file")
     run.add_argument("job", help="job spec (TOML), e.g. jobs/digits.toml")
     run.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
     run.add_argument("--out", help="run directory to create: a folder or a URI (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--no-cache", action="store_true", help="recompute every stored statistic")
     run.add_argument(address[0], **address[1])
+    run.add_argument(*executor[0], **executor[1])
     refresh = sub.add_parser("refresh", help="nightly: run into a registry, gate, promote if it passes "
                                              "(exit 0 promoted, 3 gated out)")
     refresh.add_argument("job", help="job spec (TOML); its [gate] section sets the accuracy gate")
@@ -135,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="registry folder or URI (runs/, gates/, promotions/, PROMOTED, history.parquet)")
     refresh.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
     refresh.add_argument(address[0], **address[1])
+    refresh.add_argument(*executor[0], **executor[1])
     tune = sub.add_parser("tune", help="search range methods and layers kept in FP32 for the fewest FP32 layers "
                                        "within an accuracy budget (exit 0 met, 3 not met)")
     tune.add_argument("job", help="job spec (TOML)")
@@ -154,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", help="tune directory to create (default: tunes/NAME-TIMESTAMP)")
     tune.add_argument("--no-cache", action="store_true", help="recompute every stored statistic")
     tune.add_argument(address[0], **address[1])
+    tune.add_argument(*executor[0], **executor[1])
     evaluate = sub.add_parser("evaluate", help="evaluate a finished run's INT8 model again (another test set, "
                                                "more samples) without calibrating; writes a new directory")
     evaluate.add_argument("run_dir", help="a run directory written by `quantray run` (a folder or a URI)")
@@ -162,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="directory to create (default: RUN_DIR-eval-TIMESTAMP beside the run)")
     evaluate.add_argument("--no-cache", action="store_true", help="recompute the FP32 outputs instead of reusing stored ones")
     evaluate.add_argument(address[0], **address[1])
+    evaluate.add_argument(*executor[0], **executor[1])
     pack = sub.add_parser("pack", help="write a job's calibration and test splits as Parquet shards (a folder or "
                                        "a URI such as s3://bucket/prefix) and a job file that reads them")
     pack.add_argument("job", help="job spec (TOML)")

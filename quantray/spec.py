@@ -353,6 +353,9 @@ def _check_choice(choice: dict, prefix: str) -> None:
         raise fail("activation_range", f"= {method!r} contradicts {prefix}activation = {kind!r}: {method} needs {fix}")
 
 
+EXECUTORS = ("auto", "ray", "driver")
+
+
 @dataclass(frozen=True)
 class RunSpec:
     _OWNER: typing.ClassVar[str] = "[run]"
@@ -368,11 +371,15 @@ class RunSpec:
     throughput_batch: int = 0      # 0: throughput from the evaluation's own timings; N: measured at batch N on the node
     layer_samples: int = 64  # test samples (whole batches, from the first) for per-layer SQNR; 0: none
     memory_gb: float | None = None  # per worker's resident memory, keeping pass-1 activations for pass 2; None: derived; 0: keep none
+    executor: str = "auto"  # where the work runs: "ray" (a pool of workers), "driver" (this process), "auto" (pipeline.placement)
 
     def __post_init__(self):
         _check_types(self)
         _at_least(self, {"workers": 1, "threads": 1, "max_attempts": 1, "latency_warmup": 0, "latency_iters": 1,
                          "throughput_batch": 0, "layer_samples": 0, "latency_precision": 0, "memory_gb": 0})
+        if self.executor not in EXECUTORS:
+            raise FieldError(self._OWNER, "executor", f"= {self.executor!r}: one of {', '.join(map(repr, EXECUTORS))}"
+                                                    f"{suggest(str(self.executor), EXECUTORS)}")
         if self.latency_precision >= 1:
             raise FieldError(self._OWNER, "latency_precision", f"= {self.latency_precision}: a fraction of the mean "
                                                                "(0.02 = +-2%), below 1")

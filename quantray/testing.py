@@ -153,6 +153,29 @@ class _FailingDataset:
         return self.inner[i]
 
 
+class _SlowDataset:
+    """Wraps a dataset; each sample takes `ms` milliseconds more to load, as a large image would."""
+
+    def __init__(self, inner, ms: float):
+        self.inner, self.ms = inner, ms
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        import time
+
+        time.sleep(self.ms / 1000)
+        return self.inner[i]
+
+
+def digits_slow(split: str = "test", ms: float = 10.0):
+    """The digits split, each sample `ms` slower to load: a job large enough to be worth a pool."""
+    from .inputs.data import digits
+
+    return _SlowDataset(digits(split), ms)
+
+
 def digits_failing(split: str = "test", fail_at: int = 0):
     """The digits split, with sample `fail_at` failing to load: for error-reporting tests."""
     from .inputs.data import digits

@@ -276,10 +276,17 @@ def test_a_local_cluster_that_stays_up_is_joined_and_changes_nothing_in_the_run(
         assert cli("up").stdout.startswith(f"local cluster already up at {state['address']}")
         reference = Path(demo_runs["1 worker"].location)
         for k in range(2):  # the second reuses what the first stored
-            run = cli("run", "jobs/digits.toml", "--out", tmp_path / f"run{k}", "--workers", "1")
+            run = cli("run", "jobs/digits.toml", "--out", tmp_path / f"run{k}", "--workers", "1", "--executor", "ray")
             assert f"using the local cluster at {state['address']}" in run.stderr
             for name in ("qparams.parquet", "predictions.parquet", "model_int8.pth", "layers.parquet"):
                 assert (tmp_path / f"run{k}" / name).read_bytes() == (reference / name).read_bytes(), name
+        # the demo is small: left to choose, it runs in this process even beside a cluster, and says so
+        run = cli("run", "jobs/digits.toml", "--out", tmp_path / "alone")
+        said = " ".join(run.stderr.split())
+        assert "running in this process, without Ray:" in said and "using the local cluster" not in said
+        assert "a pool costs about 2 s to start" in said  # Ray's start is not counted: the cluster is up
+        for name in ("qparams.parquet", "predictions.parquet", "model_int8.pth", "layers.parquet"):
+            assert (tmp_path / "alone" / name).read_bytes() == (reference / name).read_bytes(), name
     finally:
         stopped = cli("down", timeout=120).stdout
     assert stopped.strip() == f"local cluster at {state['address']} stopped"

@@ -21,14 +21,12 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import dataclass
-from typing import Callable, Hashable
-
 import ray
 
 from ..core.calls import Call
-from ..errors import QuantrayError, SpecError, first_line
+from ..errors import QuantrayError, first_line
 from .address import reachable
+from .names import Names, raised_line
 from .worker import Worker, WorkerSetup
 
 __all__ = ["Cluster", "WorkerPool", "Names", "map_tasks", "on_whole_node"]
@@ -51,6 +49,8 @@ class Cluster:
     A local cluster keeps Ray's default token authentication (its GCS listens on every interface);
     only Ray's notice that it turned it on is silenced: a laptop user can do nothing about it.
     """
+
+    kind = "ray"
 
     def __init__(self, address: str | None = None):
         self.address, self._started = address, False
@@ -78,6 +78,9 @@ class Cluster:
     def cpus(self) -> int:
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
+    def pool(self, setup: WorkerSetup, size: int, **options) -> "WorkerPool":
+        return WorkerPool(self, setup, size, **options)
+
     def memory_per_worker(self, workers: int) -> int:
         """A worker's memory budget: three quarters of its share of the smallest node's memory that
         Ray gives to tasks and actors (Ray's default: 70% of what was free at start-up)."""
@@ -85,17 +88,6 @@ class Cluster:
         per_node = -(-max(1, workers) // max(1, len(nodes)))
         smallest = min(n["Resources"].get("memory", 0) for n in nodes) if nodes else 0
         return int(smallest * 0.75 / per_node)
-
-
-@dataclass(frozen=True)
-class Names:
-    """How the caller names its work in the pool's lines. `worker(w)`: the worker, e.g. "the worker
-    of calibration shard 1"; `call(w, key)`: where an error raised in a call happened, e.g.
-    "evaluate: test batch 3 of 6"; `error`: the class of the line when a worker fails on every attempt."""
-
-    worker: Callable[[int], str]
-    call: Callable[[int, Hashable], str]
-    error: type[QuantrayError] = QuantrayError
 
 
 class _Actor:
@@ -301,13 +293,13 @@ def _one_line(error: BaseException, where: str, retries: int | None = None) -> Q
     """A Ray error as one line: the QuantrayError raised remotely (prefixed with where it ran), the
     user code's exception, or the process that died."""
     cause = _quantray_cause(error)
-    if cause is not None:  # a bad input found on a worker is a failure of the run there: exit 1
-        return (QuantrayError if isinstance(cause, SpecError) else type(cause))(f"{where}: {cause}")
+    if cause is not None:
+        return raised_line(cause, where)
     if isinstance(error, ray.exceptions.RayTaskError):
         inner = getattr(error, "cause", None)
-        name = type(inner).__name__ if inner is not None else error.function_name
-        text = first_line(inner) if inner is not None else first_line(error)
-        return QuantrayError(f"{where}: {name}: {text}")
+        if inner is not None:
+            return raised_line(inner, where)
+        return QuantrayError(f"{where}: {error.function_name}: {first_line(error)}")
     tries = f" {retries + 1} times" if retries is not None else ""
     return QuantrayError(f"{where}: its worker process died{tries} ({type(error).__name__}); "
                          "see the Ray logs for why (out of memory is the usual cause)")

@@ -75,7 +75,7 @@ def promoted_run(registry: str) -> str | None:
 
 
 def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address: str | None = None,
-            console: Console | None = None, now: Callable[[], datetime.datetime] = _utc_now) -> dict:
+            executor: str | None = None, console: Console | None = None, now: Callable[[], datetime.datetime] = _utc_now) -> dict:
     """Run `spec` into the registry, gate it, promote it if it passes; returns its history row.
     A run that fails is recorded (gate "error") and its QuantrayError raised again."""
     from ..api import run
@@ -118,7 +118,7 @@ def refresh(spec: JobSpec, registry: str, *, workers: int | None = None, address
 
     try:
         result = run(spec, workers=workers, out=reg.where("runs", run_id), address=address, console=console,
-                     before_commit=judge)
+                     before_commit=judge, executor=executor)
     except Exception as e:  # the night is recorded whatever stopped the run
         if not _copy_verdict(reg, run_id):  # not published: no other refresh can have judged it
             row.update({k: None for k in _FIGURES}, gate="error",

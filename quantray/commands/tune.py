@@ -60,6 +60,10 @@ from ..storage.store import join
 
 __all__ = ["tune", "Trial", "TuneResult", "TRIALS_SCHEMA", "best_toml"]
 
+# Forwards per selection sample, for where the tune runs (`pipeline.placement`): FP32 once, the engine
+# check, and trials (each scores every selection sample; 6-10 trials are typical of the jobs here).
+TEST_PASSES = 10
+
 TRIALS_SCHEMA = pa.schema([
     ("trial", pa.int64()), ("phase", pa.string()), ("range_method", pa.string()), ("fp32_modules", pa.list_(pa.string())),
     ("weight", pa.string()), ("equalize", pa.bool_()), ("bias_correction", pa.bool_()), ("samples", pa.int64()), ("top1", pa.float64()), ("top1_ci95_low", pa.float64()),
@@ -116,7 +120,7 @@ class TuneResult:
 
 def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path | None = None, trials: int = 64,
          workers: int | None = None, out: str | Path | None = None, address: str | None = None,
-         use_cache: bool = True, rank_samples: int = 256, score_with: str = "engine",
+         use_cache: bool = True, rank_samples: int = 256, score_with: str = "engine", executor: str | None = None,
          console: Console | None = None, context: pipeline.Context | None = None) -> TuneResult:
     """Search for the configuration with the fewest FP32 layers whose headline drop on the selection
     set is within `max_drop`, in the headline's unit and direction (top-1, mIoU, F1: a fraction, 0.003
@@ -152,7 +156,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
             loaded = pipeline.load(dataclasses.replace(spec, test=selection))
         with ctx.stage("prepare"):
             prepared = pipeline.prepare(loaded)
-        with session.cluster(address):
+        with session.cluster(address, loaded, workers=workers, executor=executor, test_passes=TEST_PASSES):
             with session.workers(loaded, prepared, workers=workers) as pool:
                 with ctx.stage("calibrate"):
                     # with bias correction's sums: a cure the search may try, from this one calibration
@@ -170,7 +174,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
                 best_spec = dataclasses.replace(best_spec, run=dataclasses.replace(best_spec.run, cache=True,
                                                                                    cache_dir=private))
             ctx.console.print("running the best trial as a job (best.toml) on the job's \\[test] ...")
-            best_run = api.run(best_spec, out=staged.path("best-run"), console=ctx.console)
+            best_run = api.run(best_spec, out=staged.path("best-run"), console=ctx.console, executor=executor)
         if best_run.manifest["qparams_digest"] != best.row["qparams_digest"]:
             raise SpecError(f"best.toml gave qparams digest {best_run.manifest['qparams_digest'][:16]} where the trial had "
                             f"{best.row['qparams_digest'][:16]}: please report this")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..cluster.runner import Names, WorkerPool
+from ..cluster.names import Names
 from ..cluster.worker import calibration_of
 from ..core import flow, merge
 from ..core.bias import correct_biases
@@ -27,6 +28,9 @@ from ..errors import CalibrationError
 from ..inputs.data import assign_shards, batch_identities, make_batches
 from .load import Job, open_stats, warn_unwritable
 from .workers import mixed_cpus
+
+if TYPE_CHECKING:
+    from ..cluster.runner import WorkerPool
 
 __all__ = ["Calibrated", "calibrate", "recalibrate", "calibration_executor", "Quantized", "quantize", "CALIBRATION_NAMES"]
 

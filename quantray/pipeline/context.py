@@ -3,7 +3,7 @@ that `api.run`, `api.evaluate` and `tune` are written in.
 
     ctx = Context(console)
     with session(ctx, out, spec, use_cache) as run:   # stats location checked, output staged
-        with run.cluster(address):                     # Ray up (timed as "ray_start"), progress bars
+        with run.cluster(address, job):                # Ray up (timed as "ray_start"), or this process
             with run.workers(job, prepared) as pool:   # the job's pool
                 ...
         run.commit(manifest)                           # the output appears whole, or not at all
@@ -17,16 +17,21 @@ import datetime
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
 
-from ..cluster import local, runner
+from ..cluster import local
+from ..cluster.driver import DriverCluster
 from ..report.console import make_progress
 from ..spec import JobSpec
 from ..storage.store import StagedDir
 from .load import check_stats_location, decoded_location
+from .placement import Placement, place
 from .workers import start_workers
+
+if TYPE_CHECKING:
+    from ..cluster import runner
 
 __all__ = ["Context", "Timings", "Session", "session"]
 
@@ -47,6 +52,7 @@ class Context:
     cluster: runner.Cluster | None = None
     progress: object = None
     started: float | None = None
+    placement: Placement | None = None  # where the job's work runs (`placement.place`), once decided
 
     def __post_init__(self):
         if self.started is None:
@@ -76,25 +82,38 @@ class Session:
     use_cache: bool = True
 
     @contextlib.contextmanager
-    def cluster(self, address: str | None) -> Iterator[runner.Cluster]:
-        """Ray for the block (started or joined; its start-up timed apart, as "ray_start": a fixed
-        cost, not calibration) and the progress bars."""
+    def cluster(self, address: str | None, job, *, workers: int | None = None, executor: str | None = None,
+                test_passes: int = 2) -> Iterator[runner.Cluster | DriverCluster]:
+        """Where `job` runs for the block (`placement.place`): Ray, started or joined (its start-up
+        timed apart, as "ray_start": a fixed cost, not calibration), or the driver's own process;
+        and the progress bars. `executor`: "auto", "ray" or "driver" (default: the job's [run] executor)."""
+        placement = place(job, executor=executor or job.spec.run.executor, address=address, workers=workers,
+                          test_passes=test_passes)
+        self.ctx.placement = placement
         with contextlib.ExitStack() as stack:
-            if address is None and not os.environ.get("RAY_ADDRESS"):
-                joined = local.running()  # `quantray up`'s, when there is one
-                if joined is not None:
-                    address = joined["address"]
-                    self.ctx.console.print(f"using the local cluster at {address} (`quantray up`; `quantray down` "
-                                           "stops it)")
-            with self.ctx.stage("ray_start"):
-                self.ctx.cluster = stack.enter_context(runner.Cluster(address))
+            if placement.kind == "driver":
+                if placement.executor == "auto":
+                    self.ctx.console.print(f"running in this process, without Ray: {placement.why} "
+                                           "(--executor ray to use Ray)")
+                self.ctx.cluster = stack.enter_context(DriverCluster())
+            else:
+                from ..cluster import runner  # imports Ray: only a job that uses it pays for the import
+
+                if address is None and not os.environ.get("RAY_ADDRESS"):
+                    joined = local.running()  # `quantray up`'s, when there is one
+                    if joined is not None:
+                        address = joined["address"]
+                        self.ctx.console.print(f"using the local cluster at {address} (`quantray up`; `quantray down` "
+                                               "stops it)")
+                with self.ctx.stage("ray_start"):
+                    self.ctx.cluster = stack.enter_context(runner.Cluster(address))
             self.ctx.progress = stack.enter_context(make_progress(self.ctx.console))
             try:
                 yield self.ctx.cluster
             finally:
                 self.ctx.cluster = self.ctx.progress = None
 
-    def workers(self, job, prepared=None, *, workers: int | None = None, shard_order=None) -> runner.WorkerPool:
+    def workers(self, job, prepared=None, *, workers: int | None = None, shard_order=None):
         """The job's pool, started now (a context manager: stopped at the end of the block)."""
         return start_workers(self.ctx, job, prepared, workers=workers, shard_order=shard_order,
                              decoded=decoded_location(job.spec, self.use_cache))

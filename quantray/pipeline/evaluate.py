@@ -10,8 +10,9 @@ and evaluations of an unchanged model on the same images compute only the INT8 s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..cluster.runner import Names, WorkerPool
+from ..cluster.names import Names
 from ..cluster.worker import Worker
 from ..core.calls import Call
 from ..core.engine import engine_rows, engine_verdict, merge_engine
@@ -24,6 +25,9 @@ from . import speed
 from .calibrate import Quantized
 from .fp32 import Fp32Memo
 from .load import Job, open_stats, warn_unwritable
+
+if TYPE_CHECKING:
+    from ..cluster.runner import WorkerPool
 
 __all__ = ["Evaluation", "evaluate", "first_batches"]
 

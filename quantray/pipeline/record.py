@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-from ..cluster.runner import WorkerPool
+from typing import TYPE_CHECKING
+
 from ..core.evaluation import cpu_kind
 from ..core.metrics import Scorer
 from ..digest import sha256_bytes
@@ -19,6 +20,9 @@ from .calibrate import Calibrated, Quantized
 from .evaluate import Evaluation
 from .load import Job
 from .workers import cpu_kinds, mixed_cpus
+
+if TYPE_CHECKING:
+    from ..cluster.runner import WorkerPool
 
 __all__ = ["write_results", "write_qparams", "write_html", "manifest"]
 
@@ -99,7 +103,8 @@ def manifest(ctx, job: Job, evaluation: Evaluation, *, qparams_digest: str, inpu
     if evaluation.data_read is not None:
         out["data_read"] = evaluation.data_read
     if pool is not None:  # the fixed cost of the job's workers, the memory each may keep, what they ran on
-        out["pool"] = {"workers": pool.size, "cpus_each": pool.num_cpus, "memory": pool.memory,
+        out["pool"] = {"placement": ctx.placement.record() if ctx.placement else None,  # Ray or the driver, and why
+                       "workers": pool.size, "cpus_each": pool.num_cpus, "memory": pool.memory,
                        "ready_s": round(pool.ready_at - pool.started_at, 4) if pool.ready_at else None,
                        "startup_s": {str(w): v for w, v in sorted(pool.startup_s.items())},
                        "nodes": {str(w): v for w, v in sorted(pool.nodes.items())},

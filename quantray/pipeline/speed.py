@@ -9,7 +9,9 @@ is measured there at [run] throughput_batch, or taken from the evaluation's own 
 
 from __future__ import annotations
 
-from ..cluster.runner import Names, WorkerPool, on_whole_node
+from typing import TYPE_CHECKING
+
+from ..cluster.names import Names
 from ..cluster.worker import BatchScores, Worker, WorkerSetup, measure_alone
 from ..core.calls import Call
 from ..core.metrics import TaskScores
@@ -17,6 +19,9 @@ from ..inputs.data import load_batch
 from .calibrate import Quantized
 from .fp32 import Fp32Memo
 from .load import Job
+
+if TYPE_CHECKING:
+    from ..cluster.runner import WorkerPool
 
 __all__ = ["measure"]
 
@@ -45,6 +50,8 @@ def measure(ctx, job: Job, quantized: Quantized, pool: WorkerPool, memo: Fp32Mem
         speed["conditions"].update(node=node,
                                    where="worker 0 of the job's pool, whose workers hold all CPUs of its node; the others idle")
     else:  # the pool's work is done: its CPUs go to the task
+        from ..cluster.runner import on_whole_node  # a Ray pool's case: the driver's pool is alone (node_alone)
+
         pool.stop()
         setup = WorkerSetup(job.fp32, job.example, job.spec.quantization, run.threads)
         speed, node = on_whole_node(measure_alone, setup, quantized.deployed, quantized.state, args, ())

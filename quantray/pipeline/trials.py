@@ -14,10 +14,11 @@ round-robin, one wave at a time. The search itself (which trials, when to stop) 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..cluster.runner import Names, WorkerPool
+from ..cluster.names import Names
 from ..cluster.worker import TrialScores, Worker
 from ..core.calls import Call
 from ..core.engine import engine_verdict, merge_engine
@@ -26,6 +27,9 @@ from ..inputs.data import batch_identities
 from ..spec import QuantSpec
 from .fp32 import Fp32Memo
 from .load import Job, open_stats
+
+if TYPE_CHECKING:
+    from ..cluster.runner import WorkerPool
 
 __all__ = ["fp32_logits", "score_trials", "check_engine", "rank_layers", "TrialScores"]
 

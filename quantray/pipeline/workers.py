@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..cluster.runner import WorkerPool
 from ..cluster.worker import WorkerSetup
 from ..core.sites import observed_values, signature
+
+if TYPE_CHECKING:
+    from ..cluster.runner import WorkerPool
 
 __all__ = ["start_workers", "cpu_kinds", "mixed_cpus"]
 
@@ -23,7 +26,8 @@ def start_workers(ctx, job, prepared: nn.Module | None = None, *, workers: int |
                   shard_order=None, decoded: str | None = None) -> WorkerPool:
     """The job's pool, started now: the workers build the FP32 model's prepared copy (when
     `prepared` is given: calibration) and the datasets while the driver goes on. Its size is
-    `workers`, else the job's, else the CPUs Ray sees, and no more than there are batches to share.
+    `workers`, else the job's, else the CPUs Ray sees, and no more than there are batches to share
+    (one in the driver's process: `placement`).
     `decoded`: where the workers keep decoded images (`inputs.decoded`), None for nowhere."""
     spec = job.spec
     wanted = workers or spec.run.workers or ctx.cluster.cpus
@@ -37,11 +41,12 @@ def start_workers(ctx, job, prepared: nn.Module | None = None, *, workers: int |
             memory = {"memory_gb": spec.run.memory_gb, "from": "[run] memory_gb"}
         else:
             memory = {"memory_gb": round(ctx.cluster.memory_per_worker(size) / 2 ** 30, 3),
-                      "from": "3/4 of the smallest node's Ray memory, over the workers it runs"}
+                      "from": "3/4 of the smallest node's Ray memory, over the workers it runs" if ctx.cluster.kind == "ray"
+                              else "3/4 of 70% of the memory free when the run began (the driver's process)"}
         setup = dataclasses.replace(setup, calibration=spec.calibration, signature=signature(observed_values(prepared)),
                                     memory_bytes=int(memory["memory_gb"] * 2 ** 30))
-    pool = WorkerPool(ctx.cluster, setup, size, wanted=wanted, memory=memory, max_attempts=spec.run.max_attempts,
-                      console=ctx.console, order=shard_order)
+    pool = ctx.cluster.pool(setup, size, wanted=wanted, memory=memory, max_attempts=spec.run.max_attempts,
+                            console=ctx.console, order=shard_order)
     pool.start()
     return pool
 
