@@ -1,7 +1,7 @@
 """`quantray tune` against the way the anchors tune (Intel Neural Compressor, NNCF): each trial
 re-prepared, re-calibrated and evaluated (FP32 and INT8) in one process, one trial after another.
 
-    python -m benchmarks.tune [--job jobs/digits_mobile.toml] [--max-drop 0.3] [--workers 2]
+    python -m benchmarks.tune [--job jobs/digits_mobile.toml] [--max-drop 0.3] [--workers 2] [--executor ray]
     python -m benchmarks.tune --article 2      # the article's job: resnet18 on 224x224 JPEGs
 
 `--article K` writes the article's job as `testing.article_job` does (a Flowers102 folder of
@@ -39,7 +39,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="jobs/digits_mobile.toml")
     parser.add_argument("--max-drop", default="0.3")
-    parser.add_argument("--workers", default="2")
+    parser.add_argument("--workers", help="quantray's workers (default: as a user runs it, none given)")
+    parser.add_argument("--executor", choices=("auto", "ray", "driver"), default="auto",
+                        help="where quantray tune runs (default: auto, as a user runs it)")
     parser.add_argument("--article", type=int, metavar="K", help="tune the article's job, K test images per class")
     args = parser.parse_args()
 
@@ -63,15 +65,18 @@ def main() -> None:
         try:
             t = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "quantray.cli", "tune", str(job), "--max-drop", args.max_drop,
-                                   "--workers", args.workers, "--no-cache", "--out", f"{tmp}/tune"],
+                                   *(["--workers", args.workers] if args.workers else []), "--executor", args.executor,
+                                   "--no-cache", "--out", f"{tmp}/tune"],
                                   capture_output=True, text=True)
             tune_s = time.perf_counter() - t
             if done.returncode not in (0, 3):
                 raise SystemExit(done.stdout[-3000:] + done.stderr[-3000:])
             rows = pq.read_table(f"{tmp}/tune/trials.parquet").to_pylist()
-            print(f"quantray tune ({args.workers} workers, --no-cache): {tune_s:.1f} s for {len(rows)} trials, "
-                  f"exit {done.returncode}")
             summary = json.loads(Path(f"{tmp}/tune/tune.json").read_text())
+            placement = json.loads(Path(f"{tmp}/tune/best-run/manifest.json").read_text())["pool"]["placement"]
+            print(f"quantray tune (--executor {args.executor}, workers {args.workers or 'not given'}, --no-cache; its best "
+                  f"run: {placement['kind']}, {placement['why']}): {tune_s:.1f} s for {len(rows)} trials, "
+                  f"exit {done.returncode}")
             best_run = json.loads(Path(f"{tmp}/tune/best-run/manifest.json").read_text())
             print(f"  of which the best trial's run (best-run/: convert, evaluation on [test], per-layer SQNR, speed) "
                   f"{best_run['wall_s']:.1f} s; stages {summary['timings_s']}")
