@@ -61,6 +61,7 @@ class DriverPool:
     QuantrayError line naming the call, as on Ray (`names.raised_line`)."""
 
     num_cpus = 1.0
+    in_process = True  # a call gets the driver's objects themselves
 
     def __init__(self, setup: WorkerSetup, *, wanted: int | None = None, memory: dict | None = None,
                  max_attempts: int = 3, console=None, order=None):

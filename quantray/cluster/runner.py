@@ -125,6 +125,8 @@ class WorkerPool:
     quantray code are not retried: they would fail again.
     """
 
+    in_process = False  # its workers are other processes: what a call gets is a copy
+
     def __init__(self, cluster: Cluster, setup: WorkerSetup, size: int, *, wanted: int | None = None,
                  memory: dict | None = None, max_attempts: int = 3, console=None, order=None):
         # With more workers than CPUs, actors share CPUs instead of waiting forever for a free one.

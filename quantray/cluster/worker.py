@@ -106,9 +106,10 @@ class Worker:
         self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
         self.build_s = round(time.perf_counter() - started, 4)
 
-    def load_int8(self, key: str, deployed: bytes, state: bytes) -> None:
+    def load_int8(self, key: str, deployed: bytes, state: bytes, eager: nn.Module | None = None) -> None:
         """The INT8 model to evaluate and to diagnose and time. FX: the TorchScript file, and eager
-        INT8 rebuilt from its state_dict when first needed (a converted GraphModule does not pickle).
+        INT8 rebuilt from its state_dict when first needed (a converted GraphModule does not pickle),
+        or `eager` itself where the worker shares the driver's process (the model the state came from).
         PT2E: the exported program (`pt2e.load_program`, the reference representation, as eager) and
         its compiled runtime (`pt2e.Compiled`), compiled at each batch size's first call."""
         if key == self._int8_key:
@@ -121,7 +122,7 @@ class Worker:
             self._eager = pt2e.load_program(deployed)
             self._script = pt2e.Compiled(self._eager)
         else:
-            self._script = torch.jit.load(io.BytesIO(deployed))
+            self._script, self._eager = torch.jit.load(io.BytesIO(deployed)), eager
 
     @property
     def _runtime(self) -> str:

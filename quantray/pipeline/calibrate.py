@@ -123,6 +123,8 @@ class Quantized:
     bias_correction: dict | None = None  # what `bias.correct_biases` did, where it ran
     flow: str = "fx"
     export: str | None = None  # PT2E: "strict" or "non-strict", the torch.export call that worked
+    model: nn.Module | None = field(default=None, repr=False, compare=False)  # FX: the INT8 model itself, for
+                                               # a pool in this process (a converted GraphModule does not pickle)
 
     @property
     def files(self) -> dict[str, bytes]:
@@ -153,4 +155,4 @@ def quantize(calibrated: Calibrated, example: torch.Tensor) -> Quantized:
     corrected = correct_biases(int8, calibrated.prepared, calibrated.stats.bias) if calibrated.bias_correction else None
     script = io.BytesIO()
     torch.jit.save(torch.jit.script(int8), script)
-    return Quantized(state_dict_bytes(int8), script.getvalue(), rows, digest, corrected)
+    return Quantized(state_dict_bytes(int8), script.getvalue(), rows, digest, corrected, model=int8)

@@ -59,7 +59,8 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
         layer_batches = first_batches(test_batches, run.layer_samples)  # the first k test batches
         layer_groups = [layer_batches[w::n] for w in range(n)]  # as handed out below: batch b to worker b % n
         load = Call("int8", Worker.load_int8, (sha256_bytes(quantized.deployed), pool.share(quantized.deployed),
-                                               pool.share(quantized.state)))
+                                               pool.share(quantized.state),
+                                               quantized.model if pool.in_process else None))
         calls = {w: [load] for w in range(n)}
         fx = quantized.flow == "fx"  # per-layer SQNR (Numeric Suite) and the engine check read FX's INT8 modules
         if not fx:
