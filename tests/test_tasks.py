@@ -166,8 +166,9 @@ def test_report_and_html_show_the_tasks_headline(task_runs, capsys):
 @pytest.mark.ray
 def test_a_label_free_refresh_promotes_then_gates_out_a_bad_night(ray_cluster, tmp_path):
     """Night 1: the shipped job, promoted on its output SQNR. Night 2: its calibration patches came
-    in at half their brightness (an exposure fault), so ranges are too narrow and INT8 clips the
-    real patches: gated out on min_sqnr_db and on max_regression, and the promotion stays."""
+    in at a quarter of their brightness (an exposure fault), so ranges are too narrow and INT8 clips
+    the real patches: gated out on min_sqnr_db and on max_regression, and the promotion stays. (Half
+    the brightness is not a fault here: x86's reduce_range observers leave INT8 twice the range.)"""
     registry = tmp_path / "registry"
     job = tmp_path / "photos.toml"
     job.write_text(JOBS["agreement"].read_text() + "max_regression = 3.0\n")
@@ -177,7 +178,7 @@ def test_a_label_free_refresh_promotes_then_gates_out_a_bad_night(ray_cluster, t
     assert first["task"] == "agreement" and first["headline"] == "sqnr_db" and first["int8_headline"] > 25
     promoted = (registry / "PROMOTED").read_text()
     job.write_text(job.read_text().replace('factory = "quantray.examples:photo_patches"\nsplit = "train"',
-                                           'factory = "quantray.testing:dim_photo_patches"\nkwargs = { factor = 0.5 }\n'
+                                           'factory = "quantray.testing:dim_photo_patches"\nkwargs = { factor = 0.25 }\n'
                                            'split = "train"'))
     second = refresh(load_spec(job), str(registry), workers=2, console=Console(file=log, width=300))
     assert second["gate"] == "failed" and not second["promoted"]
@@ -192,7 +193,7 @@ def test_a_label_free_refresh_promotes_then_gates_out_a_bad_night(ray_cluster, t
     assert [(h["gate"], h["promoted"], h["headline"]) for h in history] == [("passed", True, "sqnr_db"),
                                                                              ("failed", False, "sqnr_db")]
     assert history[0]["fp32_top1"] is None and history[1]["output_sqnr_db"] == second["int8_headline"]
-    assert history[0]["max_scale_drift"] is None and history[1]["max_scale_drift"] > 0.3   # ranges halved, or so
+    assert history[0]["max_scale_drift"] is None and history[1]["max_scale_drift"] > 0.5   # ranges quartered, or so
     page = (registry / "history.html").read_text()   # rewritten by every refresh
     assert "2 nights: 1 passed, 1 gated out, 0 failed to run" in page and "INT8 vs FP32 output SQNR (dB) per night" in page
     for night in (first, second):
