@@ -58,12 +58,14 @@ def place(job, *, executor: str, address: str | None, workers: int | None, test_
     if executor == "ray":
         return Placement("ray", executor, "asked for")
     wanted = workers or job.spec.run.workers
-    named = ("--address" if address is not None else "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS")
-             else "Ray initialised in this process" if _ray_initialised() else None)
+    # What the user typed is named before the state of this process (a test's or a notebook's Ray).
+    named = "--address" if address is not None else "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else None
     if named:
         return Placement("ray", executor, f"a cluster is named ({named})")
     if wanted is not None and wanted > 1:
         return Placement("ray", executor, f"{wanted} workers asked for")
+    if _ray_initialised():
+        return Placement("ray", executor, "a cluster is named (Ray initialised in this process)")
     up = local.running()
     cpus = int(up.get("cpus") or os.cpu_count() or 1) if up else os.cpu_count() or 1
     spec = job.spec
