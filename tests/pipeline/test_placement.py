@@ -55,8 +55,8 @@ def test_a_job_file_names_its_executor_and_a_typo_is_one_line(tmp_path):
 @pytest.mark.ray
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a pool of one saves nothing: every job is small")
 def test_auto_weighs_the_measured_forwards_against_a_pools_start(tmp_path):
-    """In a process without Ray: the demo (about a second of forwards) runs here; the same job whose
-    samples each take 10 ms to load (about 14 s) goes to Ray."""
+    """In a process without Ray: the demo (about a second of forwards) runs here, start to end without
+    importing Ray; the same job whose samples each take 10 ms to load (about 14 s) goes to Ray."""
     slow = tmp_path / "slow.toml"
     slow.write_text(DEMO_JOB.read_text().replace('source = "digits"\nsplit = "train"',
                                                  'source = "factory"\nfactory = "quantray.testing:digits_slow"\n'
@@ -67,10 +67,12 @@ def test_auto_weighs_the_measured_forwards_against_a_pools_start(tmp_path):
     program = ("import json, sys\nfrom quantray.pipeline import load\nfrom quantray.pipeline.placement import place\n"
                "from quantray.spec import load_spec\n"
                "print(json.dumps([place(load(load_spec(p)), executor='auto', address=None, workers=None).record() "
-               "for p in sys.argv[1:]]))\nprint('ray' in sys.modules)")
+               "for p in sys.argv[2:]]))\nprint('ray' in sys.modules)\n"
+               "from quantray.cli import main\nprint(main(['run', sys.argv[2], '--out', sys.argv[1]]), 'ray' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["QUANTRAY_CACHE"] = str(tmp_path / "home")  # no `quantray up` cluster
-    done = subprocess.run([sys.executable, "-c", program, str(DEMO_JOB), str(slow)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", program, str(tmp_path / "run"), str(DEMO_JOB), str(slow)],
+                          capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     demo, heavy = json.loads(done.stdout.splitlines()[0])
@@ -78,6 +80,8 @@ def test_auto_weighs_the_measured_forwards_against_a_pools_start(tmp_path):
     assert demo["estimate"]["pool_cost_s"] == 4.0 and demo["why"].endswith("a pool costs about 4 s to start")
     assert heavy["kind"] == "ray" and heavy["estimate"]["forwards_s"] > 10, heavy
     assert done.stdout.splitlines()[1] == "False"  # choosing imported no Ray
+    assert done.stdout.splitlines()[-1] == "0 False"  # nor did the demo's whole run, in this process
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["pool"]["placement"]["kind"] == "driver"
 
 
 @pytest.mark.ray
@@ -93,6 +97,9 @@ def test_a_run_in_the_driver_writes_a_ray_runs_files_byte_for_byte(ray_cluster, 
     assert pool["nodes"] == {"0": "driver"} and pool["workers"] == 1 and "ray_start" not in result.manifest["timings_s"]
     left = quantray.run(DEMO_JOB, use_cache=False, out=tmp_path / "auto", console=quiet())
     assert left.manifest["pool"]["placement"]["why"] == "a cluster is named (Ray initialised in this process)"
+    again = quantray.evaluate(result.location, executor="driver", use_cache=False, out=tmp_path / "again", console=quiet())
+    assert again.manifest["pool"]["placement"]["kind"] == "driver"
+    assert (tmp_path / "again" / "predictions.parquet").read_bytes() == (tmp_path / "driver" / "predictions.parquet").read_bytes()
 
 
 @pytest.mark.ray
