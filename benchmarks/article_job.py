@@ -1,6 +1,6 @@
 """The article's job end to end: its script as written against `quantray run`, on the same data.
 
-    python -m benchmarks.article_job [--dir DIR] [--rounds 1] [--workers 2] [--s3] [--pt2e]
+    python -m benchmarks.article_job [--dir DIR] [--rounds 1] [--workers 2] [--classes 100] [--test 10] [--s3] [--pt2e]
 
 Data: a Flowers102-layout folder of real-size (500x375) JPEGs, 100 classes with 1 training and 10
 test images each (100 calibration images in batches of 10, 1,000 test images), and an untrained
@@ -129,6 +129,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=str(Path.home() / ".cache" / "quantray-bench" / "article_job"))
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--classes", type=int, default=100, help="classes (one calibration image and --test test images each)")
+    parser.add_argument("--test", type=int, default=10, help="test images per class (default 10: 1,000 images)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--s3", action="store_true", help="also run the job packed to shards on a loopback S3 endpoint")
     parser.add_argument("--pt2e", action="store_true", help="also run the job cold with flow = \"pt2e\"")
@@ -142,8 +144,11 @@ def _rounds(args, stack: contextlib.ExitStack) -> None:
     from quantray.testing import article_job
 
     base = Path(args.dir)
+    if (args.classes, args.test) != (100, 10):  # other data: its own folder beside the default's
+        base = base / f"{args.classes}x{args.test}"
     t = time.perf_counter()
-    job = article_job(base, samples=100, classes=range(1, 101), train=1, val=0, test=10)
+    job = article_job(base, samples=100, classes=range(1, args.classes + 1), train=1, val=0, test=args.test)
+    print(f"{args.classes} classes, {args.classes * args.test} test images")
     print(f"data and checkpoint in {base} ({time.perf_counter() - t:.1f} s to write or find)")
     script = base / "article.py"
     script.write_text(ARTICLE)
