@@ -44,10 +44,12 @@ class Placement:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def place(job, *, executor: str, address: str | None, workers: int | None, test_passes: int = 2) -> Placement:
+def place(job, *, executor: str, address: str | None, workers: int | None, test_passes: int = 2,
+          pools: int = 1) -> Placement:
     """Where `job` runs (module docstring). `workers`: the count given on the command line (the
     job's [run] workers otherwise); `test_passes`: how many forwards each test sample gets (tune's
-    trials add theirs)."""
+    trials add theirs); `pools`: how many pools of workers the command starts on Ray (tune: its
+    own, then the best trial's run)."""
     if executor == "driver":
         if address is not None:
             raise SpecError(f"--address {address} with executor 'driver': the driver runs the job in this process; "
@@ -75,7 +77,7 @@ def place(job, *, executor: str, address: str | None, workers: int | None, test_
     forwards = 2 * len(job.calib_idx or []) + test_passes * len(job.test_idx)
     work = per_sample * forwards
     saved = work * (1 - 1 / n)
-    cost = (0.0 if up else RAY_START_S) + WORKERS_START_S
+    cost = (0.0 if up else RAY_START_S) + pools * WORKERS_START_S
     estimate = {"forwards_s": round(work, 3), "saved_by_workers_s": round(saved, 3), "workers": n,
                 "pool_cost_s": cost, "per_sample_s": round(per_sample, 6)}
     if saved < cost:

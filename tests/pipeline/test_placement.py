@@ -67,7 +67,8 @@ def test_auto_weighs_the_measured_forwards_against_a_pools_start(tmp_path):
     program = ("import json, sys\nfrom quantray.pipeline import load\nfrom quantray.pipeline.placement import place\n"
                "from quantray.spec import load_spec\n"
                "print(json.dumps([place(load(load_spec(p)), executor='auto', address=None, workers=None).record() "
-               "for p in sys.argv[2:]]))\nprint('ray' in sys.modules)\n"
+               "for p in sys.argv[2:]] + [place(load(load_spec(sys.argv[2])), executor='auto', address=None, "
+               "workers=None, test_passes=10, pools=2).record()]))\nprint('ray' in sys.modules)\n"
                "from quantray.cli import main\nprint(main(['run', sys.argv[2], '--out', sys.argv[1]]), 'ray' in sys.modules)")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["QUANTRAY_CACHE"] = str(tmp_path / "home")  # no `quantray up` cluster
@@ -75,10 +76,12 @@ def test_auto_weighs_the_measured_forwards_against_a_pools_start(tmp_path):
                           capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    demo, heavy = json.loads(done.stdout.splitlines()[0])
+    demo, heavy, tuned = json.loads(done.stdout.splitlines()[0])
     assert demo["kind"] == "driver" and demo["estimate"]["forwards_s"] < 3, demo
     assert demo["estimate"]["pool_cost_s"] == 4.0 and demo["why"].endswith("a pool costs about 4 s to start")
     assert heavy["kind"] == "ray" and heavy["estimate"]["forwards_s"] > 10, heavy
+    # tune's: 10 forwards per test sample, and on Ray two pools (its own, its best trial's run's)
+    assert tuned["kind"] == "driver" and tuned["estimate"]["pool_cost_s"] == 6.0, tuned
     assert done.stdout.splitlines()[1] == "False"  # choosing imported no Ray
     assert done.stdout.splitlines()[-1] == "0 False"  # nor did the demo's whole run, in this process
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["pool"]["placement"]["kind"] == "driver"
