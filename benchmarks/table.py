@@ -64,9 +64,12 @@ def main(argv=None) -> None:
         if row in rows:
             out = _show([sys.executable, "-m", "benchmarks.tune", *extra])
             tune_s = float(re.search(r"\): ([\d.]+) s for \d+ trials", out).group(1))
-            anchors = re.search(r"the anchors' way, one process: ([\d.]+) s; quantray tune is ([\d.]+)x", out)
+            anchors = re.search(r"the anchors' way, one process: ([\d.]+) s from launch \(([\d.]+) s from the job's load\); "
+                                r"quantray tune is ([\d.]+)x faster \(([\d.]+)x against the loop from the job's load", out)
+            launch, loop, ratio, loop_ratio = anchors.groups()
             table.append((f"quantray tune, {'jobs/digits_mobile.toml' if not extra else 'article job'}",
-                          f"anchors {anchors.group(1)} s, tune {tune_s:.1f} s", f"{anchors.group(2)}x"))
+                          f"anchors {launch} s from launch ({loop} s from the load: {loop_ratio}x), tune {tune_s:.1f} s",
+                          f"{ratio}x"))
     print(f"\nall rows in {time.perf_counter() - started:.0f} s, on {os.cpu_count()} CPUs; ratios: the baseline's wall over "
           "quantray's (above 1: quantray is faster)")
     width = max(len(r) for r, _, _ in table)

@@ -11,11 +11,12 @@ untrained resnet18: timings do not depend on its weights) and tunes that.
 1. `quantray tune JOB --max-drop PTS --no-cache` as a user runs it (a new process, a fresh stats
    folder): wall time from launch to exit.
 2. The same trials (read from its trials.parquet: range method, FP32 modules, weight scheme, cures,
-   and the samples each was scored on), the anchors' way, in this process: prepare_fx with the
-   trial's qconfig (equalized first where the trial equalizes), torch's calibration over the job's
-   calibration batches (bias correction's sums gathered in the same passes where it corrects),
-   convert_fx, then the FP32 and the INT8 model over the trial's test batches. Timed from the job's
-   load to the last trial.
+   and the samples each was scored on), the anchors' way, in a new process as a user's script
+   runs: prepare_fx with the trial's qconfig (equalized first where the trial equalizes), torch's
+   calibration over the job's calibration batches (bias correction's sums gathered in the same
+   passes where it corrects), convert_fx, then the FP32 and the INT8 model over the trial's test
+   batches. Timed from launch to exit, like step 1, and (as earlier rounds reported it) from the
+   job's load to the last trial, without the process's start and imports.
 3. Per trial: building the INT8 model from merged statistics (prepare_fx, load, convert_fx,
    TorchScript) against one calibration (prepare_fx, the forward passes, convert_fx).
 Ratios are measured in the same run; both sides use one process per worker at one thread.
@@ -43,14 +44,17 @@ def main() -> None:
     parser.add_argument("--executor", choices=("auto", "ray", "driver"), default="auto",
                         help="where quantray tune runs (default: auto, as a user runs it)")
     parser.add_argument("--article", type=int, metavar="K", help="tune the article's job, K test images per class")
+    parser.add_argument("--anchors", nargs=2, metavar=("JOB", "TRIALS_JSON"), help=argparse.SUPPRESS)  # step 2's process
     args = parser.parse_args()
+    if args.anchors:
+        print(json.dumps(_anchors(Path(args.anchors[0]), json.loads(Path(args.anchors[1]).read_text()))))
+        return
 
     import pyarrow.parquet as pq
 
     from quantray import pipeline
     from quantray.core import flow
-    from quantray.core.bias import InputSums, correct_biases, merge_sums
-    from quantray.inputs.data import load_batch, make_batches
+    from quantray.inputs.data import make_batches
     from quantray.spec import load_spec
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,41 +85,26 @@ def main() -> None:
             print(f"  of which the best trial's run (best-run/: convert, evaluation on [test], per-layer SQNR, speed) "
                   f"{best_run['wall_s']:.1f} s; stages {summary['timings_s']}")
 
+            rows_file = Path(tmp) / "trials.json"
+            rows_file.write_text(json.dumps(rows, default=str))
+            t = time.perf_counter()  # the anchors' loop as a user runs a script: a new process, its imports included
+            done = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--anchors", str(job), str(rows_file)],
+                                  capture_output=True, text=True)
+            anchors_process_s = time.perf_counter() - t
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-3000:])
+            anchors_s, calibrate = json.loads(done.stdout.splitlines()[-1])
+            search_s = tune_s - best_run["wall_s"]
+            print(f"the anchors' way, one process: {anchors_process_s:.1f} s from launch ({anchors_s:.1f} s from the "
+                  f"job's load); quantray tune is {anchors_process_s / tune_s:.2f}x faster ({anchors_s / tune_s:.2f}x "
+                  f"against the loop from the job's load; {anchors_process_s / search_s:.2f}x up to its choice, "
+                  "without the best trial's run)")
+
             flow.quiet_torch_warnings()
             torch.set_num_threads(1)
-            t = time.perf_counter()
             spec = load_spec(job)
             loaded = pipeline.load(spec)
-            calib = [load_batch(loaded.calib_ds, b)[0] for b in make_batches(loaded.calib_idx, spec.calibration.batch_size)]
-            test_batches = make_batches(loaded.test_idx, spec.test.batch_size)
-            build, calibrate = [], []
-            with torch.inference_mode():
-                for r in rows:
-                    trial = _trial(r)
-                    c = time.perf_counter()
-                    prepared = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
-                    sums = InputSums(prepared) if trial.bias else None
-                    per_batch = []
-                    for x in calib:
-                        with sums.recording() if sums else contextlib.nullcontext({}) as batch:
-                            prepared(x)
-                        per_batch.append(batch)
-                    int8 = flow.convert(prepared)
-                    if trial.bias:  # the same correction, from sums gathered in the same forward passes
-                        correct_biases(int8, prepared, merge_sums(per_batch))
-                    calibrate.append(time.perf_counter() - c)
-                    seen = 0
-                    for batch in test_batches:
-                        if seen >= r["samples"]:
-                            break
-                        x, y = load_batch(loaded.test_ds, batch)
-                        loaded.fp32(x).argmax(1), int8(x).argmax(1)
-                        seen += len(batch)
-            anchors_s = time.perf_counter() - t
-            search_s = tune_s - best_run["wall_s"]
-            print(f"the anchors' way, one process: {anchors_s:.1f} s; quantray tune is {anchors_s / tune_s:.2f}x faster "
-                  f"({anchors_s / search_s:.2f}x up to its choice, without the best trial's run)")
-
+            build = []
             from quantray.core.calibration import SerialExecutor
             from quantray.core.modes import MODES, Plan
             from quantray.core.protocol import calibrate as run_protocol
@@ -142,6 +131,48 @@ def main() -> None:
                   f"(TorchScript included), one calibration {c * 1e3:.0f} ms ({c / b:.1f}x)")
         finally:
             job.unlink(missing_ok=True)
+
+
+def _anchors(job: Path, rows: list[dict]) -> tuple[float, list[float]]:
+    """The trials of `rows`, the anchors' way (module docstring, 2): seconds from the job's load to
+    the last trial, and each trial's calibration (prepare_fx, the forwards, convert_fx)."""
+    from quantray import pipeline
+    from quantray.core import flow
+    from quantray.core.bias import InputSums, correct_biases, merge_sums
+    from quantray.inputs.data import load_batch, make_batches
+    from quantray.spec import load_spec
+
+    flow.quiet_torch_warnings()
+    torch.set_num_threads(1)
+    t = time.perf_counter()
+    spec = load_spec(job)
+    loaded = pipeline.load(spec)
+    calib = [load_batch(loaded.calib_ds, b)[0] for b in make_batches(loaded.calib_idx, spec.calibration.batch_size)]
+    test_batches = make_batches(loaded.test_idx, spec.test.batch_size)
+    calibrate = []
+    with torch.inference_mode():
+        for r in rows:
+            trial = _trial(r)
+            c = time.perf_counter()
+            prepared = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
+            sums = InputSums(prepared) if trial.bias else None
+            per_batch = []
+            for x in calib:
+                with sums.recording() if sums else contextlib.nullcontext({}) as batch:
+                    prepared(x)
+                per_batch.append(batch)
+            int8 = flow.convert(prepared)
+            if trial.bias:  # the same correction, from sums gathered in the same forward passes
+                correct_biases(int8, prepared, merge_sums(per_batch))
+            calibrate.append(time.perf_counter() - c)
+            seen = 0
+            for batch in test_batches:
+                if seen >= r["samples"]:
+                    break
+                x, y = load_batch(loaded.test_ds, batch)
+                loaded.fp32(x).argmax(1), int8(x).argmax(1)
+                seen += len(batch)
+    return time.perf_counter() - t, calibrate
 
 
 def _trial(row: dict):
