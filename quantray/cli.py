@@ -123,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     address = ("--address", {"help": "an existing Ray cluster (ray://HOST:10001 or HOST:6379; default: $RAY_ADDRESS, "
                                      "else a local cluster is started)"})
+    # spec.EXECUTORS, written out: importing spec here would cost `--help` 35 ms
     executor = (("--executor",), {"choices": ("auto", "ray", "driver"), "help": (
         "where the work runs: a pool of Ray workers, this process, or auto (default, or the job's [run] executor): "
         "this process when a pool would cost more to start than it saves")})

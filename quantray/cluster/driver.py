@@ -1,6 +1,6 @@
 """The job's pool in the driver's own process: one `Worker`, called in turn, no Ray. For a job so
 small that starting Ray and its workers costs more than spreading the work saves
-(`pipeline.workers.choose_pool` decides, from a measured forward).
+(`pipeline.placement.place` decides, from a measured forward).
 
     with DriverCluster() as cluster:
         with cluster.pool(setup, 1) as pool:          # the same calls as runner.WorkerPool's
@@ -33,6 +33,7 @@ class DriverCluster:
 
     kind = "driver"
     cpus = 1
+    memory_rule = "3/4 of 70% of the memory free when the run began (the driver's process)"  # memory_per_worker's
 
     def __enter__(self) -> "DriverCluster":
         return self

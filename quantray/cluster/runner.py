@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import time
+
 import ray
 
 from ..core.calls import Call
@@ -29,7 +30,7 @@ from .address import reachable
 from .names import Names, raised_line
 from .worker import Worker, WorkerSetup
 
-__all__ = ["Cluster", "WorkerPool", "Names", "map_tasks", "on_whole_node"]
+__all__ = ["Cluster", "WorkerPool", "map_tasks", "on_whole_node"]
 
 
 class _DropTokenNotice(logging.Filter):
@@ -51,6 +52,7 @@ class Cluster:
     """
 
     kind = "ray"
+    memory_rule = "3/4 of the smallest node's Ray memory, over the workers it runs"  # memory_per_worker's, in words
 
     def __init__(self, address: str | None = None):
         self.address, self._started = address, False

@@ -41,8 +41,7 @@ def start_workers(ctx, job, prepared: nn.Module | None = None, *, workers: int |
             memory = {"memory_gb": spec.run.memory_gb, "from": "[run] memory_gb"}
         else:
             memory = {"memory_gb": round(ctx.cluster.memory_per_worker(size) / 2 ** 30, 3),
-                      "from": "3/4 of the smallest node's Ray memory, over the workers it runs" if ctx.cluster.kind == "ray"
-                              else "3/4 of 70% of the memory free when the run began (the driver's process)"}
+                      "from": ctx.cluster.memory_rule}
         setup = dataclasses.replace(setup, calibration=spec.calibration, signature=signature(observed_values(prepared)),
                                     memory_bytes=int(memory["memory_gb"] * 2 ** 30))
     pool = ctx.cluster.pool(setup, size, wanted=wanted, memory=memory, max_attempts=spec.run.max_attempts,
