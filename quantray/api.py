@@ -63,7 +63,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
     recomputes every stored statistic. `shard_order` (tests) permutes the order shards are handed
     out; `before_commit(run, manifest)` may add files to the staged directory (refresh's drift);
     `executor`: where the work runs, "auto", "ray" or "driver" (default: the job's [run] executor;
-    "auto" runs a small job in this process, `pipeline.placement`).
+    "auto" runs the job in this process unless a cluster is named, `pipeline.placement`).
     """
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
@@ -72,7 +72,7 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
             job = pipeline.load(spec)
         with ctx.stage("prepare"):
             prepared = pipeline.prepare(job, ctx.console)
-        with (session.cluster(address, job, workers=workers, executor=executor),
+        with (session.cluster(address, job, executor=executor),
               session.workers(job, prepared, workers=workers, shard_order=shard_order) as pool):
             with ctx.stage("calibrate"):
                 calibrated = pipeline.calibrate(ctx, job, prepared, pool, use_cache=use_cache)

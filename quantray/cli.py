@@ -125,11 +125,11 @@ def _parser() -> argparse.ArgumentParser:
                                      "else a local cluster is started)"})
     # spec.EXECUTORS, written out: importing spec here would cost `--help` 35 ms
     executor = (("--executor",), {"choices": ("auto", "ray", "driver"), "help": (
-        "where the work runs: a pool of Ray workers, this process, or auto (default, or the job's [run] executor): "
-        "this process when a pool would cost more to start than it saves")})
+        "where the work runs: a pool of Ray workers, worker threads in this process, or auto (default, or the job's "
+        "[run] executor): Ray where a cluster is named (--address, RAY_ADDRESS), else this process")})
     run = sub.add_parser("run", help="calibrate, convert and evaluate one job file")
     run.add_argument("job", help="job spec (TOML), e.g. jobs/digits.toml")
-    run.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
+    run.add_argument("--workers", type=_positive, help="workers (default: the CPUs Ray sees, or this process may use)")
     run.add_argument("--out", help="run directory to create: a folder or a URI (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--no-cache", action="store_true", help="recompute every stored statistic")
     run.add_argument(address[0], **address[1])
@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     refresh.add_argument("job", help="job spec (TOML); its [gate] section sets the accuracy gate")
     refresh.add_argument("--registry", required=True,
                          help="registry folder or URI (runs/, gates/, promotions/, PROMOTED, history.parquet)")
-    refresh.add_argument("--workers", type=_positive, help="calibration actors (default: the CPUs Ray sees)")
+    refresh.add_argument("--workers", type=_positive, help="workers (default: the CPUs Ray sees, or this process may use)")
     refresh.add_argument(address[0], **address[1])
     refresh.add_argument(*executor[0], **executor[1])
     tune = sub.add_parser("tune", help="search range methods and layers kept in FP32 for the fewest FP32 layers "
@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--score-with", choices=("engine", "reference"), default="engine",
                       help="score trials with the INT8 engine (default), or with torch's reference quantized model "
                            "where the engine check finds a kernel fault (exit 3 otherwise)")
-    tune.add_argument("--workers", type=_positive, help="workers (default: the CPUs Ray sees)")
+    tune.add_argument("--workers", type=_positive, help="workers (default: the CPUs Ray sees, or this process may use)")
     tune.add_argument("--out", help="tune directory to create (default: tunes/NAME-TIMESTAMP)")
     tune.add_argument("--no-cache", action="store_true", help="recompute every stored statistic")
     tune.add_argument(address[0], **address[1])

@@ -371,7 +371,7 @@ class RunSpec:
     throughput_batch: int = 0      # 0: throughput from the evaluation's own timings; N: measured at batch N on the node
     layer_samples: int = 64  # test samples (whole batches, from the first) for per-layer SQNR; 0: none
     memory_gb: float | None = None  # per worker's resident memory, keeping pass-1 activations for pass 2; None: derived; 0: keep none
-    executor: str = "auto"  # where the work runs: "ray" (a pool of workers), "driver" (this process), "auto" (pipeline.placement)
+    executor: str = "auto"  # where the work runs: "ray" (a pool of workers), "driver" (threads of this process), "auto" (pipeline.placement)
 
     def __post_init__(self):
         _check_types(self)

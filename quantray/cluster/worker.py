@@ -38,6 +38,7 @@ from ..core.evaluation import (
 )
 from ..core.layers import LayerLogger, LayerResult, isolated_errors
 from ..core.metrics import TaskScores, build_scorer
+from ..core.tracing import TURNS
 from ..core.modes import MergedStats
 from ..errors import CalibrationError
 from ..inputs.decoded import DecodedBatches
@@ -106,12 +107,15 @@ class Worker:
         self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
         self.build_s = round(time.perf_counter() - started, 4)
 
-    def load_int8(self, key: str, deployed: bytes, state: bytes, eager: nn.Module | None = None) -> None:
+    def load_int8(self, key: str, deployed: bytes, state: bytes, eager: nn.Module | None = None,
+                  layers: bool = False) -> None:
         """The INT8 model to evaluate and to diagnose and time. FX: the TorchScript file, and eager
         INT8 rebuilt from its state_dict when first needed (a converted GraphModule does not pickle),
         or `eager` itself where the worker shares the driver's process (the model the state came from).
         PT2E: the exported program (`pt2e.load_program`, the reference representation, as eager) and
-        its compiled runtime (`pt2e.Compiled`), compiled at each batch size's first call."""
+        its compiled runtime (`pt2e.Compiled`), compiled at each batch size's first call. `layers`
+        (FX): the per-layer loggers are built now, in this short first call, where tracing waits
+        for no other worker's batch (`tracing.TURNS`), rather than in the first batch's."""
         if key == self._int8_key:
             return
         flow.set_engine(self._quant.backend)
@@ -123,10 +127,19 @@ class Worker:
             self._script = pt2e.Compiled(self._eager)
         else:
             self._script, self._eager = torch.jit.load(io.BytesIO(deployed)), eager
+            if layers:
+                self._layer_logger()
 
     @property
     def _runtime(self) -> str:
         return flow.runtime_name(self._quant.flow)
+
+    def _layer_logger(self) -> LayerLogger:
+        """Layer by layer, INT8 is compared with the FP32 model it was made from."""
+        if self._logger is None:
+            self._base = flow.base_model(self._fp32, self._quant)
+            self._logger = LayerLogger(self._base, self._int8_eager())
+        return self._logger
 
     def _int8_eager(self):
         if self._eager is None:
@@ -151,10 +164,7 @@ class Worker:
             engine_s = time.perf_counter() - t
         with torch.inference_mode():
             if layers:
-                if self._logger is None:  # layer by layer, INT8 is compared with the FP32 model it was made from
-                    self._base = flow.base_model(self._fp32, self._quant)
-                    self._logger = LayerLogger(self._base, self._int8_eager())
-                fp32, layer = self._logger.log(x, indices)
+                fp32, layer = self._layer_logger().log(x, indices)
                 if logits is None and self._base is self._fp32:  # an equalized model's logits differ by rounding
                     logits = fp32
             if logits is None:
@@ -180,6 +190,7 @@ class Worker:
         results = []
         with torch.inference_mode():
             for batch, fp32 in zip(batches, logits):
+                TURNS.between()  # another worker's trial may trace its model here
                 x, y = self._decoded_batch(batch)
                 results.append(self._scorer.score(batch, y, fp32, int8(x)))
         return TrialScores(self._scorer.merge(results), merge.state_digest(prepared), len(state_dict_bytes(int8)))
@@ -188,6 +199,7 @@ class Worker:
         """`quant`'s INT8 model built from the merged statistics, its engine checked on `batches`."""
         check, results = EngineCheck(self._build(quant, stats)[1]), []
         for batch in batches:
+            TURNS.between()
             x, y = self._decoded_batch(batch)
             results.append(check.run(x, batch, y))
         return merge_engine(results)
@@ -197,7 +209,11 @@ class Worker:
         isolated error (`layers.isolated_errors`) on each of `batches`: {first sample: {layer: (signal, noise)}}."""
         prepared, int8 = self._build(quant, stats)
         names = flow.quantized_layers(self._fp32, quant, self._example)
-        return {batch[0]: isolated_errors(prepared, int8, self._decoded_batch(batch)[0], names) for batch in batches}
+        errors = {}
+        for batch in batches:
+            TURNS.between()
+            errors[batch[0]] = isolated_errors(prepared, int8, self._decoded_batch(batch)[0], names)
+        return errors
 
     def _build(self, quant: QuantSpec, stats: MergedStats):
         """The prepared model with the merged statistics loaded, and its INT8 model."""

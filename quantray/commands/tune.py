@@ -60,11 +60,6 @@ from ..storage.store import join
 
 __all__ = ["tune", "Trial", "TuneResult", "TRIALS_SCHEMA", "best_toml"]
 
-# Forwards per selection sample, for where the tune runs (`pipeline.placement`): FP32 once, the engine
-# check, and trials (each scores every selection sample; 6-10 trials are typical of the jobs here).
-TEST_PASSES = 10
-POOLS = 2  # on Ray, a tune starts two pools of workers: its own, then its best trial's run's
-
 TRIALS_SCHEMA = pa.schema([
     ("trial", pa.int64()), ("phase", pa.string()), ("range_method", pa.string()), ("fp32_modules", pa.list_(pa.string())),
     ("weight", pa.string()), ("equalize", pa.bool_()), ("bias_correction", pa.bool_()), ("samples", pa.int64()), ("top1", pa.float64()), ("top1_ci95_low", pa.float64()),
@@ -157,8 +152,7 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
             loaded = pipeline.load(dataclasses.replace(spec, test=selection))
         with ctx.stage("prepare"):
             prepared = pipeline.prepare(loaded)
-        with session.cluster(address, loaded, workers=workers, executor=executor, test_passes=TEST_PASSES,
-                             pools=POOLS):
+        with session.cluster(address, loaded, executor=executor):
             with session.workers(loaded, prepared, workers=workers) as pool:
                 with ctx.stage("calibrate"):
                     # with bias correction's sums: a cure the search may try, from this one calibration

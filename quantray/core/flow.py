@@ -34,7 +34,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 from ..errors import QuantrayError, SpecError
 from ..spec import QuantSpec, suggest
 from .ranges import RangeObserver
-from .tracing import without_stack_traces
+from .tracing import TURNS, without_stack_traces
 
 __all__ = ["base_model", "flow_of", "runtime_name", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
            "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS",
@@ -128,7 +128,8 @@ def base_model(model: nn.Module, quant: QuantSpec | str) -> nn.Module:
         return model
     from .equalize import equalize
 
-    equalized, _ = equalize(model)
+    with TURNS.alone():
+        equalized, _ = equalize(model)
     equalized.quantray_transform = "equalize-v1"  # in every observed value's key (`sites`)
     return equalized
 
@@ -145,7 +146,13 @@ def flow_of(model: nn.Module) -> str:
 
 def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> nn.Module:
     """`prepare_fx` (or, under flow = "pt2e", `pt2e.prepare`) on a copy of `model` (the FP32 model
-    stays untouched), equalized first where `quant` says so (`base_model`)."""
+    stays untouched), equalized first where `quant` says so (`base_model`). Alone among worker
+    threads, as every function here that traces or converts (`tracing.TURNS`)."""
+    with TURNS.alone():
+        return _prepare(model, quant, example_inputs)
+
+
+def _prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> nn.Module:
     quant = _quant(quant)
     set_engine(quant.backend)
     model = base_model(model, quant)
@@ -182,13 +189,14 @@ def _prepare_fx(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor
 
 def convert(prepared: nn.Module) -> nn.Module:
     """`convert_fx` (or `pt2e.convert`) on a copy: convert mutates the prepared model it is given."""
-    if flow_of(prepared) == "pt2e":
-        from . import pt2e
+    with TURNS.alone():
+        if flow_of(prepared) == "pt2e":
+            from . import pt2e
 
-        return pt2e.convert(prepared)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return convert_fx(copy.deepcopy(prepared)).eval()
+            return pt2e.convert(prepared)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return convert_fx(copy.deepcopy(prepared)).eval()
 
 
 def reference(prepared: nn.Module) -> nn.Module:
@@ -197,7 +205,7 @@ def reference(prepared: nn.Module) -> nn.Module:
     convert_pt2e's program is that reference representation itself."""
     if flow_of(prepared) == "pt2e":
         return convert(prepared)
-    with warnings.catch_warnings():
+    with TURNS.alone(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return convert_to_reference_fx(copy.deepcopy(prepared)).eval()
 

@@ -46,10 +46,10 @@ class LayerLogger:
     def __init__(self, fp32: torch.nn.Module, int8: torch.fx.GraphModule):
         import torch.ao.ns._numeric_suite_fx as ns
 
-        from .flow import without_stack_traces
+        from .tracing import TURNS, without_stack_traces
 
         self._modules = {n.name: str(n.target) for n in int8.graph.nodes if n.op == "call_module"}
-        with without_stack_traces(), _fusions_listed_once():  # add_loggers traces both models with FX
+        with TURNS.alone(), without_stack_traces(), _fusions_listed_once():  # add_loggers traces both models with FX
             self._fp32, self._int8 = ns.add_loggers("fp32", fp32, "int8", int8, _copying_logger())
 
     def log(self, x: torch.Tensor, batch: list[int]) -> tuple[torch.Tensor, LayerResult]:

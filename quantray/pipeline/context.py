@@ -82,13 +82,11 @@ class Session:
     use_cache: bool = True
 
     @contextlib.contextmanager
-    def cluster(self, address: str | None, job, *, workers: int | None = None, executor: str | None = None,
-                test_passes: int = 2, pools: int = 1) -> Iterator[runner.Cluster | DriverCluster]:
+    def cluster(self, address: str | None, job, *, executor: str | None = None) -> Iterator[runner.Cluster | DriverCluster]:
         """Where `job` runs for the block (`placement.place`): Ray, started or joined (its start-up
-        timed apart, as "ray_start": a fixed cost, not calibration), or the driver's own process;
+        timed apart, as "ray_start": a fixed cost, not calibration), or worker threads in this process;
         and the progress bars. `executor`: "auto", "ray" or "driver" (default: the job's [run] executor)."""
-        placement = place(job, executor=executor or job.spec.run.executor, address=address, workers=workers,
-                          test_passes=test_passes, pools=pools)
+        placement = place(job, executor=executor or job.spec.run.executor, address=address)
         self.ctx.placement = placement
         with contextlib.ExitStack() as stack:
             if placement.kind == "driver":

@@ -58,13 +58,12 @@ def evaluate(ctx, job: Job, quantized: Quantized, pool: WorkerPool, use_cache: b
         n = min(pool.size, len(test_batches))
         layer_batches = first_batches(test_batches, run.layer_samples)  # the first k test batches
         layer_groups = [layer_batches[w::n] for w in range(n)]  # as handed out below: batch b to worker b % n
-        load = Call("int8", Worker.load_int8, (sha256_bytes(quantized.deployed), pool.share(quantized.deployed),
-                                               pool.share(quantized.state),
-                                               quantized.model if pool.in_process else None))
-        calls = {w: [load] for w in range(n)}
         fx = quantized.flow == "fx"  # per-layer SQNR (Numeric Suite) and the engine check read FX's INT8 modules
         if not fx:
             layer_batches, layer_groups = [], [[] for _ in range(n)]
+        load = (sha256_bytes(quantized.deployed), pool.share(quantized.deployed), pool.share(quantized.state),
+                quantized.model if pool.in_process else None)
+        calls = {w: [Call("int8", Worker.load_int8, (*load, bool(layer_groups[w])))] for w in range(n)}
         for b, batch in enumerate(test_batches):  # round-robin: every worker gets a share of every region
             upcoming = test_batches[b + n] if b + n < len(test_batches) else None  # the worker's next batch
             calls[b % n].append(Call(("batch", b), Worker.evaluate, (batch, stored[b], b < len(layer_batches), upcoming,

@@ -26,8 +26,8 @@ def start_workers(ctx, job, prepared: nn.Module | None = None, *, workers: int |
                   shard_order=None, decoded: str | None = None) -> WorkerPool:
     """The job's pool, started now: the workers build the FP32 model's prepared copy (when
     `prepared` is given: calibration) and the datasets while the driver goes on. Its size is
-    `workers`, else the job's, else the CPUs Ray sees, and no more than there are batches to share
-    (one in the driver's process: `placement`).
+    `workers`, else the job's, else the cluster's CPUs, and no more than there are batches to share
+    (in the driver's process: as many threads, `cluster.driver`).
     `decoded`: where the workers keep decoded images (`inputs.decoded`), None for nowhere."""
     spec = job.spec
     wanted = workers or spec.run.workers or ctx.cluster.cpus
