@@ -1,13 +1,14 @@
 """Calibration wall time: quantray (exact and fast, 1 and 2 workers) vs the seed's single-process loop.
 
-    python -m benchmarks.calibration [--model resnet18|digits] [--images 1000] [--workers 1 2]
+    python -m benchmarks.calibration [--model resnet18|digits] [--images 1000] [--workers 1 2] [--executor driver|ray]
     python -m benchmarks.calibration --profile 100     # where one process's time goes
 
 The seed loop is the article's: prepare_fx with the x86 qconfig, forward passes over the batches
 (10 images each), convert_fx; it is timed at torch's default thread count and at one thread.
-quantray runs the same images in the same batches through `protocol.calibrate` on Ray actors
-(`runner.WorkerPool`, one thread each), loads the merged statistics and runs convert_fx; Ray's
-start-up is timed apart. resnet18 sees random
+quantray runs the same images in the same batches through `protocol.calibrate` on the pool a local
+`quantray run` uses (`--executor driver`, the default: worker threads of this process,
+`cluster.driver`; `--executor ray`: Ray actors, `runner.WorkerPool`, Ray's start-up timed apart),
+one thread each, loads the merged statistics and runs convert_fx. resnet18 sees random
 224x224 images (untrained weights: speed does not depend on them); digits uses the demo CNN on
 real 8x8 digits. Ratios are against the seed loop measured in the same run.
 """
@@ -65,7 +66,7 @@ def _seed_loop(model, dataset, batches, threads) -> float:
 
 
 def _quantray(cluster, model, spec, dataset, batches, workers, mode, memory_gb):
-    from quantray.cluster import runner
+    from quantray.cluster.names import Names
     from quantray.cluster.worker import Worker, WorkerSetup
     from quantray.core import flow, sites
     from quantray.core.calls import Call
@@ -83,8 +84,8 @@ def _quantray(cluster, model, spec, dataset, batches, workers, mode, memory_gb):
     shards = assign_shards(len(batches), workers)
     setup = WorkerSetup(model, example, quant, 1, calibration=spec, signature=sites.signature(observed),
                         memory_bytes=int(memory_gb * 2 ** 30))
-    names = runner.Names(lambda w: f"worker {w}", lambda w, key: f"calibration shard {w}")
-    with runner.WorkerPool(cluster, setup, len(shards)) as pool:
+    names = Names(lambda w: f"worker {w}", lambda w, key: f"calibration shard {w}")
+    with cluster.pool(setup, len(shards)) as pool:
         pool.start()
         pool.run({w: [] for w in range(len(shards))}, names=names)  # the workers up: a job's fixed cost, timed apart
         ready = time.perf_counter() - start
@@ -153,9 +154,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["exact", "fast"])
     parser.add_argument("--memory-gb", type=float, help="each worker's memory budget (default: as a job derives it)")
     parser.add_argument("--profile", type=int, metavar="N", help="only profile N images' batches in one process")
+    parser.add_argument("--executor", choices=["driver", "ray"], default="driver",
+                        help="worker threads of this process (a local run's default) or Ray actors")
     args = parser.parse_args()
 
-    from quantray.cluster.runner import Cluster
+    from quantray.cluster.driver import DriverCluster
     from quantray.core.flow import quiet_torch_warnings
     from quantray.inputs.data import make_batches
 
@@ -173,8 +176,11 @@ def main() -> None:
         print(f"  seed loop, {t} thread(s): {s:7.2f} s")
     base = seed[default_threads]
     start = time.perf_counter()
-    with Cluster() as cluster:
-        print(f"  Ray start-up ({cluster.cpus} CPUs): {time.perf_counter() - start:5.2f} s (not counted below)")
+    if args.executor == "ray":
+        from quantray.cluster.runner import Cluster
+    with Cluster() if args.executor == "ray" else DriverCluster() as cluster:
+        print(f"  {'Ray start-up' if args.executor == 'ray' else 'worker threads of this process'} ({cluster.cpus} CPUs): "
+              f"{time.perf_counter() - start:5.2f} s (not counted below)")
         results = {}
         for mode in args.modes:
             for w in args.workers:

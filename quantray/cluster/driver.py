@@ -134,13 +134,13 @@ class DriverPool:
 
         def work(w: int) -> None:
             torch.set_num_threads(threads)  # this thread's own setting (OpenMP's is per thread)
-            target = self._workers[w] if on is None else on(self._workers[w])
+            worker = self._workers[w]
             for call in calls[w]:
                 if stop.is_set():
                     return
                 try:
                     with turn():
-                        value = call.fn(target, *call.args)
+                        value = call.fn(worker if on is None else on(worker), *call.args)
                 except Exception as e:
                     with lock:
                         failed.append(raised_line(e, names.call(w, call.key)))

@@ -28,16 +28,52 @@ filled by the same exact merge; only the range it derives differs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 
 import torch
 from torch.ao.quantization.observer import HistogramObserver
 
-__all__ = ["METHODS", "RangeMethod", "RangeObserver", "percentile_range", "mse_range", "entropy_range"]
+__all__ = ["METHODS", "RangeMethod", "RangeObserver", "percentile_range", "mse_range", "entropy_range", "l2_remembered"]
 
 METHODS = ("l2", "minmax", "percentile", "mse", "entropy")
 _RANGES: dict[tuple, tuple[float, float]] = {}  # an observer state's range, by method: see clipping_range
+_L2: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # torch's l2 search, by observer state: l2_remembered
+
+
+def _state_key(obs) -> tuple:
+    return (float(obs.min_val), float(obs.max_val), str(obs.histogram.dtype),
+            hashlib.sha256(obs.histogram.detach().double().numpy().tobytes()).hexdigest())
+
+
+def _remember(table: dict, key: tuple, compute):
+    if key not in table:
+        if len(table) >= 4096:
+            table.pop(next(iter(table)))
+        table[key] = compute()
+    return table[key]
+
+
+@contextlib.contextmanager
+def l2_remembered():
+    """While the block runs, torch's HistogramObserver l2 search (`_non_linear_param_search`: 5-7 ms
+    per observer, 0.5 s of mobilenet_v3's convert_fx here) is remembered per observer state (its
+    inputs: bins, dst_nbins, min, max, histogram) and given back as copies: every trial of
+    `quantray tune` converts the same merged statistics again. A pure function of its inputs, so
+    the result is the same bits. For blocks that no other thread computes beside (`tracing.TURNS`'s
+    alone: convert)."""
+    search = HistogramObserver._non_linear_param_search
+
+    def remembered(obs):
+        found = _remember(_L2, (obs.bins, obs.dst_nbins, *_state_key(obs)), lambda: search(obs))
+        return tuple(t.clone() for t in found)
+
+    HistogramObserver._non_linear_param_search = remembered
+    try:
+        yield
+    finally:
+        HistogramObserver._non_linear_param_search = search
 
 
 def percentile_range(hist: torch.Tensor, lo: float, hi: float, p: float) -> tuple[float, float]:
@@ -169,21 +205,17 @@ class RangeMethod:
         every trial of `quantray tune` over the same statistics ask for it again."""
         lo, hi = float(self.min_val), float(self.max_val)
         symmetric = self.qscheme in (torch.per_tensor_symmetric, torch.per_channel_symmetric)
-        key = (self.range_method, self.quant_min, self.quant_max, symmetric, lo, hi,
-               hashlib.sha256(self.histogram.detach().double().numpy().tobytes()).hexdigest())
-        if key not in _RANGES:
+
+        def compute() -> tuple[float, float]:
             if lo == hi:
-                found = lo, hi
-            elif self.method == "percentile":
-                found = percentile_range(self.histogram, lo, hi, self.percentile)
-            elif self.method == "mse":
-                found = mse_range(self.histogram, lo, hi, self.quant_min, self.quant_max, symmetric)
-            else:
-                found = entropy_range(self.histogram, lo, hi, self.quant_min, self.quant_max)
-            if len(_RANGES) >= 4096:
-                _RANGES.pop(next(iter(_RANGES)))
-            _RANGES[key] = found
-        return _RANGES[key]
+                return lo, hi
+            if self.method == "percentile":
+                return percentile_range(self.histogram, lo, hi, self.percentile)
+            if self.method == "mse":
+                return mse_range(self.histogram, lo, hi, self.quant_min, self.quant_max, symmetric)
+            return entropy_range(self.histogram, lo, hi, self.quant_min, self.quant_max)
+
+        return _remember(_RANGES, (self.range_method, self.quant_min, self.quant_max, symmetric, *_state_key(self)), compute)
 
     def extra_repr(self) -> str:
         return f"method={self.range_method}"

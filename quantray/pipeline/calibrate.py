@@ -23,6 +23,8 @@ from ..core.calls import Call
 from ..core.evaluation import state_dict_bytes
 from ..core.modes import MODES, MergedStats, Plan
 from ..core.protocol import calibrate as run_protocol
+from ..core.ranges import l2_remembered
+from ..core.tracing import TURNS
 from ..core.sites import observed_values, signature
 from ..errors import CalibrationError
 from ..inputs.data import assign_shards, batch_identities, make_batches
@@ -147,7 +149,9 @@ class Quantized:
 
 def quantize(calibrated: Calibrated, example: torch.Tensor) -> Quantized:
     int8 = flow.convert(calibrated.prepared)
-    rows, digest = merge.qparam_rows(calibrated.prepared, calibrated.counts), merge.state_digest(calibrated.prepared)
+    with TURNS.alone(), l2_remembered():  # the l2 searches convert just made, asked for again
+        rows = merge.qparam_rows(calibrated.prepared, calibrated.counts)
+    digest = merge.state_digest(calibrated.prepared)
     if flow.flow_of(int8) == "pt2e":
         from ..core import pt2e
 

@@ -189,3 +189,29 @@ def test_contradicting_or_unknown_range_keys_fail_with_one_line(tmp_path, quanti
     with pytest.raises(SpecError) as e:
         load_spec(job)
     assert str(e.value).startswith(f"{job}: {message}"), str(e.value)
+
+
+def test_a_remembered_l2_search_gives_torchs_qparams_and_is_not_searched_again(tiny_model, monkeypatch):
+    """`l2_remembered` (convert's): the same scales and zero points as torch's own search, and a second
+    convert of the same statistics searches nothing; a changed histogram is searched afresh."""
+    prepared = flow.prepare(tiny_model, QuantSpec(), torch.zeros(1, 1, 8, 8))
+    with torch.inference_mode():
+        prepared(torch.randn(64, 1, 8, 8))
+    observers = [m for m in prepared.modules() if type(m) is torch.ao.quantization.HistogramObserver]
+    expected = [o.calculate_qparams() for o in observers]  # torch's own, no memory involved
+    searched = []
+    search = torch.ao.quantization.HistogramObserver._non_linear_param_search
+    monkeypatch.setattr(torch.ao.quantization.HistogramObserver, "_non_linear_param_search",
+                        lambda obs: searched.append(obs) or search(obs))
+    counting = torch.ao.quantization.HistogramObserver._non_linear_param_search
+    ranges._L2.clear()
+    with ranges.l2_remembered():
+        first = [o.calculate_qparams() for o in observers]
+        again = [o.calculate_qparams() for o in observers]
+        assert len(searched) == len(observers) > 0
+        observers[0].histogram[0] += 1
+        observers[0].calculate_qparams()
+        assert len(searched) == len(observers) + 1
+    for (s, z), (s1, z1), (s2, z2) in zip(expected, first, again):
+        assert torch.equal(s, s1) and torch.equal(z, z1) and torch.equal(s, s2) and torch.equal(z, z2)
+    assert torch.ao.quantization.HistogramObserver._non_linear_param_search is counting  # put back
