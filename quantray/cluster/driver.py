@@ -18,6 +18,7 @@ others wait between calls (`tracing.TURNS`); under PT2E the calls take turns. No
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -47,7 +48,8 @@ class DriverCluster:
     """No cluster: the work runs in this process, on this machine's CPUs."""
 
     kind = "driver"
-    memory_rule = "3/4 of 70% of the memory free when the pool started (the driver's process), over the workers"
+    memory_rule = ("3/4 of 70% of the memory free when the pool started, over the workers (threads of the driver's "
+                   "process): for what each keeps of calibration's values")
 
     def __init__(self):
         self.cpus = usable_cpus()
@@ -69,7 +71,9 @@ class DriverCluster:
         return int(free * 0.7 * 0.75 / max(1, workers))
 
     def pool(self, setup: WorkerSetup, size: int, **options) -> "DriverPool":
-        return DriverPool(setup, size, cpus=self.cpus, **options)
+        # Its workers share this process: each budget is a share of the memory free now, for what
+        # it keeps of calibration's values, not for the process's resident memory (`KeptValues`).
+        return DriverPool(dataclasses.replace(setup, kept_only=True), size, cpus=self.cpus, **options)
 
 
 class DriverPool:

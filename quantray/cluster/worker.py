@@ -61,6 +61,7 @@ class WorkerSetup:
     test: DataSpec | None = None                  # the split it evaluates on
     signature: list | None = field(default=None, repr=False)  # the driver's observers, which its own must equal
     memory_bytes: int = 0                         # what it may keep of pass 1's values for pass 2
+    kept_only: bool = False                       # memory_bytes bounds only what it keeps (`KeptValues`)
     decoded: str | None = None                    # where decoded images are kept (`inputs.decoded`); None: nowhere
 
 
@@ -111,7 +112,8 @@ class Worker:
         setup = self._setup
         if self._calibration is None and setup.calibration is not None:
             self._calibration = CalibrationWorker(setup.model, setup.example, setup.quant, setup.calibration,
-                                                  setup.threads, setup.signature, setup.memory_bytes, setup.decoded)
+                                                  setup.threads, setup.signature, setup.memory_bytes, setup.decoded,
+                                                  setup.kept_only)
         return self._calibration
 
     def load_int8(self, key: str, deployed: bytes, state: bytes, eager: nn.Module | None = None,

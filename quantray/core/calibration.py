@@ -43,7 +43,7 @@ class CalibrationWorker:
     values for pass 2 (`KeptValues`); 0 keeps none."""
 
     def __init__(self, model, example_inputs: torch.Tensor, quant, data, threads: int,
-                 signature: list | None = None, memory_bytes: int = 0, decoded=None):
+                 signature: list | None = None, memory_bytes: int = 0, decoded=None, kept_only: bool = False):
         flow.quiet_torch_warnings()
         # Same intra-op thread count for every worker count: reduction order may depend on it.
         torch.set_num_threads(threads)
@@ -52,7 +52,7 @@ class CalibrationWorker:
         self._data = DecodedBatches(data, "[calibration]", decoded)  # decoded: where decoded images are kept, or None
         self.dataset = self._data.dataset
         self._batches: dict[int, torch.Tensor] = {}
-        self._kept = KeptValues(memory_bytes)
+        self._kept = KeptValues(memory_bytes, kept_only)
 
     def prepare_for(self, quant, signature: list | None = None) -> None:
         """This worker's prepared copy for `quant` (tune calibrates an equalized model on the same
@@ -158,12 +158,14 @@ class KeptValues:
     """Pass 1's histogram-observed values, per batch, for pass 2. `budget` bounds the worker's whole
     resident memory: what it already holds (its model, data and the run-time) is measured at the
     first batch, and room for a forward pass and the allocator's slack (four times the first batch's
-    values) is left free. Past that, batches go to local disk while writing and reading one back
+    values) is left free. `kept_only`: the worker shares its process with others (the driver's worker
+    threads, whose budgets are shares of the memory free when the pool started): the process's
+    memory is not counted against it, only what it keeps and that room. Past that, batches go to local disk while writing and reading one back
     costs less than the forward that would recompute it (timed on the first one spilled), else they
     are not kept. Batches are kept whole or not at all."""
 
-    def __init__(self, budget: int):
-        self.budget, self.used, self.peak = budget, 0, 0
+    def __init__(self, budget: int, kept_only: bool = False):
+        self.budget, self.used, self.peak, self._kept_only = budget, 0, 0, kept_only
         self.sources = {"memory": 0, "disk": 0, "forward": 0}
         self._room: int | None = None  # bytes kept values may take, set at the first batch
         self._memory: dict[int, tuple[list, int]] = {}  # batch -> (values, bytes)
@@ -176,7 +178,7 @@ class KeptValues:
         """Keep a batch's values if there is room; returns whether they were kept."""
         size = sum(x.numel() * x.element_size() for _, x in values)
         if self._room is None:
-            self._room = self.budget - resident_bytes() - 4 * size
+            self._room = self.budget - (0 if self._kept_only else resident_bytes()) - 4 * size
         if self.used + size <= self._room:
             self._memory[batch_id] = (values, size)
             self.used += size

@@ -350,3 +350,18 @@ def test_pass_2_from_kept_values_memory_or_disk_equals_a_second_forward(tiny_mod
     sources = info.info["pass2_batches"]
     assert sum(sources.values()) == len(batches) and sources["memory"] >= 1 and sources["disk"] + sources["forward"] >= 1
     assert merge.state_digest(forward) == merge.state_digest(every) == merge.state_digest(some)
+
+
+def test_a_worker_thread_budget_bounds_what_it_keeps_not_the_shared_process():
+    """A Ray worker's budget bounds its process's resident memory; a worker thread of the driver
+    shares its process (its budget is a share of the memory free when the pool started), so only
+    what it keeps counts: the same budget keeps a batch there that a process would not."""
+    from quantray.core.calibration import KeptValues, resident_bytes
+
+    values = [("x", torch.zeros(1 << 20))]  # 4 MiB
+    budget = resident_bytes() // 2 + 5 * values[0][1].nbytes  # room for the batch and 4x its size, not the process
+    process, thread = KeptValues(budget), KeptValues(budget, kept_only=True)
+    process._spill_ok = False  # no disk: only memory counts here
+    assert thread.add(0, values, 1.0) and thread.sources == {"memory": 0, "disk": 0, "forward": 0}
+    assert thread.take(0) is values
+    assert not process.add(0, values, 1.0)
