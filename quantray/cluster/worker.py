@@ -102,6 +102,7 @@ class Worker:
         self._scorer = build_scorer(setup.test) if setup.test is not None else None
         self._int8_key, self._script, self._state, self._eager, self._logger = None, None, None, None, None
         self._engine = None
+        self._built = None  # (config key, stats, prepared, int8): the last model _build made to read only
         self._decoded, self._decoded_bytes = {}, 0  # test batches a tune's trials see again and again
         self.build_s = round(time.perf_counter() - started, 4)
 
@@ -216,7 +217,7 @@ class Worker:
     def isolated_errors(self, quant: QuantSpec, stats: MergedStats, batches: list[list[int]]) -> dict:
         """`quant`'s INT8 model built from the merged statistics; each quantized conv/linear layer's
         isolated error (`layers.isolated_errors`) on each of `batches`: {first sample: {layer: (signal, noise)}}."""
-        prepared, int8 = self._build(quant, stats)
+        prepared, int8 = self._build(quant, stats, kept=False)  # isolated_errors runs the prepared model
         names = flow.quantized_layers(self._fp32, quant, self._example)
         errors = {}
         for batch in batches:
@@ -224,8 +225,15 @@ class Worker:
             errors[batch[0]] = isolated_errors(prepared, int8, self._decoded_batch(batch)[0], names)
         return errors
 
-    def _build(self, quant: QuantSpec, stats: MergedStats):
-        """The prepared model with the merged statistics loaded, and its INT8 model."""
+    def _build(self, quant: QuantSpec, stats: MergedStats, *, kept: bool = True):
+        """The prepared model with the merged statistics loaded, and its INT8 model. `kept`: for calls
+        that only read both (the engine check, a trial), the last build is kept and given again for
+        the same config (`flow.config_key`) and statistics: tune's engine check and its trial of the
+        job's own config build the same model. A caller that runs the prepared model (its observers
+        would record) gets a build of its own."""
+        key = flow.config_key(quant)
+        if kept and self._built is not None and self._built[0] == key and self._built[1] is stats:
+            return self._built[2:]
         flow.set_engine(quant.backend)
         prepared = flow.prepare(self._fp32, quant, self._example)
         stats.load(prepared)  # MissingStatistics names a value the calibration did not observe
@@ -234,6 +242,8 @@ class Worker:
             if stats.bias is None:
                 raise CalibrationError("bias correction needs the calibration's input sums, which it did not gather")
             correct_biases(int8, prepared, stats.bias)
+        if kept:
+            self._built = (key, stats, prepared, int8)
         return prepared, int8
 
     def fp32_logits(self, indices: list[int]) -> torch.Tensor:

@@ -35,10 +35,10 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 
 from ..errors import QuantrayError, SpecError
 from ..spec import QuantSpec, suggest
-from .ranges import RangeObserver, l2_remembered
+from .ranges import RangeObserver, l2_remembered, settle
 from .tracing import TURNS, without_stack_traces
 
-__all__ = ["base_model", "flow_of", "runtime_name", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
+__all__ = ["base_model", "flow_of", "runtime_name", "config_key", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
            "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS",
            "quiet_torch_warnings", "without_stack_traces"]
 
@@ -146,6 +146,17 @@ def flow_of(model: nn.Module) -> str:
     return getattr(model, "quantray_flow", "fx")
 
 
+def config_key(quant: QuantSpec | str) -> str:
+    """What prepare and convert make of `quant`, as text: specs that say one thing in other words
+    (activation_range = "l2" and the default histogram; `mode`, which only calibration reads) share
+    a key. FX: the QConfigMapping's own repr (every observer's class and arguments, per type and
+    name), the backend, equalization and bias correction; PT2E: the whole spec."""
+    quant = _quant(quant)
+    if quant.flow == "pt2e":
+        return repr(quant)
+    return repr((quant.flow, quant.backend, quant.equalize, quant.bias_correction, repr(qconfig_mapping(quant))))
+
+
 def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> nn.Module:
     """`prepare_fx` (or, under flow = "pt2e", `pt2e.prepare`) on a copy of `model` (the FP32 model
     stays untouched), equalized first where `quant` says so (`base_model`). Alone among worker
@@ -175,7 +186,7 @@ def _template_key(model: nn.Module, quant: QuantSpec, example_inputs) -> tuple |
                                  .numpy().tobytes()).hexdigest()
     except RuntimeError:
         return None
-    return repr(quant), tuple(example_inputs.shape), str(example_inputs.dtype), example, version
+    return config_key(quant), tuple(example_inputs.shape), str(example_inputs.dtype), example, version
 
 
 def _template(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor, key: tuple) -> nn.Module:
@@ -229,7 +240,10 @@ def _prepare_fx(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor
 
 
 def convert(prepared: nn.Module) -> nn.Module:
-    """`convert_fx` (or `pt2e.convert`) on a copy: convert mutates the prepared model it is given."""
+    """`convert_fx` (or `pt2e.convert`) on a copy: convert mutates the prepared model it is given.
+    The observers' range searches first, beside other worker threads (`ranges.settle`), then the
+    rest alone."""
+    settle(prepared)
     with TURNS.alone():
         if flow_of(prepared) == "pt2e":
             from . import pt2e
@@ -246,6 +260,7 @@ def reference(prepared: nn.Module) -> nn.Module:
     convert_pt2e's program is that reference representation itself."""
     if flow_of(prepared) == "pt2e":
         return convert(prepared)
+    settle(prepared)
     with TURNS.alone(), warnings.catch_warnings(), l2_remembered():
         warnings.simplefilter("ignore")
         return convert_to_reference_fx(copy.deepcopy(prepared)).eval()

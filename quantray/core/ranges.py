@@ -35,11 +35,13 @@ import math
 import torch
 from torch.ao.quantization.observer import HistogramObserver
 
-__all__ = ["METHODS", "RangeMethod", "RangeObserver", "percentile_range", "mse_range", "entropy_range", "l2_remembered"]
+__all__ = ["METHODS", "RangeMethod", "RangeObserver", "percentile_range", "mse_range", "entropy_range", "l2_remembered",
+           "settle"]
 
 METHODS = ("l2", "minmax", "percentile", "mse", "entropy")
 _RANGES: dict[tuple, tuple[float, float]] = {}  # an observer state's range, by method: see clipping_range
 _L2: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # torch's l2 search, by observer state: l2_remembered
+_L2_SEARCH = HistogramObserver._non_linear_param_search  # torch's own, whether or not l2_remembered is in force
 
 
 def _state_key(obs) -> tuple:
@@ -48,11 +50,34 @@ def _state_key(obs) -> tuple:
 
 
 def _remember(table: dict, key: tuple, compute):
-    if key not in table:
+    found = table.get(key)
+    if found is None:
+        found = compute()
         if len(table) >= 4096:
-            table.pop(next(iter(table)))
-        table[key] = compute()
-    return table[key]
+            table.pop(next(iter(table), None), None)  # another thread may have taken it first
+        table[key] = found
+    return found
+
+
+def _l2_key(obs) -> tuple:
+    return (obs.bins, obs.dst_nbins, *_state_key(obs))
+
+
+def settle(model: torch.nn.Module) -> None:
+    """Compute every histogram observer's range in `model` (its method's, or torch's l2 search) into
+    the tables `clipping_range` and `l2_remembered` read, before convert asks for them. convert runs
+    alone among worker threads (`tracing.TURNS`); this part need not: its searches are large tensor
+    operations that run beside another thread's forwards and searches (the GIL is let go inside
+    them). The same functions of the same state: the same bits."""
+    for obs in model.modules():
+        if not (isinstance(obs, RangeMethod) or type(obs) is HistogramObserver):
+            continue
+        if obs.min_val == float("inf") and obs.max_val == float("-inf"):
+            continue  # unseen: torch's default qparams, nothing to search
+        if isinstance(obs, RangeMethod):
+            obs.clipping_range()
+        else:
+            _remember(_L2, _l2_key(obs), lambda: _L2_SEARCH(obs))
 
 
 @contextlib.contextmanager
@@ -66,7 +91,7 @@ def l2_remembered():
     search = HistogramObserver._non_linear_param_search
 
     def remembered(obs):
-        found = _remember(_L2, (obs.bins, obs.dst_nbins, *_state_key(obs)), lambda: search(obs))
+        found = _remember(_L2, _l2_key(obs), lambda: _L2_SEARCH(obs))
         return tuple(t.clone() for t in found)
 
     HistogramObserver._non_linear_param_search = remembered

@@ -96,6 +96,34 @@ def test_a_trial_builds_its_int8_model_from_the_merged_statistics(calibrated, ti
     assert scored.scores == direct
 
 
+def test_a_config_said_in_other_words_is_built_once_for_the_engine_check_and_its_trial(calibrated, monkeypatch):
+    """tune's engine check of the job's config and its trial of the same config (activation_range "l2"
+    is the default histogram) build one model; another config, other statistics, or the layer ranking
+    (which runs the prepared model) build their own, and the kept one's result is the fresh one's."""
+    workers, _, stats, _, _, _ = calibrated
+    worker = workers[0]
+    builds = []
+    convert = flow.convert
+    monkeypatch.setattr(flow, "convert", lambda prepared: builds.append(1) or convert(prepared))
+    batches = [list(range(0, 50))]
+    logits = [worker.fp32_logits(b) for b in batches]
+    job, trial = QuantSpec(), QuantSpec(activation_range="l2")
+    worker.engine_check(job, stats, batches)
+    kept = worker.trial(trial, stats, batches, logits)
+    assert len(builds) == 1
+    worker.trial(QuantSpec(activation_range="minmax"), stats, batches, logits)
+    assert len(builds) == 2
+    other = type(stats).__new__(type(stats))
+    other.__dict__.update(stats.__dict__)  # the same values, another calibration's object
+    fresh = worker.trial(trial, other, batches, logits)
+    assert len(builds) == 3 and fresh == kept
+    worker.isolated_errors(trial, other, batches)
+    ranked = len(builds)
+    assert ranked > 3
+    worker.trial(trial, other, batches, logits)  # kept from before the ranking: the ranking's build is its own
+    assert len(builds) == ranked
+
+
 def test_speed_and_what_a_worker_says_about_its_host(calibrated):
     workers, _, _, _, state, script = calibrated
     worker = workers[0]

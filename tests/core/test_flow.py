@@ -34,3 +34,18 @@ def test_prepared_copies_are_separate_and_equal_to_a_fresh_prepare_and_follow_we
         assert torch.equal(changed(x), model(x)) and not torch.equal(first(x), model(x))
     other = flow.prepare(model, QuantSpec(backend="qnnpack"), example)  # another config: its own prepare
     assert other.code == _fresh(model, QuantSpec(backend="qnnpack"), example).code
+
+
+def test_a_config_key_is_what_prepare_and_convert_make_of_the_spec():
+    """Specs that say one thing in other words share a key (and so a prepared template and a tune
+    worker's kept build); any difference prepare, convert or bias correction sees gives another."""
+    key = flow.config_key
+    assert key(QuantSpec()) == key(QuantSpec(activation_range="l2")) == key(QuantSpec(activation="histogram"))
+    assert key(QuantSpec()) == key(QuantSpec(mode="fast")) == key("x86")
+    same = {key(QuantSpec(**kw)) for kw in ({}, {"backend": "qnnpack"}, {"activation_range": "mse"},
+                                            {"activation_range": "percentile"},
+                                            {"activation_range": "percentile", "percentile": 99.9},
+                                            {"weight": "per_tensor"}, {"module_names": {"fc": "fp32"}},
+                                            {"equalize": True}, {"bias_correction": True}, {"mapping": "default"},
+                                            {"flow": "pt2e"})}
+    assert len(same) == 11

@@ -8,6 +8,7 @@ import torch
 from helpers import serial_calibration
 
 from quantray.core import flow, merge, ranges, sites
+from quantray.core.evaluation import state_dict_bytes
 from quantray.spec import QuantSpec
 
 BINS = 2048
@@ -200,10 +201,9 @@ def test_a_remembered_l2_search_gives_torchs_qparams_and_is_not_searched_again(t
     observers = [m for m in prepared.modules() if type(m) is torch.ao.quantization.HistogramObserver]
     expected = [o.calculate_qparams() for o in observers]  # torch's own, no memory involved
     searched = []
-    search = torch.ao.quantization.HistogramObserver._non_linear_param_search
-    monkeypatch.setattr(torch.ao.quantization.HistogramObserver, "_non_linear_param_search",
-                        lambda obs: searched.append(obs) or search(obs))
-    counting = torch.ao.quantization.HistogramObserver._non_linear_param_search
+    search = ranges._L2_SEARCH
+    monkeypatch.setattr(ranges, "_L2_SEARCH", lambda obs: searched.append(obs) or search(obs))
+    own = torch.ao.quantization.HistogramObserver._non_linear_param_search
     ranges._L2.clear()
     with ranges.l2_remembered():
         first = [o.calculate_qparams() for o in observers]
@@ -214,4 +214,30 @@ def test_a_remembered_l2_search_gives_torchs_qparams_and_is_not_searched_again(t
         assert len(searched) == len(observers) + 1
     for (s, z), (s1, z1), (s2, z2) in zip(expected, first, again):
         assert torch.equal(s, s1) and torch.equal(z, z1) and torch.equal(s, s2) and torch.equal(z, z2)
-    assert torch.ao.quantization.HistogramObserver._non_linear_param_search is counting  # put back
+    assert torch.ao.quantization.HistogramObserver._non_linear_param_search is own  # put back
+
+
+@pytest.mark.parametrize("method", ["l2", "mse", "entropy", "percentile"])
+def test_settled_ranges_leave_convert_nothing_to_search_and_the_same_model(tiny_model, monkeypatch, method):
+    """`settle` (run before convert's turn, beside other worker threads) computes every histogram
+    observer's range; convert then searches nothing, and its INT8 model is the one a convert
+    without it makes, byte for byte."""
+    prepared = flow.prepare(tiny_model, QuantSpec(activation_range=method), torch.zeros(1, 1, 8, 8))
+    with torch.inference_mode():
+        prepared(torch.randn(64, 1, 8, 8))
+    monkeypatch.setattr(flow, "settle", lambda model: None)
+    ranges._L2.clear()
+    ranges._RANGES.clear()
+    plain = state_dict_bytes(flow.convert(prepared))  # no settle: every search inside convert
+    ranges._L2.clear()
+    ranges._RANGES.clear()
+    searches = []
+    l2 = ranges._L2_SEARCH
+    monkeypatch.setattr(ranges, "_L2_SEARCH", lambda obs: searches.append(obs) or l2(obs))
+    ranges.settle(prepared)
+    settled = len(searches) + len(ranges._RANGES)
+    assert settled > 0
+    monkeypatch.setattr(ranges, "_remember", lambda table, key, compute: table[key])  # a search now fails
+    int8 = state_dict_bytes(flow.convert(prepared))
+    assert len(searches) + len(ranges._RANGES) == settled
+    assert plain == int8
