@@ -29,6 +29,7 @@ filled by the same exact merge; only the range it derives differs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 
@@ -172,10 +173,11 @@ def _kl_threshold(c: torch.Tensor, levels: int) -> int:
     counts = torch.cat([zero, c.cumsum(0)])                                                  # S
     filled = torch.cat([zero, (c != 0).double().cumsum(0)])                                  # non-empty bins
     entropy = torch.cat([zero, torch.where(c > 0, c * c.clamp(min=1e-300).log(), 0.0).cumsum(0)])
-    i = torch.arange(levels, n + 1)
-    edges = (torch.arange(levels + 1)[None, :] * i[:, None] + levels - 1) // levels           # group g: [e_g, e_g+1)
-    group_counts = counts[edges[:, 1:]] - counts[edges[:, :-1]]                              # T_g
-    group_filled = filled[edges[:, 1:]] - filled[edges[:, :-1]]                              # O_g
+    i, edges = _kl_groups(n, levels)
+    at_edges = counts[edges]
+    group_counts = at_edges[:, 1:] - at_edges[:, :-1]                                        # T_g
+    at_edges = filled[edges]
+    group_filled = at_edges[:, 1:] - at_edges[:, :-1]                                        # O_g
     s_i, last, clipped = counts[i], c[i - 1], total - counts[i]
     p_last = (last + clipped) / total
     p_log_p = ((entropy[i - 1] - counts[i - 1] * math.log(total)) / total
@@ -186,6 +188,14 @@ def _kl_threshold(c: torch.Tensor, levels: int) -> int:
     cross = cross + torch.where(last > 0, clipped / total * q_last.log(), 0.0)
     kl = torch.where((last == 0) & (clipped > 0), torch.inf, p_log_p - cross)
     return levels + int(torch.nonzero(kl == kl.min()).max())  # the last of the least
+
+
+@functools.lru_cache(maxsize=8)
+def _kl_groups(n: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidates i (levels..n) and each one's group edges (group g of bins: [e_g, e_g+1)), the
+    same for every observer with n bins and this many levels: made once."""
+    i = torch.arange(levels, n + 1)
+    return i, (torch.arange(levels + 1)[None, :] * i[:, None] + levels - 1) // levels
 
 
 def entropy_range(hist: torch.Tensor, lo: float, hi: float, quant_min: int, quant_max: int) -> tuple[float, float]:
