@@ -38,8 +38,8 @@ from ..core.evaluation import (
 )
 from ..core.layers import LayerLogger, LayerResult, isolated_errors
 from ..core.metrics import TaskScores, build_scorer
-from ..core.tracing import TURNS
 from ..core.modes import MergedStats
+from ..core.tracing import TURNS
 from ..errors import CalibrationError
 from ..inputs.decoded import DecodedBatches
 from ..spec import DataSpec, QuantSpec

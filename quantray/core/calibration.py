@@ -160,9 +160,9 @@ class KeptValues:
     first batch, and room for a forward pass and the allocator's slack (four times the first batch's
     values) is left free. `kept_only`: the worker shares its process with others (the driver's worker
     threads, whose budgets are shares of the memory free when the pool started): the process's
-    memory is not counted against it, only what it keeps and that room. Past that, batches go to local disk while writing and reading one back
-    costs less than the forward that would recompute it (timed on the first one spilled), else they
-    are not kept. Batches are kept whole or not at all."""
+    memory is not counted against it, only what it keeps and that room. Past that, batches go to
+    local disk while writing and reading one back costs less than the forward that would recompute
+    it (timed on the first one spilled), else they are not kept. Batches are kept whole or not at all."""
 
     def __init__(self, budget: int, kept_only: bool = False):
         self.budget, self.used, self.peak, self._kept_only = budget, 0, 0, kept_only

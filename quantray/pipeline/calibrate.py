@@ -24,8 +24,8 @@ from ..core.evaluation import state_dict_bytes
 from ..core.modes import MODES, MergedStats, Plan
 from ..core.protocol import calibrate as run_protocol
 from ..core.ranges import l2_remembered
-from ..core.tracing import TURNS
 from ..core.sites import observed_values, signature
+from ..core.tracing import TURNS
 from ..errors import CalibrationError
 from ..inputs.data import assign_shards, batch_identities, make_batches
 from .load import Job, open_stats, warn_unwritable
