@@ -36,6 +36,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_f
 from ..errors import QuantrayError, SpecError
 from ..spec import QuantSpec, suggest
 from .ranges import RangeObserver, l2_remembered, settle
+from .standins import fill, stand_in
 from .tracing import TURNS, without_stack_traces
 
 __all__ = ["base_model", "flow_of", "runtime_name", "config_key", "prepare", "convert", "reference", "rebuild_int8", "quantized_layers", "qconfig_mapping", "check_quant", "set_engine",
@@ -165,19 +166,23 @@ def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tens
         quant = _quant(quant)
         if quant.flow == "pt2e":
             return _prepare(model, quant, example_inputs)
-        key = _template_key(model, quant, example_inputs)
+        mapping = qconfig_mapping(quant)
+        stand = stand_in(mapping)
+        key = _template_key(model, quant, example_inputs, stand.mapping if stand else mapping)
         if key is None:
             return _prepare(model, quant, example_inputs)
         set_engine(quant.backend)
-        return copy.deepcopy(_template(model, quant, example_inputs, key))
+        prepared = copy.deepcopy(_template(model, quant, example_inputs, key, stand.mapping if stand else mapping))
+        return fill(prepared, stand) if stand else prepared
 
 
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # FP32 model -> {its state and config: prepared}
 
 
-def _template_key(model: nn.Module, quant: QuantSpec, example_inputs) -> tuple | None:
-    """What a template is valid for: the config, the example input, the version of every parameter
-    and buffer; None where that cannot be told (tensors made under inference mode keep no version)."""
+def _template_key(model: nn.Module, quant: QuantSpec, example_inputs, mapping: QConfigMapping) -> tuple | None:
+    """What a template is valid for: the config as prepare_fx gets it (`mapping`: activation
+    observers stood in for, `standins`), the example input, the version of every parameter and
+    buffer; None where that cannot be told (tensors made under inference mode keep no version)."""
     if not isinstance(example_inputs, torch.Tensor):
         return None
     try:
@@ -186,25 +191,29 @@ def _template_key(model: nn.Module, quant: QuantSpec, example_inputs) -> tuple |
                                  .numpy().tobytes()).hexdigest()
     except RuntimeError:
         return None
-    return config_key(quant), tuple(example_inputs.shape), str(example_inputs.dtype), example, version
+    config = repr((quant.flow, quant.backend, quant.equalize, quant.bias_correction, repr(mapping)))
+    return config, tuple(example_inputs.shape), str(example_inputs.dtype), example, version
 
 
-def _template(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor, key: tuple) -> nn.Module:
+def _template(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor, key: tuple,
+              mapping: QConfigMapping) -> nn.Module:
     """prepare_fx's result for this model, config and input, made once per process and copied out
     (a deep copy of mobilenet_v3's prepared model costs 0.05 s, preparing it 0.26 s): the driver,
     each worker of its pool (threads of one process, `cluster.driver`), the engine check and the
-    trial of the job's own config prepare the same. Keyed by every parameter's and buffer's version
-    counter too (an in-place change of a weight bumps it), so a changed model is prepared afresh;
-    the last 4 configs per model are kept."""
+    trial of the job's own config prepare the same, and so do configs that differ only in their
+    activation observers (`standins`: tune's range trials). Keyed by every parameter's and buffer's
+    version counter too (an in-place change of a weight bumps it), so a changed model is prepared
+    afresh; the last 4 configs per model are kept."""
     kept = _TEMPLATES.setdefault(model, {})
     if key not in kept:
         if len(kept) >= 4:
             kept.pop(next(iter(kept)))
-        kept[key] = _prepare(model, quant, example_inputs)
+        kept[key] = _prepare(model, quant, example_inputs, mapping)
     return kept[key]
 
 
-def _prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> nn.Module:
+def _prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor,
+             mapping: QConfigMapping | None = None) -> nn.Module:
     quant = _quant(quant)
     set_engine(quant.backend)
     model = base_model(model, quant)
@@ -221,7 +230,7 @@ def _prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Ten
     else:
         with warnings.catch_warnings(), without_stack_traces():
             warnings.simplefilter("ignore", DeprecationWarning)  # torch points to torchao's PT2E flow
-            prepared = _prepare_fx(model, quant, example_inputs)
+            prepared = _prepare_fx(model, quant, example_inputs, mapping)
     transform = getattr(model, "quantray_transform", None)
     if transform is not None:  # on the input nodes, whose meta copies of the graph keep (`sites` reads it)
         for node in prepared.graph.nodes:
@@ -230,9 +239,10 @@ def _prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Ten
     return prepared
 
 
-def _prepare_fx(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor) -> nn.Module:
+def _prepare_fx(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor,
+                mapping: QConfigMapping | None = None) -> nn.Module:
     try:
-        return prepare_fx(copy.deepcopy(model).eval(), qconfig_mapping(quant), (example_inputs,))
+        return prepare_fx(copy.deepcopy(model).eval(), mapping or qconfig_mapping(quant), (example_inputs,))
     except torch.fx.proxy.TraceError as e:  # symbolic tracing: data-dependent control flow
         text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise SpecError(f"[model] cannot be traced by FX for flow = \"fx\": {type(e).__name__}: {text[:200]}; "
