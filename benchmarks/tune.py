@@ -154,7 +154,8 @@ def _anchors(job: Path, rows: list[dict]) -> tuple[float, list[float]]:
         for r in rows:
             trial = _trial(r)
             c = time.perf_counter()
-            prepared = flow.prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
+            # prepare_fx itself, as a script calls it: not flow.prepare, whose templates serve every range method
+            prepared = flow._prepare(loaded.fp32, trial.quant(spec.quantization), loaded.example)
             sums = InputSums(prepared) if trial.bias else None
             per_batch = []
             for x in calib:

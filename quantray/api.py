@@ -54,7 +54,7 @@ class RunResult:
 def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Path | None = None,
         address: str | None = None, use_cache: bool = True, console: Console | None = None,
         shard_order=None, before_commit=None, context: pipeline.Context | None = None,
-        executor: str | None = None) -> RunResult:
+        executor: str | None = None, like: pipeline.Job | None = None) -> RunResult:
     """Run a job file (or a loaded JobSpec): calibrate on Ray, convert, evaluate, write a run directory.
 
     `workers`: calibration actors (default: the job's, else the CPUs Ray sees); `out`: the run
@@ -63,13 +63,14 @@ def run(job: str | Path | JobSpec, *, workers: int | None = None, out: str | Pat
     recomputes every stored statistic. `shard_order` (tests) permutes the order shards are handed
     out; `before_commit(run, manifest)` may add files to the staged directory (refresh's drift);
     `executor`: where the work runs, "auto", "ray" or "driver" (default: the job's [run] executor;
-    "auto" runs the job in this process unless a cluster is named, `pipeline.placement`).
+    "auto" runs the job in this process unless a cluster is named, `pipeline.placement`); `like`: a
+    loaded job whose model and data this one shares (`pipeline.load`: tune's best run).
     """
     spec = job if isinstance(job, JobSpec) else load_spec(job)
     ctx = context or pipeline.Context(console=console or Console(stderr=True))
     with pipeline.session(ctx, out if out is not None else Path("runs") / f"{spec.name}-{ctx.stamp()}", spec, use_cache) as session:
         with ctx.stage("load"):
-            job = pipeline.load(spec)
+            job = pipeline.load(spec, like)
         with ctx.stage("prepare"):
             prepared = pipeline.prepare(job, ctx.console)
         with (session.cluster(address, job, executor=executor),

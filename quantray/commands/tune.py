@@ -170,7 +170,8 @@ def tune(job: str | Path | JobSpec, *, max_drop: float, validation: str | Path |
                 best_spec = dataclasses.replace(best_spec, run=dataclasses.replace(best_spec.run, cache=True,
                                                                                    cache_dir=private))
             ctx.console.print("running the best trial as a job (best.toml) on the job's \\[test] ...")
-            best_run = api.run(best_spec, out=staged.path("best-run"), console=ctx.console, executor=executor)
+            best_run = api.run(best_spec, out=staged.path("best-run"), console=ctx.console, executor=executor,
+                               like=loaded)  # the model the trials prepared: prepare_fx's templates serve it
         if best_run.manifest["qparams_digest"] != best.row["qparams_digest"]:
             raise SpecError(f"best.toml gave qparams digest {best_run.manifest['qparams_digest'][:16]} where the trial had "
                             f"{best.row['qparams_digest'][:16]}: please report this")

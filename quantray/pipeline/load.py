@@ -63,8 +63,14 @@ def check(spec: JobSpec) -> None:
         raise SpecError(f"{spec.path}: {e}") from None
 
 
-def load(spec: JobSpec) -> Job:
-    """Build the FP32 model and both datasets and draw the samples: every user error here is a SpecError."""
+def load(spec: JobSpec, like: Job | None = None) -> Job:
+    """Build the FP32 model and both datasets and draw the samples: every user error here is a SpecError.
+    `like`: a Job loaded from a spec with the same [model], [calibration] and [test] (paths absolute,
+    as loaded), whose model, data and samples are taken as they are: tune's best run, whose prepare
+    then finds the template its trials made (`flow.prepare`). Another Job is not used."""
+    if like is not None and (like.spec.model, like.spec.calibration, like.spec.test) == (spec.model, spec.calibration, spec.test):
+        return Job(spec, like.fp32, like.fp32_bytes, like.test_ds, like.test_idx, like.example, like.calib_ds,
+                   like.calib_idx, scorer=like.scorer)
     fp32 = build_model(spec.model, spec.path)
     calib_ds = build_dataset(spec.calibration, f"{spec.path}: [calibration]")
     test_ds = build_dataset(spec.test, f"{spec.path}: [test]")

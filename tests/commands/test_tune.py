@@ -29,8 +29,13 @@ def _trials(location) -> list[dict]:
 
 
 @pytest.mark.ray
-def test_a_budget_met_by_a_range_method_stops_there_and_best_toml_rebuilds_it(ray_cluster, tmp_path):
+def test_a_budget_met_by_a_range_method_stops_there_and_best_toml_rebuilds_it(ray_cluster, tmp_path, monkeypatch):
+    from quantray.core import flow
+
+    prepares, prepare_fx = [], flow.prepare_fx
+    monkeypatch.setattr(flow, "prepare_fx", lambda *a, **k: prepares.append(1) or prepare_fx(*a, **k))
     result = tune(_job(tmp_path, DEMO), max_drop=0.003, out=tmp_path / "tune", workers=2)
+    assert len(prepares) == 1  # here, in the driver: the best run takes the tune's model and its prepared template
     rows = _trials(result.location)
     assert result.met and result.stopped == "the budget was met by a range method" and result.optimistic
     assert [(r["range_method"], r["weight"]) for r in rows] == [
