@@ -155,7 +155,11 @@ def config_key(quant: QuantSpec | str) -> str:
     quant = _quant(quant)
     if quant.flow == "pt2e":
         return repr(quant)
-    return repr((quant.flow, quant.backend, quant.equalize, quant.bias_correction, repr(qconfig_mapping(quant))))
+    return _config_text(quant, qconfig_mapping(quant))
+
+
+def _config_text(quant: QuantSpec, mapping: QConfigMapping) -> str:
+    return repr((quant.flow, quant.backend, quant.equalize, quant.bias_correction, repr(mapping)))
 
 
 def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tensor) -> nn.Module:
@@ -168,11 +172,12 @@ def prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Tens
             return _prepare(model, quant, example_inputs)
         mapping = qconfig_mapping(quant)
         stand = stand_in(mapping)
-        key = _template_key(model, quant, example_inputs, stand.mapping if stand else mapping)
+        given = stand.mapping if stand else mapping  # what prepare_fx runs with
+        key = _template_key(model, quant, example_inputs, given)
         if key is None:
-            return _prepare(model, quant, example_inputs)
+            return _prepare(model, quant, example_inputs, mapping)
         set_engine(quant.backend)
-        prepared = copy.deepcopy(_template(model, quant, example_inputs, key, stand.mapping if stand else mapping))
+        prepared = copy.deepcopy(_template(model, quant, example_inputs, key, given))
         return fill(prepared, stand) if stand else prepared
 
 
@@ -191,8 +196,7 @@ def _template_key(model: nn.Module, quant: QuantSpec, example_inputs, mapping: Q
                                  .numpy().tobytes()).hexdigest()
     except RuntimeError:
         return None
-    config = repr((quant.flow, quant.backend, quant.equalize, quant.bias_correction, repr(mapping)))
-    return config, tuple(example_inputs.shape), str(example_inputs.dtype), example, version
+    return _config_text(quant, mapping), tuple(example_inputs.shape), str(example_inputs.dtype), example, version
 
 
 def _template(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor, key: tuple,
@@ -242,7 +246,8 @@ def _prepare(model: nn.Module, quant: QuantSpec | str, example_inputs: torch.Ten
 def _prepare_fx(model: nn.Module, quant: QuantSpec, example_inputs: torch.Tensor,
                 mapping: QConfigMapping | None = None) -> nn.Module:
     try:
-        return prepare_fx(copy.deepcopy(model).eval(), mapping or qconfig_mapping(quant), (example_inputs,))
+        return prepare_fx(copy.deepcopy(model).eval(), mapping if mapping is not None else qconfig_mapping(quant),
+                          (example_inputs,))
     except torch.fx.proxy.TraceError as e:  # symbolic tracing: data-dependent control flow
         text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise SpecError(f"[model] cannot be traced by FX for flow = \"fx\": {type(e).__name__}: {text[:200]}; "

@@ -133,4 +133,3 @@ def test_stand_ins_are_refused_where_prepare_fx_would_see_the_difference():
     kept = standins.stand_in(sym)
     assert kept is not None and kept.mapping.global_qconfig.activation().dtype == torch.qint8
     assert standins.stand_in(flow.qconfig_mapping(QuantSpec(module_names={}))) is not None
-    copy.deepcopy(kept.mapping)  # plain data: templates' keys are its repr
