@@ -112,7 +112,7 @@ class CalibrationWorker:
             return
         self._recorder.start_batch()
         for value, x in kept:
-            self._recorder.observe(value, x)
+            self._recorder.observe(value, x, owned=True)  # kept for this pass alone
 
     def pass2_sources(self) -> dict:
         """How many pass-2 batches came from memory, from disk and from a second forward; frees

@@ -20,10 +20,9 @@ from torch import nn
 
 from ..errors import CalibrationError, DataError
 from . import sites
+from .histc import histc_bins, release_scratch
 
-__all__ = ["Recorder", "attach_probes", "HISTC_CHUNK", "count_key"]
-
-HISTC_CHUNK = 1 << 24  # float32 histc counts stop being exact above 2**24 elements (DESIGN.md)
+__all__ = ["Recorder", "attach_probes", "count_key"]
 
 
 def count_key(value: str, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> tuple:
@@ -54,12 +53,15 @@ class Recorder:
         for value, wanted in requests.items():
             for lo, hi, bins in wanted:
                 self.counts[count_key(value, lo, hi, bins)] = [torch.zeros(bins, dtype=torch.float64), 0]
+        self._bins = {(float(lo), float(hi), bins): histc_bins(lo, hi, bins)
+                      for wanted in requests.values() for lo, hi, bins in wanted}
 
     def start_batch(self) -> None:
         self._done = set()
 
     def collect_counts(self) -> dict:
         """Each requested histogram; checks no value fell outside its range (histc drops them)."""
+        release_scratch()
         out = {}
         for key, (hist, n) in self.counts.items():
             counted = int(hist.sum().item())
@@ -92,12 +94,13 @@ class Recorder:
         `kept` ({value key: (value, tensor)}), for pass 2 to count without a second forward."""
         self.kept = {}
 
-    def observe(self, value: sites.Value, x: torch.Tensor) -> None:
-        """Pass 2's handling of one observed value (from a forward, or kept from pass 1)."""
+    def observe(self, value: sites.Value, x: torch.Tensor, owned: bool = False) -> None:
+        """Pass 2's handling of one observed value (from a forward, or kept from pass 1: then
+        `owned`, and counting may overwrite it)."""
         if (value.key, self.phase) in self._done:
             return
         elif self.phase == "count":
-            self._count(value, x)
+            self._count(value, x, owned)
         elif self.phase == "replay":
             for lo, hi, bins in self.requests.get(value.key, ()):
                 # Exactly HistogramObserver.forward's call, on the whole tensor, over the running range.
@@ -123,18 +126,16 @@ class Recorder:
             raise DataError(f"NaN or Inf in the output of {probe.value.label}")
         entry[probe.reduction] = (lo, hi)
 
-    def _count(self, value: sites.Value, x: torch.Tensor) -> None:
+    def _count(self, value: sites.Value, x: torch.Tensor, owned: bool) -> None:
         wanted = self.requests.get(value.key, ())
         if not wanted or x.numel() == 0:
             return
-        flat = x.reshape(-1)
-        for lo, hi, bins in wanted:
+        for i, (lo, hi, bins) in enumerate(wanted):
             slot = self.counts[count_key(value.key, lo, hi, bins)]
-            for start in range(0, flat.numel(), HISTC_CHUNK):
-                chunk = flat[start:start + HISTC_CHUNK]
-                # The call HistogramObserver.reset_histogram makes; integer counts, exact in float64.
-                slot[0] += torch.histc(chunk, bins, min=lo, max=hi).double()
-                slot[1] += chunk.numel()
+            # The bins of HistogramObserver.reset_histogram's histc call; integer counts, exact in float64.
+            last = i == len(wanted) - 1  # x is given up only for its last range
+            slot[0] += self._bins[float(lo), float(hi), bins].count(x, owned=owned and last)
+            slot[1] += x.numel()
 
 
 class _Probe(nn.Module):
