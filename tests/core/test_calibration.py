@@ -352,6 +352,21 @@ def test_pass_2_from_kept_values_memory_or_disk_equals_a_second_forward(tiny_mod
     assert merge.state_digest(forward) == merge.state_digest(every) == merge.state_digest(some)
 
 
+def test_keeping_stops_once_the_kept_forwards_spent_more_in_the_system_than_computing():
+    """Copies take memory the next forward would have reused: where faulting fresh memory in costs
+    more than the compute a second forward repeats, recomputing wins, and keeping stops."""
+    from quantray.core.calibration import KeptValues
+
+    kept, values = KeptValues(2 ** 40, kept_only=True), [("x", torch.zeros(16))]
+    assert kept.keeping and kept.add(0, values, 1.0, 0.4)
+    assert kept.keeping and kept.add(1, values, 1.0, 1.5)  # 1.9 s in the system against 2.0 s computing
+    assert kept.keeping and kept.add(2, values, 1.0, 1.2)  # 3.1 s against 3.0 s: the copies are kept,
+    assert not kept.keeping                                  # but the next batch is not copied
+    assert kept.take(2) is values
+    kept.close()
+    assert kept.keeping and kept._kept_only  # the next calibration measures anew, on the same terms
+
+
 def test_a_worker_thread_budget_bounds_what_it_keeps_not_the_shared_process():
     """A Ray worker's budget bounds its process's resident memory; a worker thread of the driver
     shares its process (its budget is a share of the memory free when the pool started), so only
