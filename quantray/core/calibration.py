@@ -171,7 +171,7 @@ class KeptValues:
     Keeping stops, whatever the room, once the forwards that kept values have spent more time in the
     system (faulting in fresh memory: the copies take memory the next forward would have reused)
     than in computing, the work a second forward would repeat (the worker thread's CPU times, summed
-    over the batches so far). Measured on this project's 2-core VM: 1 to 12 us a page, varying by
+    over the batches so far, once the system time passes a second). Measured on this project's 2-core VM: 1 to 12 us a page, varying by
     the hour; at the high end a second forward costs less than keeping."""
 
     def __init__(self, budget: int, kept_only: bool = False):
@@ -188,7 +188,8 @@ class KeptValues:
     @property
     def keeping(self) -> bool:
         """Whether the next batch's values should be copied for keeping."""
-        return self.budget > 0 and self._system_s <= self._user_s
+        # Below a second of system time the split is noise (CPU times are sampled at the clock tick).
+        return self.budget > 0 and (self._system_s <= self._user_s or self._system_s < 1.0)
 
     def add(self, batch_id: int, values: list, forward_s: float, system_s: float = 0.0) -> bool:
         """Keep a batch's values if there is room; returns whether they were kept. `forward_s`: the

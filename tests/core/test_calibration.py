@@ -358,6 +358,8 @@ def test_keeping_stops_once_the_kept_forwards_spent_more_in_the_system_than_comp
     from quantray.core.calibration import KeptValues
 
     kept, values = KeptValues(2 ** 40, kept_only=True), [("x", torch.zeros(16))]
+    assert kept.add(0, values, 0.001, 0.004) and kept.keeping  # a tiny model's forwards: below a second, noise
+    kept.close()
     assert kept.keeping and kept.add(0, values, 1.0, 0.4)
     assert kept.keeping and kept.add(1, values, 1.0, 1.5)  # 1.9 s in the system against 2.0 s computing
     assert kept.keeping and kept.add(2, values, 1.0, 1.2)  # 3.1 s against 3.0 s: the copies are kept,
