@@ -195,7 +195,7 @@ class KeptValues:
         """Keep a batch's values if there is room; returns whether they were kept. `forward_s`: the
         forward's CPU time computing (what recomputing them would take); `system_s`: in the system."""
         self._user_s, self._system_s = self._user_s + forward_s, self._system_s + system_s
-        size = sum(x.numel() * x.element_size() for _, x in values)
+        size = sum(x.nbytes for _, x in values)
         if self._room is None:
             self._room = self.budget - (0 if self._kept_only else resident_bytes()) - 4 * size
         if self.used + size <= self._room:

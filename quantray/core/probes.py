@@ -15,14 +15,17 @@ under two observers are recorded once. Pure torch: no Ray, no driver-side mergin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 from torch import nn
 
 from ..errors import CalibrationError, DataError
 from . import sites
-from .histc import histc_bins, release_scratch
+from .histc import HISTC_CHUNK, histc_bins, release_scratch
 
-__all__ = ["Recorder", "attach_probes", "count_key"]
+__all__ = ["Recorder", "attach_probes", "count_key", "Zeroless", "keep_copy"]
 
 
 def count_key(value: str, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> tuple:
@@ -85,7 +88,7 @@ class Recorder:
         if self.phase == "log":
             self._log(probe, x)
             if self.kept is not None and probe.kind == sites.HISTOGRAM and probe.value.key not in self.kept:
-                self.kept[probe.value.key] = (probe.value, x.clone())  # clone: a later in-place op may change x
+                self.kept[probe.value.key] = (probe.value, keep_copy(x))
         else:
             self.observe(probe.value, x)
 
@@ -104,7 +107,7 @@ class Recorder:
         elif self.phase == "replay":
             for lo, hi, bins in self.requests.get(value.key, ()):
                 # Exactly HistogramObserver.forward's call, on the whole tensor, over the running range.
-                self.updates[count_key(value.key, lo, hi, bins)] = torch.histc(x, bins, min=lo, max=hi)
+                self.updates[count_key(value.key, lo, hi, bins)] = self._histc(x, lo, hi, bins)
         self._done.add((value.key, self.phase))
 
     def _log(self, probe: "_Probe", x: torch.Tensor) -> None:
@@ -126,7 +129,7 @@ class Recorder:
             raise DataError(f"NaN or Inf in the output of {probe.value.label}")
         entry[probe.reduction] = (lo, hi)
 
-    def _count(self, value: sites.Value, x: torch.Tensor, owned: bool) -> None:
+    def _count(self, value: sites.Value, x, owned: bool) -> None:
         wanted = self.requests.get(value.key, ())
         if not wanted or x.numel() == 0:
             return
@@ -134,8 +137,53 @@ class Recorder:
             slot = self.counts[count_key(value.key, lo, hi, bins)]
             # The bins of HistogramObserver.reset_histogram's histc call; integer counts, exact in float64.
             last = i == len(wanted) - 1  # x is given up only for its last range
-            slot[0] += self._bins[float(lo), float(hi), bins].count(x, owned=owned and last)
+            counter = self._bins[float(lo), float(hi), bins]
+            if isinstance(x, Zeroless):
+                slot[0] += counter.count(x.nonzero, owned=owned and last) + x.zeros * counter.count(_ZERO)
+            else:
+                slot[0] += counter.count(x, owned=owned and last)
             slot[1] += x.numel()
+
+    @staticmethod
+    def _histc(x, lo, hi, bins) -> torch.Tensor:
+        if isinstance(x, Zeroless):  # float32 counts, all below 2**24 here: exact, so the sum is histc's
+            return torch.histc(x.nonzero, bins, min=lo, max=hi) + x.zeros * torch.histc(_ZERO, bins, min=lo, max=hi)
+        return torch.histc(x, bins, min=lo, max=hi)
+
+
+_ZERO = torch.zeros(1)
+
+
+@dataclass(frozen=True)
+class Zeroless:
+    """A kept value without its zeros (a ReLU's output is often half zeros): its other elements in
+    order, and how many zeros. Counts over any range are those of the whole tensor: every zero
+    (either sign: x - lo is then -lo, or a zero if lo is) lands in one bin."""
+
+    nonzero: torch.Tensor
+    zeros: int
+
+    def numel(self) -> int:
+        return self.nonzero.numel() + self.zeros
+
+    @property
+    def nbytes(self) -> int:
+        return self.nonzero.numel() * self.nonzero.element_size()
+
+
+def keep_copy(x: torch.Tensor):
+    """Pass 1's copy of a value for pass 2 (a later in-place op may change x): a `Zeroless` where at
+    least a quarter of it is zero (judged on every 16th element), else a clone. Fresh memory is
+    dear (page faults), and counting skips the zeros too. Tensors of 2**24 elements or more stay
+    whole: histc's float32 counts are exact below that, so replay's sum of two histc calls is one's."""
+    if x.dtype != torch.float32 or x.numel() >= HISTC_CHUNK:
+        return x.clone()
+    a = x.detach().reshape(-1).numpy()
+    sample = a[::16]  # which form is cheaper; either gives the same counts
+    if np.count_nonzero(sample) > 0.75 * sample.size:
+        return x.clone()
+    nonzero = np.extract(a != 0, a)
+    return Zeroless(torch.from_numpy(nonzero), a.size - nonzero.size)
 
 
 class _Probe(nn.Module):

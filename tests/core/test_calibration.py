@@ -294,6 +294,37 @@ def test_histogram_count_check_catches_values_outside_the_range():
         recorder.collect_counts()
 
 
+@pytest.mark.parametrize("lo_hi", [(0.0, 3.0), (-0.0, 3.0), (-2.0, 3.0), (-2.0, -0.0)])
+def test_a_kept_value_without_its_zeros_counts_and_replays_as_the_whole_tensor(lo_hi, monkeypatch):
+    """Pass 1 keeps a mostly-zero value as its nonzero elements and a count of zeros (of either
+    sign): pass 2's counts and replay's histc must be the whole tensor's."""
+    from quantray.core import probes
+    from quantray.core.probes import Zeroless, keep_copy
+
+    lo, hi = lo_hi
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(30_000, generator=g) * (hi - lo) + lo).clamp(lo, hi)
+    x[torch.rand(30_000, generator=g) < 0.6] = 0.0
+    x[:50] = -0.0
+    x[50], x[51] = lo, hi
+    want = torch.histc(x, 2048, min=lo, max=hi)
+    kept = keep_copy(x)
+    assert isinstance(kept, Zeroless) and kept.numel() == x.numel() and kept.zeros > 0.5 * x.numel()
+    value, range_ = sites.Value("act@0", "act"), (torch.tensor(lo), torch.tensor(hi), 2048)
+    key = probes.count_key("act@0", *range_)
+    recorder = Recorder()
+    recorder.start_counts({"act@0": [range_]})
+    recorder.start_batch()
+    recorder.observe(value, kept, owned=True)
+    assert torch.equal(recorder.collect_counts()[key][0], want.double())
+    recorder.start_replay({"act@0": [range_]})
+    recorder.observe(value, keep_copy(x))
+    assert torch.equal(recorder.batch_updates()[key], want)
+    assert not isinstance(keep_copy(torch.rand(1000) + 1), Zeroless)  # few zeros: a plain copy
+    monkeypatch.setattr(probes, "HISTC_CHUNK", 1000)
+    assert not isinstance(keep_copy(x), Zeroless)  # too large for float32 histc counts to stay exact
+
+
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"])
 def test_spec_qconfig_choices_convert_and_keep_fp32_types(digits_plan, backend):
     spec, dataset, batches, example = digits_plan

@@ -87,3 +87,4 @@ def test_a_scalar_loop_that_rounds_otherwise_is_refused_too(monkeypatch):
     monkeypatch.setattr(histc, "_positions", scalar_differs)
     x = torch.randn(20_000, generator=torch.Generator().manual_seed(4)).relu() * 3
     assert not Bins(*torch.aminmax(x), 2048).fast
+
