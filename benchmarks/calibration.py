@@ -1,6 +1,7 @@
 """Calibration wall time: quantray (exact and fast, 1 and 2 workers) vs the seed's single-process loop.
 
     python -m benchmarks.calibration [--model resnet18|digits] [--images 1000] [--workers 1 2] [--executor driver|ray]
+    python -m benchmarks.calibration --workers 2 --modes exact --rounds 3   # the two sides in turn, medians
     python -m benchmarks.calibration --profile 100     # where one process's time goes
 
 The seed loop is the article's: prepare_fx with the x86 qconfig, forward passes over the batches
@@ -16,6 +17,7 @@ real 8x8 digits. Ratios are against the seed loop measured in the same run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["exact", "fast"])
     parser.add_argument("--memory-gb", type=float, help="each worker's memory budget (default: as a job derives it)")
     parser.add_argument("--profile", type=int, metavar="N", help="only profile N images' batches in one process")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="after the first, more rounds of the seed loop (torch's threads) and quantray in turn")
     parser.add_argument("--executor", choices=["driver", "ray"], default="driver",
                         help="worker threads of this process (a local run's default) or Ray actors")
     args = parser.parse_args()
@@ -201,6 +205,24 @@ def main() -> None:
             if (mode, 1) in results and (mode, 2) in results:
                 print(f"  {mode}: scaling efficiency 1 -> 2 workers (ready workers) "
                       f"{results[mode, 1] / (2 * results[mode, 2]):.2f}")
+        rounds = [(base, results)]
+        for r in range(2, args.rounds + 1):  # the VM's speed drifts by the minute: the two sides take turns
+            base = _seed_loop(model, dataset, batches, default_threads)
+            results = {}
+            for mode in args.modes:
+                for w in args.workers:
+                    budget = args.memory_gb if args.memory_gb is not None else cluster.memory_per_worker(w) / 2 ** 30
+                    seconds, stats = _quantray(cluster, model, spec, dataset, batches, w, mode, budget)
+                    results[mode, w] = seconds - stats["ready_s"]
+            rounds.append((base, results))
+            print(f"  round {r}: seed loop {base:.2f} s; " + "; ".join(
+                f"{mode} {w} worker(s) {s:.2f} s = {base / s:4.2f}x" for (mode, w), s in results.items()))
+        if len(rounds) > 1:
+            for key in rounds[0][1]:
+                ratios = sorted(b / res[key] for b, res in rounds)
+                print(f"  {key[0]} {key[1]} worker(s), ready workers, {len(rounds)} rounds: "
+                      + ", ".join(f"{b / res[key]:.2f}x" for b, res in rounds)
+                      + f"; median {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":

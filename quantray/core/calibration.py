@@ -171,8 +171,10 @@ class KeptValues:
     Keeping stops, whatever the room, once the forwards that kept values have spent more time in the
     system (faulting in fresh memory: the copies take memory the next forward would have reused)
     than in computing, the work a second forward would repeat (the worker thread's CPU times, summed
-    over the batches so far, once the system time passes a second). Measured on this project's 2-core VM: 1 to 12 us a page, varying by
-    the hour; at the high end a second forward costs less than keeping."""
+    over the batches so far, once the system time passes a second). Measured on this project's
+    2-core VM: 1 to 12 us a page, varying by the hour; at the high end a second forward costs less
+    than keeping. Where a hypervisor backs the fresh memory, part of that cost is counted as the
+    guest's user time, which this rule cannot tell from computing."""
 
     def __init__(self, budget: int, kept_only: bool = False):
         self.budget, self.used, self.peak, self._kept_only = budget, 0, 0, kept_only
